@@ -1,0 +1,180 @@
+"""The U-Net of Ronneberger, Fischer and Brox (MICCAI 2015), in 2D and 3D.
+
+One class serves both the paper's network (unpadded "valid" convolutions,
+centre-cropped skip connections, 572x572 -> 388x388) and the widespread padded
+variant (``padding="same"``, usually with BatchNorm).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.geometry import PADDING_MODES, UNetGeometry, crop_slices
+
+NORMS = (None, "batch", "instance")
+
+
+def _norm_layer(norm: str | None, spatial_dims: int, channels: int) -> nn.Module | None:
+    if norm is None:
+        return None
+    if norm == "batch":
+        return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels)
+    return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+
+
+class ConvBlock(nn.Sequential):
+    """``convs`` x (conv k x k -> [norm] -> ReLU); the bias is dropped when normalised."""
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, out_channels: int, convs: int, kernel_size: int, padding: str, norm: str | None
+    ) -> None:
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        pad = 0 if padding == "valid" else kernel_size // 2
+        layers: list[nn.Module] = []
+        for i in range(convs):
+            layers.append(conv(in_channels if i == 0 else out_channels, out_channels, kernel_size, padding=pad, bias=norm is None))
+            norm_layer = _norm_layer(norm, spatial_dims, out_channels)
+            if norm_layer is not None:
+                layers.append(norm_layer)
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class UNet(nn.Module):
+    """U-Net returning logits, shape ``(B, in_channels, *spatial) -> (B, out_channels, *out_spatial)``.
+
+    With ``padding="valid"`` (the paper) ``out_spatial`` is smaller than the input by
+    ``2 * geometry.margin`` per axis and the input size must be valid (see
+    :mod:`pipeline.geometry`); ``network.geometry`` answers which sizes are. With
+    ``padding="same"`` the output has the input's size. Sizes that are not divisible by
+    ``2 ** depth`` are still accepted: pooling floors odd sizes, and the up-sampled
+    decoder tensor, then one pixel short of its skip connection, is zero-padded at the
+    end of that axis before the concatenation (as the common PyTorch implementation
+    does).
+
+    The paper's settings are the defaults: 2D, 1 input channel, 2 output classes,
+    features 64..1024, two 3x3 convolutions per level, no normalisation, dropout at the
+    end of the contracting path, 2x2 stride-2 up-convolutions that halve the channels,
+    a final 1x1 convolution, and He-normal initialisation with std ``sqrt(2 / N)``,
+    ``N = k ** spatial_dims * in_channels`` (paper, section 3). That network has 23
+    convolution layers and 31,030,658 parameters and maps 572x572 to 388x388.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the input image.
+        out_channels: channels of the logits (2 for soft-max, 1 for a sigmoid).
+        features: channels at each level, top to bottom; ``len(features) - 1`` poolings.
+        padding: ``"valid"`` (the paper) or ``"same"``.
+        norm: None (the paper), ``"batch"`` or ``"instance"``.
+        dropout: dropout probability after the bottleneck (0 disables it).
+        convs_per_level: convolutions in each block (the paper: 2).
+        kernel_size: odd kernel size of the block convolutions (the paper: 3).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        features: Sequence[int] = (64, 128, 256, 512, 1024),
+        padding: str = "valid",
+        norm: str | None = None,
+        dropout: float = 0.5,
+        convs_per_level: int = 2,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        features = tuple(int(f) for f in features)
+        if len(features) < 2 or any(f < 1 for f in features):
+            raise ValueError(f"features needs at least two positive channel counts, got {features}")
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.features = features
+        self.padding = padding
+        self.geometry = UNetGeometry(len(features) - 1, convs_per_level, kernel_size, padding)
+
+        block = dict(spatial_dims=spatial_dims, convs=convs_per_level, kernel_size=kernel_size, padding=padding, norm=norm)
+        conv_t = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.pool = (nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d)(2)
+        self.encoder = nn.ModuleList(
+            ConvBlock(in_channels=c_in, out_channels=c_out, **block)
+            for c_in, c_out in zip((in_channels,) + features[:-1], features)
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.upconvs = nn.ModuleList(conv_t(c, c // 2, 2, stride=2) for c in features[:0:-1])
+        self.decoder = nn.ModuleList(
+            ConvBlock(in_channels=c_skip + c // 2, out_channels=c_skip, **block)
+            for c, c_skip in zip(features[:0:-1], features[-2::-1])
+        )
+        self.head = conv(features[0], out_channels, 1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He-normal: std = sqrt(2 / N), N = k^d * in_channels (paper, section 3); zero biases."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                c_in = m.in_channels
+                fan_in = math.prod(m.kernel_size) * c_in
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def margin(self) -> int:
+        """Pixels lost on each side of each axis (92 for the paper's valid network)."""
+        return self.geometry.margin
+
+    def output_size(self, input_size: int | Sequence[int]) -> tuple[int, ...]:
+        """Spatial output size for a spatial input size (raises ``ValueError`` when invalid)."""
+        return self.geometry.output_size(input_size)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected input of shape (B, C, {', '.join('*' * self.spatial_dims)}) with "
+                f"{self.spatial_dims} spatial dims, got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+        if self.padding == "valid":
+            self.geometry.check_input_size(x.shape[2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        skips = []
+        for i, block in enumerate(self.encoder):
+            if i > 0:
+                x = self.pool(x)
+            x = block(x)
+            skips.append(x)
+        x = self.dropout(skips.pop())
+        for upconv, block in zip(self.upconvs, self.decoder):
+            x = upconv(x)
+            skip = skips.pop()
+            if self.padding == "valid":
+                skip = skip[(...,) + crop_slices(skip.shape[2:], x.shape[2:])]
+            elif skip.shape[2:] != x.shape[2:]:
+                pad = []
+                for s, u in zip(reversed(skip.shape[2:]), reversed(x.shape[2:])):
+                    pad += [0, s - u]
+                x = F.pad(x, pad)
+            x = block(torch.cat([skip, x], dim=1))
+        return self.head(x)
