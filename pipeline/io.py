@@ -1,0 +1,459 @@
+"""Image I/O: MONAI readers for TIFF stacks and SimpleITK formats, plus atomic writers.
+
+MONAI 1.6.1 cannot read multi-page TIFF without ``itk`` (``PILReader`` silently returns page 1,
+transposed), hence the :class:`~monai.data.image_reader.ImageReader` subclasses below.
+
+Axis order -- the one rule here: **arrays keep the file's native numpy order**: TIFF ``(Z, Y, X)``
+(one page ``(Y, X)``, RGB channel-last), SimpleITK formats ``sitk.GetArrayFromImage`` order
+``(z, y, x)``, NIfTI nibabel's ``(i, j, k)`` (MONAI ``NibabelReader``, unchanged). ``meta["spacing"]``
+is in *array-axis order* (``(sz, sy, sx)``) and ``meta["affine"]`` maps array indices to world.
+Writers never reorient, so read -> ``EnsureChannelFirst`` -> :func:`write_image` keeps the axis order::
+
+    LoadImage(reader=TiffStackReader())              # or reader="TiffStackReader" (registered below)
+    LoadImage(reader="pipeline.io.SimpleITKReader")  # dotted paths always work
+    LoadImage().register(TiffStackReader())
+
+Importing this module adds ``tiffstackreader``/``simpleitkreader`` to MONAI's ``SUPPORTED_READERS``;
+a plain ``LoadImage()`` then picks them first for the suffixes their ``verify_suffix`` claims
+(formats no built-in reader handles without ``itk``/``pynrrd``; PNG and NIfTI stay with MONAI).
+
+Caveat (MONAI behaviour): if a reader passed as ``LoadImage(reader=...)`` raises, LoadImage silently
+tries every other registered reader, and for a truncated TIFF SimpleITK or PIL return page 1. To see
+the error use :func:`read_image`, a plain ``LoadImage()`` or ``LoadImage()(path, reader=TiffStackReader())``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import tifffile
+from monai.data.image_reader import ImageReader, NibabelReader, _copy_compatible_dict, _stack_images
+from monai.data.utils import is_no_channel, is_supported_format, orientation_ras_lps
+from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+
+logger = logging.getLogger(__name__)
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_WRITE_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".mrc", ".png")
+SUPPORTED_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES + SITK_WRITE_SUFFIXES
+SLICE_SUFFIXES = (".png", ".tif", ".tiff")
+_COMPRESSED = (".mha", ".mhd", ".nrrd", ".nhdr")
+_IMAGEJ_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)
+_TIFF_CORRUPT = re.compile(r"corrupt|invalid page offset|circular reference", re.IGNORECASE)
+
+
+def _suffix(path: str | os.PathLike) -> str:
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    return Path(path)
+
+
+def _base_meta(shape: Sequence[int], spacing: Sequence[float], channel_last: bool) -> dict:
+    """MONAI's expected meta keys, with the array-aligned affine ``diag(spacing)``."""
+    affine = np.diag([*map(float, spacing), 1.0])
+    return {
+        "spacing": np.asarray(spacing, dtype=float),
+        MetaKeys.AFFINE: affine,
+        MetaKeys.ORIGINAL_AFFINE: affine.copy(),
+        MetaKeys.SPATIAL_SHAPE: np.asarray(shape[:-1] if channel_last else shape),
+        MetaKeys.ORIGINAL_CHANNEL_DIM: -1 if channel_last else float("nan"),  # nan == "no_channel"
+    }
+
+
+@dataclass
+class LoadedImage:
+    """An eagerly loaded image, as returned by the readers' ``read``."""
+
+    array: np.ndarray
+    meta: dict
+
+
+class _EagerReader(ImageReader):
+    """``verify_suffix``/``read``/``get_data`` shared by readers that load eagerly via ``_load``."""
+
+    suffixes: tuple[str, ...] = ()
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        """Return True if every file name has one of ``self.suffixes``."""
+        return is_supported_format(filename, [s.lstrip(".") for s in self.suffixes])
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs) -> LoadedImage | list[LoadedImage]:
+        """Read one file, or several (stacked as channels by ``get_data``, as MONAI's readers do).
+
+        Raises:
+            FileNotFoundError: a file does not exist. ValueError: a file is corrupt or unreadable.
+        """
+        images = [self._load(_existing_file(name)) for name in ensure_tuple(data)]
+        return images if len(images) > 1 else images[0]
+
+    def get_data(self, img: LoadedImage | Sequence[LoadedImage]) -> tuple[np.ndarray, dict]:
+        """Return ``(array, meta)``; several images are stacked at a new axis 0 as channels."""
+        arrays, meta = [], {}
+        for image in ensure_tuple(img):
+            arrays.append(image.array)
+            _copy_compatible_dict(image.meta, meta)
+        return _stack_images(arrays, meta), meta
+
+    def _load(self, path: Path) -> LoadedImage:
+        raise NotImplementedError
+
+
+class _TiffLogCatcher(logging.Handler):
+    """Collects tifffile log records that mean a corrupt/truncated file (tifffile only logs those)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _TIFF_CORRUPT.search(record.getMessage()):
+            self.messages.append(record.getMessage())
+
+
+class TiffStackReader(_EagerReader):
+    """Read single- and multi-page TIFF with tifffile: ``(Z, Y, X)`` stack or ``(Y, X)`` page.
+
+    Sample/channel axes (RGB, ImageJ ``C``) go last with ``original_channel_dim=-1``. A file of
+    several same-shape series (e.g. pages written with ``append=True``) is stacked along Z. Spacing
+    comes from tifffile's JSON description (``{"spacing": [...]}``, written by :func:`write_image`) or
+    ImageJ metadata (``spacing`` for Z, resolution tags for Y/X), else 1.0; plain DPI tags are ignored.
+    Truncated files raise ValueError (data past end of file, or tifffile's corruption log messages).
+    """
+
+    suffixes = TIFF_SUFFIXES
+
+    def _load(self, path: Path) -> LoadedImage:
+        catcher, tiff_log = _TiffLogCatcher(), logging.getLogger("tifffile")
+        tiff_log.addHandler(catcher)
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series
+                if len(series) > 1 and all(s.shape == series[0].shape and s.dtype == series[0].dtype for s in series):
+                    array, axes = np.stack([s.asarray() for s in series]), "Q" + series[0].axes
+                else:
+                    array, axes = series[0].asarray(), series[0].axes
+                size = path.stat().st_size
+                if any(o + n > size for p in tif.pages for o, n in zip(p.dataoffsets, p.databytecounts)):
+                    raise ValueError("pixel data extends past the end of the file (truncated)")
+                known = self._spacing_by_axis(tif)
+                unit = (tif.imagej_metadata or {}).get("unit")
+        except Exception as err:  # TiffFileError, struct.error, OSError, ... from a damaged file
+            raise ValueError(f"could not read {path} as TIFF: {type(err).__name__}: {err}") from err
+        finally:
+            tiff_log.removeHandler(catcher)
+        if catcher.messages:
+            raise ValueError(f"could not read {path} as TIFF: truncated or corrupt ({catcher.messages[0]})")
+        channel = [i for i, a in enumerate(axes) if a in "SC"]
+        if len(channel) > 1 or array.ndim - len(channel) > 3:
+            raise ValueError(f"could not read {path} as TIFF: unsupported axes {axes!r} (max 3 spatial + 1 channel)")
+        if channel:
+            array, axes = np.moveaxis(array, channel[0], -1), axes.replace(axes[channel[0]], "") + axes[channel[0]]
+        spatial = axes[:-1] if channel else axes
+        if isinstance(known, list):
+            spacing = known if len(known) == len(spatial) else [1.0] * len(spatial)
+        else:
+            spacing = [known.get(a, 1.0) for a in spatial]
+        meta = {**_base_meta(array.shape, spacing, bool(channel)), "tiff_axes": axes}
+        meta.update({"unit": unit} if unit else {})
+        logger.debug("read TIFF %s: shape %s axes %s spacing %s", path, array.shape, axes, spacing)
+        return LoadedImage(array, meta)
+
+    @staticmethod
+    def _spacing_by_axis(tif: tifffile.TiffFile) -> list[float] | dict[str, float]:
+        if tif.is_shaped and tif.shaped_metadata and "spacing" in tif.shaped_metadata[0]:
+            return [float(s) for s in tif.shaped_metadata[0]["spacing"]]
+        if not tif.is_imagej:
+            return {}
+        spacing, tags = {"Z": float(tif.imagej_metadata.get("spacing", 1.0))}, tif.pages.first.tags
+        for axis, tag in (("X", "XResolution"), ("Y", "YResolution")):
+            if tag in tags and tags[tag].value[0]:
+                spacing[axis] = tags[tag].value[1] / tags[tag].value[0]  # rational pixels/unit -> unit/pixel
+        return spacing
+
+
+class SimpleITKReader(_EagerReader):
+    """Read anything SimpleITK reads; arrays in ``sitk.GetArrayFromImage`` order ``(z, y, x)``.
+
+    ``read`` takes any SimpleITK format; ``verify_suffix`` (LoadImage's automatic choice only) claims
+    ``suffixes``. Meta: ``spacing`` in array-axis order (reversed ITK order); ``origin`` and
+    ``direction`` as ITK reports them (LPS frame, direction columns = ITK index axes x, y, z); an
+    ``affine`` from array indices to world. Vector pixels become a trailing channel axis.
+
+    Args:
+        suffixes: suffixes claimed by ``verify_suffix``.
+        affine_lps_to_ras: express the affine in RAS (like ``NibabelReader``/MONAI's ``ITKReader``).
+    """
+
+    def __init__(self, suffixes: Sequence[str] = (".mha", ".mhd", ".nrrd", ".nhdr", ".mrc"), affine_lps_to_ras=True):
+        super().__init__()
+        self.suffixes, self.affine_lps_to_ras = tuple(suffixes), affine_lps_to_ras
+
+    def _load(self, path: Path) -> LoadedImage:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            raise ValueError(f"could not read {path} as {_suffix(path) or 'image'} with SimpleITK: {err}") from err
+        array, dim = sitk.GetArrayFromImage(image), image.GetDimension()
+        spacing_itk = np.asarray(image.GetSpacing(), dtype=float)
+        origin = np.asarray(image.GetOrigin(), dtype=float)
+        direction = np.asarray(image.GetDirection(), dtype=float).reshape(dim, dim)
+        affine = np.eye(dim + 1)
+        affine[:dim, :dim] = (direction * spacing_itk)[:, ::-1]  # columns follow the reversed array axes
+        affine[:dim, dim] = origin
+        affine = orientation_ras_lps(affine) if self.affine_lps_to_ras else affine
+        meta = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys() if not k.startswith("ITK_")}
+        meta.update(_base_meta(array.shape, spacing_itk[::-1], image.GetNumberOfComponentsPerPixel() > 1))
+        meta.update({"origin": origin, "direction": direction, MetaKeys.AFFINE: affine})
+        meta[MetaKeys.ORIGINAL_AFFINE] = affine.copy()
+        meta[MetaKeys.SPACE] = SpaceKeys.RAS if self.affine_lps_to_ras else SpaceKeys.LPS
+        return LoadedImage(array, meta)
+
+
+def register_readers() -> None:
+    """Make ``LoadImage(reader="TiffStackReader")``/``"SimpleITKReader"`` work (idempotent; run on import).
+
+    MONAI resolves reader names in ``monai.transforms.io.array.SUPPORTED_READERS``; every default
+    ``LoadImage()`` also registers its entries (later entries are tried first).
+    """
+    from monai.transforms.io.array import SUPPORTED_READERS
+
+    SUPPORTED_READERS.setdefault("tiffstackreader", TiffStackReader)
+    SUPPORTED_READERS.setdefault("simpleitkreader", SimpleITKReader)
+
+
+register_readers()
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read an image file, or a directory of 2D PNG/TIFF slices, into ``(array, meta)``.
+
+    TIFF uses :class:`TiffStackReader`, NIfTI MONAI's ``NibabelReader`` (``meta["spacing"]`` added
+    from the affine), anything else :class:`SimpleITKReader`. A directory becomes a ``(Z, Y, X)``
+    stack of its ``.png``/``.tif``/``.tiff`` files (hidden ones skipped) in natural order (``s2``
+    before ``s10``), with ``meta["filenames"]``.
+
+    Raises:
+        FileNotFoundError: the path does not exist (or a directory holds no slices).
+        ValueError: a file cannot be decoded, or slices are not 2D images of one shape.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
+    suffix = _suffix(_existing_file(path))
+    if suffix in NIFTI_SUFFIXES:
+        reader = NibabelReader(mmap=False)
+        try:
+            array, meta = reader.get_data(reader.read(str(path)))
+        except Exception as err:
+            raise ValueError(f"could not read {path} as NIfTI: {type(err).__name__}: {err}") from err
+        array, rank = np.asarray(array), len(meta[MetaKeys.SPATIAL_SHAPE])
+        meta["spacing"] = np.sqrt((np.asarray(meta[MetaKeys.AFFINE])[:rank, :rank] ** 2).sum(0))
+    else:
+        eager = TiffStackReader() if suffix in TIFF_SUFFIXES else SimpleITKReader()
+        array, meta = eager.get_data(eager.read(path))
+    meta["filename_or_obj"] = str(path)
+    return array, meta
+
+
+def _read_folder(directory: Path) -> tuple[np.ndarray, dict]:
+    files = [f for f in directory.iterdir() if f.is_file() and f.name[0] != "." and _suffix(f) in SLICE_SUFFIXES]
+    files.sort(key=lambda f: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", f.name)])
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(SLICE_SUFFIXES)} slices found in directory {directory}")
+    slices = [read_image(f) for f in files]
+    first, first_meta = slices[0]
+    for f, (arr, meta) in zip(files, slices):
+        if len(meta[MetaKeys.SPATIAL_SHAPE]) != 2:
+            raise ValueError(f"{f} is not a 2D image (shape {arr.shape}); slice folders need 2D PNG/TIFF files")
+        if arr.shape != first.shape:
+            raise ValueError(f"slice {f} has shape {arr.shape} but {files[0].name} has {first.shape}")
+    array = np.stack([arr for arr, _ in slices])
+    channel_last = not is_no_channel(first_meta[MetaKeys.ORIGINAL_CHANNEL_DIM])
+    meta = _base_meta(array.shape, [1.0, *first_meta["spacing"][-2:]], channel_last)
+    meta.update({"filenames": [f.name for f in files], "filename_or_obj": str(directory)})
+    return array, meta
+
+
+def _prepare(array: Any, meta: dict | None) -> tuple[np.ndarray, dict, bool]:
+    """Return ``(numpy array without a singleton channel, meta, channel_last)``."""
+    meta = dict(getattr(array, "meta", None) or {}) if meta is None else meta
+    array = np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
+    array = array.astype(np.uint8) if array.dtype == bool else array
+    shape = meta.get(MetaKeys.SPATIAL_SHAPE)
+    spatial = tuple(int(s) for s in np.asarray(shape).ravel()) if shape is not None else None
+    if array.ndim != (len(spatial) if spatial else min(array.ndim, 3)) + 1:
+        return array, meta, False
+    if array.shape[:-1] == spatial:  # channel-last, as our readers return RGB
+        return (array[..., 0], meta, False) if array.shape[-1] == 1 else (array, meta, True)
+    if array.shape[0] == 1:  # singleton channel-first (EnsureChannelFirst); spatial_shape may be stale
+        return array[0], meta, False
+    if array.shape[1:] == spatial:
+        return np.moveaxis(array, 0, -1), meta, True
+    raise ValueError(f"cannot tell the channel axis of an array of shape {array.shape} (spatial_shape={shape})")
+
+
+def _spacing(meta: dict, n: int) -> list[float]:
+    """Spacing of the last ``n`` array axes from ``meta['spacing']`` or the affine; default 1.0."""
+    found: list[float] = []
+    if meta.get("spacing") is not None:
+        found = [float(s) for s in np.asarray(meta["spacing"], dtype=float).ravel()]
+    elif meta.get(MetaKeys.AFFINE) is not None:
+        found = list(np.sqrt((np.asarray(meta[MetaKeys.AFFINE], dtype=float)[:-1, :-1] ** 2).sum(0)))
+    return ([1.0] * n + found)[-n:]
+
+
+def _write_tiff(array: np.ndarray, path: Path, meta: dict, channel_last: bool) -> None:
+    n = array.ndim - channel_last
+    spacing, rgb = _spacing(meta, n), channel_last and array.shape[-1] in (3, 4)
+    kwargs: dict[str, Any] = {"photometric": "rgb" if rgb else "minisblack"}
+    kwargs["planarconfig"] = "contig" if channel_last else None
+    imagej_rgb = rgb and array.shape[-1] == 3 and array.dtype == np.uint8
+    if array.dtype.type in _IMAGEJ_DTYPES and n in (2, 3) and (not channel_last or imagej_rgb):
+        ij_meta: dict[str, Any] = {"axes": "ZYX"[-n:] + ("S" if channel_last else "")}
+        ij_meta.update({"spacing": spacing[0]} if n == 3 else {})
+        ij_meta.update({"unit": meta["unit"]} if meta.get("unit") else {})
+        resolution = (1 / spacing[-1], 1 / spacing[-2])  # TIFF tags: pixels per unit, X first
+        tifffile.imwrite(path, array, imagej=True, resolution=resolution, metadata=ij_meta, **kwargs)
+    else:  # dtypes ImageJ cannot store: tifffile's JSON description keeps shape and spacing
+        tifffile.imwrite(path, array, metadata={"spacing": spacing}, **kwargs)
+
+
+def _write_nifti(array: np.ndarray, path: Path, meta: dict, channel_last: bool) -> None:
+    affine, given = np.eye(4), meta.get(MetaKeys.AFFINE)
+    if given is not None:
+        given = np.asarray(given, dtype=float)
+        r = min(given.shape[0] - 1, 3)
+        affine[:r, :r], affine[:r, 3] = given[:r, :r], given[:r, -1]
+    else:
+        np.fill_diagonal(affine[:3, :3], _spacing(meta, 3) if array.ndim >= 3 else [*_spacing(meta, 2), 1.0])
+    nib.save(nib.Nifti1Image(array, affine, dtype=array.dtype), str(path))
+
+
+def _write_sitk(array: np.ndarray, path: Path, meta: dict, channel_last: bool) -> None:
+    if _suffix(path) == ".png" and array.ndim - channel_last != 2:  # SimpleITK would keep slice 0 only
+        raise ValueError(f"PNG holds one 2D image, got shape {array.shape}; write to a directory for one per slice")
+    image = sitk.GetImageFromArray(array, isVector=channel_last)
+    dim = image.GetDimension()
+    image.SetSpacing([float(s) for s in _spacing(meta, dim)[::-1]])
+    for key, size, setter in (("origin", dim, image.SetOrigin), ("direction", dim * dim, image.SetDirection)):
+        if meta.get(key) is not None and np.size(meta[key]) == size:
+            setter([float(v) for v in np.ravel(meta[key])])
+    try:
+        sitk.WriteImage(image, str(path), _suffix(path) in _COMPRESSED)
+    except RuntimeError as err:
+        what = f"a {array.dtype} {array.shape} array as {path.name}"
+        raise ValueError(f"SimpleITK could not write {what}: {err}") from err
+
+
+def _writer_for(path: str | os.PathLike) -> Callable[[np.ndarray, Path, dict, bool], None]:
+    suffix = _suffix(path)
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise ValueError(
+            f"cannot write {path}: unsupported suffix {suffix or '(none)'!r}; supported suffixes are "
+            f"{', '.join(SUPPORTED_SUFFIXES)} (or a directory path ending in '/' for one file per slice)"
+        )
+    return _write_tiff if suffix in TIFF_SUFFIXES else _write_nifti if suffix in NIFTI_SUFFIXES else _write_sitk
+
+
+def _commit(moves: dict[Path, Path], overwrite: bool) -> None:
+    """Move finished temp files onto their targets with ``os.replace`` (same filesystem: atomic)."""
+    clash = [str(dst) for dst in moves.values() if dst.exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{', '.join(clash[:5])} already exist(s); pass overwrite=True to replace")
+    for src, dst in moves.items():
+        os.replace(src, dst)
+
+
+def write_image(array: Any, path: str | os.PathLike, meta: dict | None = None, overwrite: bool = False) -> Path:
+    """Atomically write an array in the format given by the suffix of ``path``.
+
+    ``array`` (numpy, torch or MetaTensor, whose ``.meta`` is used if ``meta`` is None) is written in
+    its own axis order. With ``ndim`` = spatial rank + 1 (rank from ``meta['spatial_shape']``, else 3) a
+    singleton channel is squeezed and other channels become samples/vector pixels. Spacing comes from
+    ``meta['spacing']`` (array-axis order) or the affine. TIFF: ImageJ stack (Z spacing + resolution
+    tags) for uint8/uint16/int16/float32, tifffile JSON description otherwise. NIfTI: ``meta['affine']``
+    (else ``diag(spacing)``). SimpleITK formats: spacing, ``meta['origin']``/``meta['direction']`` if
+    given. Booleans become uint8. The file is written under its real name in a hidden temp directory
+    next to the target (so the suffix picks the format and ``.mhd``/``.nhdr`` data files come along),
+    then moved with ``os.replace``; on failure the destination is untouched. A path ending in ``/`` or
+    an existing directory goes to :func:`write_folder` with ``meta['filenames']``.
+
+    Returns:
+        The written path (the directory for folder output).
+
+    Raises:
+        FileExistsError: the target exists and ``overwrite`` is False.
+        ValueError: unsupported suffix, or the array cannot be stored in that format.
+    """
+    if os.fspath(path).endswith(("/", os.sep)) or Path(path).is_dir():
+        arr, meta, _ = _prepare(array, meta)
+        names = list(meta.get("filenames") or [f"slice_{i:04d}.tif" for i in range(arr.shape[0])])
+        write_folder(arr, path, names, overwrite=overwrite, meta=meta)
+        return Path(path)
+    path, writer = Path(path), _writer_for(path)
+    arr, meta, channel_last = _prepare(array, meta)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        writer(arr, tmp_dir / path.name, meta, channel_last)
+        produced = sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name)  # header/main file last
+        _commit({f: path.parent / f.name for f in produced}, overwrite)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("wrote %s %s %s", path, arr.shape, arr.dtype)
+    return path
+
+
+def write_folder(
+    array: Any, directory: str | os.PathLike, names: Sequence[str], overwrite: bool = False, meta: dict | None = None
+) -> list[Path]:
+    """Write a ``(Z, Y, X[, C])`` stack as one 2D ``.png``/``.tif`` file per slice, named ``names[i]``.
+
+    Slices go to a temp directory inside ``directory`` and are moved into place only after all were
+    written, so a failure leaves ``directory`` as it was. ``meta`` gives spacing (last two axes) and
+    the channel layout as in :func:`write_image`.
+
+    Raises:
+        FileExistsError: any target exists and ``overwrite`` is False (nothing is written).
+        ValueError: not a stack, wrong number of names, or names not plain .png/.tif/.tiff file names.
+    """
+    arr, meta, channel_last = _prepare(array, meta)
+    directory = Path(directory)
+    if len(names) != arr.shape[0] or arr.ndim - channel_last != 3:
+        raise ValueError(f"need a 3D stack with one name per slice; got shape {arr.shape} and {len(names)} names")
+    bad = [n for n in names if Path(n).name != n or _suffix(n) not in SLICE_SUFFIXES]
+    if bad:
+        raise ValueError(f"slice names must be plain file names ending in {', '.join(SLICE_SUFFIXES)}; got {bad[:5]}")
+    clash = [n for n in names if (directory / n).exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{directory}: {clash[:5]} already exist; pass overwrite=True to replace")
+    directory.mkdir(parents=True, exist_ok=True)
+    slice_meta = {"spacing": _spacing(meta, 3)[-2:], **({"unit": meta["unit"]} if meta.get("unit") else {})}
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".slices.tmp-", dir=directory))
+    try:
+        for name, plane in zip(names, arr):
+            _writer_for(name)(plane, tmp_dir / name, slice_meta, channel_last)
+        _commit({tmp_dir / n: directory / n for n in names}, overwrite)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("wrote %d slices to %s", len(names), directory)
+    return [directory / n for n in names]
