@@ -15,7 +15,7 @@ Writers never reorient, so read -> ``EnsureChannelFirst`` -> :func:`write_image`
 
 Importing this module adds ``tiffstackreader``/``simpleitkreader`` to MONAI's ``SUPPORTED_READERS``;
 a plain ``LoadImage()`` then picks them first for the suffixes their ``verify_suffix`` claims
-(formats no built-in reader handles without ``itk``/``pynrrd``; PNG and NIfTI stay with MONAI).
+(formats no built-in reader handles without ``itk``/``pynrrd``, and PNG/JPEG, which MONAI's ``PILReader`` transposes; NIfTI stays with MONAI).
 
 Caveat (MONAI behaviour): if a reader passed as ``LoadImage(reader=...)`` raises, LoadImage silently
 tries every other registered reader, and for a truncated TIFF SimpleITK or PIL return page 1. To see
@@ -49,6 +49,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_WRITE_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".mrc", ".png")
 SUPPORTED_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES + SITK_WRITE_SUFFIXES
 SLICE_SUFFIXES = (".png", ".tif", ".tiff")
+# PNG/JPEG too: MONAI's PILReader returns them transposed (x, y); ours keep numpy (y, x) order
+SITK_READ_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".mrc", ".png", ".jpg", ".jpeg", ".bmp")
 _COMPRESSED = (".mha", ".mhd", ".nrrd", ".nhdr")
 _IMAGEJ_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)
 _TIFF_CORRUPT = re.compile(r"corrupt|invalid page offset|circular reference", re.IGNORECASE)
@@ -201,7 +203,7 @@ class SimpleITKReader(_EagerReader):
         affine_lps_to_ras: express the affine in RAS (like ``NibabelReader``/MONAI's ``ITKReader``).
     """
 
-    def __init__(self, suffixes: Sequence[str] = (".mha", ".mhd", ".nrrd", ".nhdr", ".mrc"), affine_lps_to_ras=True):
+    def __init__(self, suffixes: Sequence[str] = SITK_READ_SUFFIXES, affine_lps_to_ras=True):
         super().__init__()
         self.suffixes, self.affine_lps_to_ras = tuple(suffixes), affine_lps_to_ras
 
@@ -219,7 +221,7 @@ class SimpleITKReader(_EagerReader):
         affine[:dim, dim] = origin
         affine = orientation_ras_lps(affine) if self.affine_lps_to_ras else affine
         meta = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys() if not k.startswith("ITK_")}
-        meta.update(_base_meta(array.shape, spacing_itk[::-1], image.GetNumberOfComponentsPerPixel() > 1))
+        meta.update(_base_meta(array.shape, spacing_itk[::-1].copy(), image.GetNumberOfComponentsPerPixel() > 1))
         meta.update({"origin": origin, "direction": direction, MetaKeys.AFFINE: affine})
         meta[MetaKeys.ORIGINAL_AFFINE] = affine.copy()
         meta[MetaKeys.SPACE] = SpaceKeys.RAS if self.affine_lps_to_ras else SpaceKeys.LPS

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.geometry import PADDING_MODES, UNetGeometry, crop_slices
+from pipeline.geometry import PADDING_MODES, UNetGeometry
 
 NORMS = (None, "batch", "instance")
 
@@ -75,6 +75,8 @@ class UNet(nn.Module):
         convs_per_level: convolutions in each block (the paper: 2).
         kernel_size: odd kernel size of the block convolutions (the paper: 3).
     """
+
+    __jit_unused_properties__ = ["margin"]  # TorchScript export (ckpt_export) compiles forward only
 
     def __init__(
         self,
@@ -158,8 +160,9 @@ class UNet(nn.Module):
             self.geometry.check_input_size(x.shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        skips = []
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        skips: list[torch.Tensor] = []
         for i, block in enumerate(self.encoder):
             if i > 0:
                 x = self.pool(x)
@@ -169,12 +172,13 @@ class UNet(nn.Module):
         for upconv, block in zip(self.upconvs, self.decoder):
             x = upconv(x)
             skip = skips.pop()
-            if self.padding == "valid":
-                skip = skip[(...,) + crop_slices(skip.shape[2:], x.shape[2:])]
-            elif skip.shape[2:] != x.shape[2:]:
-                pad = []
-                for s, u in zip(reversed(skip.shape[2:]), reversed(x.shape[2:])):
-                    pad += [0, s - u]
+            if self.padding == "valid":  # centre-crop the skip to the up-sampled size
+                for d in range(2, skip.dim()):
+                    skip = skip.narrow(d, (skip.shape[d] - x.shape[d]) // 2, x.shape[d])
+            elif skip.shape[2:] != x.shape[2:]:  # odd sizes: zero-pad the end of x
+                pad: list[int] = []
+                for d in range(x.dim() - 1, 1, -1):
+                    pad += [0, skip.shape[d] - x.shape[d]]
                 x = F.pad(x, pad)
             x = block(torch.cat([skip, x], dim=1))
         return self.head(x)

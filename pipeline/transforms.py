@@ -146,3 +146,98 @@ class LogitsToOneHotd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.convert(d[key])
         return d
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _filename(data: Mapping[Hashable, torch.Tensor], key: Hashable) -> str:
+    return str(getattr(data[key], "meta", {}).get("filename_or_obj", ""))
+
+
+class StackAxisFirstd(MapTransform):
+    """Put the section axis of a volume first, as TIFF stacks and SimpleITK arrays already are.
+
+    MONAI's ``NibabelReader`` returns NIfTI arrays as ``(C, x, y, z)``; a 2D network predicts
+    sections, which are the last axis there. This reverses the spatial axes of NIfTI volumes
+    to ``(C, z, y, x)`` and marks the image (``meta["stack_axis_reversed"]``) so that
+    :class:`WritePredictiond` writes the prediction back in the file's own order.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.ndim == 4 and _filename(d, key).lower().endswith(NIFTI_SUFFIXES):
+                d[key] = img.permute(0, 3, 2, 1).contiguous()
+                d[key].meta["stack_axis_reversed"] = True
+        return d
+
+
+class WritePredictiond(MapTransform):
+    """Write a prediction next to nothing but its own name: ``output_dir/{probabilities,masks}/<input name>``.
+
+    ``pred`` holds logits ``(C, *spatial)`` for the image in ``image_key`` (whose meta gives
+    the file name, spacing and affine). The foreground probability (soft-max channel 1, or
+    the sigmoid of a single channel) is written as float32; the mask as uint8 0/255
+    (foreground = probability > ``threshold``). Files keep the input's name and format;
+    formats that cannot hold float32 (PNG) get TIFF probabilities. Existing files are
+    refused unless ``overwrite`` is set; every write is atomic (:func:`pipeline.io.write_image`).
+
+    Args:
+        keys: the prediction key (``"pred"``).
+        output_dir: folder that receives ``probabilities/`` and ``masks/``.
+        image_key: key of the input image, for the name and meta.
+        write: any of ``"probabilities"``, ``"mask"``.
+        output_ext: force one output format (e.g. ``".nii.gz"``); default the input's.
+        threshold: probability above which a pixel is foreground.
+        overwrite: replace existing outputs.
+    """
+
+    OUTPUTS = ("probabilities", "mask")
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str,
+        image_key: str = "image",
+        write: Sequence[str] = ("probabilities", "mask"),
+        output_ext: str | None = None,
+        threshold: float = 0.5,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__(keys)
+        unknown = set(write) - set(self.OUTPUTS)
+        if unknown or not write:
+            raise ValueError(f"write must list some of {self.OUTPUTS}, got {list(write)}")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.output_dir, self.image_key, self.write = output_dir, image_key, tuple(write)
+        self.output_ext, self.threshold, self.overwrite = output_ext, threshold, overwrite
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        from pathlib import Path
+
+        from pipeline.io import write_image
+
+        d = dict(data)
+        image = d[self.image_key]
+        meta = dict(getattr(image, "meta", {}))
+        src = Path(str(meta.get("filename_or_obj", "prediction.tif")))
+        name = src.name[: -len(".nii.gz")] if src.name.lower().endswith(".nii.gz") else src.stem
+        ext = self.output_ext or (".nii.gz" if src.name.lower().endswith(".nii.gz") else src.suffix.lower())
+        meta.pop("filename_or_obj", None)
+        for key in self.key_iterator(d):
+            logits = d[key].detach().float().cpu()
+            prob = torch.softmax(logits, 0)[1] if logits.shape[0] > 1 else torch.sigmoid(logits[0])
+            if meta.get("stack_axis_reversed"):
+                prob = prob.permute(*reversed(range(prob.ndim)))
+            outputs = {
+                "probabilities": (prob.numpy().astype(np.float32), ".tif" if ext == ".png" else ext),
+                "mask": ((prob > self.threshold).numpy().astype(np.uint8) * 255, ext),
+            }
+            for what in self.write:
+                array, suffix = outputs[what]
+                folder = "probabilities" if what == "probabilities" else "masks"
+                write_image(array, Path(self.output_dir) / folder / f"{name}{suffix}", meta=meta, overwrite=self.overwrite)
+        return d
