@@ -1,32 +1,165 @@
-"""Datalists: which files a run reads."""
+"""Datalists: which files (and which sections of them) a run reads.
+
+Training items are dictionaries ``{"image": path, "label": path}`` for 2D files, plus
+``"slice": z`` for a section of a stack or volume; :class:`pipeline.transforms.LoadSectiond`
+reads them. Every pair is checked (existence, readability, matching shapes) when the
+datalist is built, before any training starts, and errors name the file.
+"""
 
 from __future__ import annotations
 
+import logging
+from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
-from pipeline.io import SUPPORTED_SUFFIXES, _suffix
+import numpy as np
 
-IMAGE_SUFFIXES = tuple(sorted(set(SUPPORTED_SUFFIXES) | {".mrc"}))
+from pipeline.io import SUPPORTED_SUFFIXES, _suffix, read_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = tuple(sorted(set(SUPPORTED_SUFFIXES) | {".mrc", ".jpg", ".jpeg", ".bmp"}))
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def datalist_from_path(path: str) -> list[dict[str, str]]:
-    """``[{"image": file}, ...]`` for one image file or every image file of a folder (sorted).
+def section_axis(path: str | Path) -> int:
+    """The array axis that indexes sections: the last for NIfTI (nibabel's x, y, z order),
+    the first for TIFF stacks and SimpleITK formats (z, y, x)."""
+    return -1 if str(path).lower().endswith(NIFTI_SUFFIXES) else 0
 
-    A folder of 2D PNG/TIFF sections gives one item per section file, so each prediction
-    keeps its section's name. Hidden files are skipped.
 
-    Raises:
-        FileNotFoundError: ``path`` does not exist, or the folder holds no image file.
-        ValueError: ``path`` is a file of an unsupported format.
-    """
+@lru_cache(maxsize=8)
+def _read_cached(path: str, mtime: float) -> tuple[np.ndarray, dict]:
+    array, meta = read_image(path)
+    array.setflags(write=False)  # shared between sections: never modified in place
+    return array, meta
+
+
+def read_cached(path: str | Path) -> tuple[np.ndarray, dict]:
+    """:func:`pipeline.io.read_image` with a small cache, so that the sections of one stack
+    decode the file once (the cache is keyed on the path and its modification time)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image file not found: {p}")
+    return _read_cached(str(p), p.stat().st_mtime)
+
+
+def _image_files(path: str | Path, what: str) -> list[Path]:
     p = Path(path)
     if p.is_file():
         if _suffix(p) not in IMAGE_SUFFIXES:
-            raise ValueError(f"{p}: unsupported image format {_suffix(p)!r}; supported: {', '.join(IMAGE_SUFFIXES)}")
-        return [{"image": str(p)}]
+            raise ValueError(f"{what} {p}: unsupported format {_suffix(p)!r}; supported: {', '.join(IMAGE_SUFFIXES)}")
+        return [p]
     if not p.is_dir():
-        raise FileNotFoundError(f"input path not found: {p} (give an image file or a folder of images)")
+        raise FileNotFoundError(f"{what} path not found: {p} (give an image file or a folder of images)")
     files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and _suffix(f) in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
-    return [{"image": str(f)} for f in files]
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {what} folder {p}")
+    return files
+
+
+def datalist_from_path(path: str | Path) -> list[dict[str, str]]:
+    """``[{"image": file}, ...]`` for one image file or every image file of a folder (sorted).
+
+    A folder of 2D PNG/TIFF sections gives one item per file, so each prediction keeps its
+    section's name. Hidden files are skipped.
+    """
+    return [{"image": str(f)} for f in _image_files(path, "input")]
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(_suffix(path))] if _suffix(path) else name
+
+
+def _pair(images: list[Path], labels: list[Path]) -> list[tuple[Path, Path]]:
+    """Pair image and label files: by position for single files, by name (stem) for folders."""
+    if len(images) == 1 and len(labels) == 1:
+        return [(images[0], labels[0])]
+    by_stem = {_stem(f): f for f in labels}
+    pairs, missing = [], []
+    for image in images:
+        label = by_stem.pop(_stem(image), None)
+        (pairs.append((image, label)) if label is not None else missing.append(image.name))
+    if missing or by_stem:
+        raise ValueError(
+            f"image and label files do not match ({len(images)} images, {len(labels)} labels): "
+            + (f"no label for {missing[:5]}" if missing else "")
+            + ("; " if missing and by_stem else "")
+            + (f"no image for {sorted(f.name for f in by_stem.values())[:5]}" if by_stem else "")
+            + ". Labels must have the image's file name (any supported suffix)."
+        )
+    return pairs
+
+
+def _spatial_shape(array: np.ndarray, meta: dict) -> tuple[int, ...]:
+    return tuple(int(s) for s in np.asarray(meta.get("spatial_shape", array.shape)).ravel())
+
+
+def make_datalists(
+    images: str | Path,
+    labels: str | Path,
+    val_slices: Sequence[int] | None = None,
+    val_files: int | Sequence[str] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Training and validation datalists from image/label stacks, volumes or folders.
+
+    Args:
+        images: a stack/volume file (multi-page TIFF, NIfTI, MHA, ...), a 2D image file, or
+            a folder of such files.
+        labels: the same for the labels; folder files are matched to images by name.
+        val_slices: ``[start, stop)`` of the sections (of every stack) kept for validation:
+            adjacent EM sections are correlated, so a contiguous range avoids leakage.
+        val_files: validate on whole files instead: their names, or the number of files
+            (the last ones, in sorted order).
+
+    Returns:
+        ``(train, val)``; items are ``{"image", "label"}`` for 2D files and ``{"image",
+        "label", "slice"}`` for the sections of 3D files (2D training on stacks).
+
+    Raises:
+        FileNotFoundError: a path does not exist or a folder holds no images.
+        ValueError: unreadable files, unpaired files, image/label shape mismatches, an
+            empty split or both split options given.
+    """
+    if val_slices is not None and val_files is not None:
+        raise ValueError("give either val_slices or val_files, not both")
+    pairs = _pair(_image_files(images, "image"), _image_files(labels, "label"))
+    if isinstance(val_files, int):
+        if not 0 <= val_files < len(pairs):
+            raise ValueError(f"val_files={val_files} must be in [0, {len(pairs) - 1}] for {len(pairs)} files")
+        val_names = {p[0].name for p in pairs[len(pairs) - val_files :]} if val_files else set()
+    else:
+        val_names = set(val_files or ())
+        unknown = val_names - {p[0].name for p in pairs}
+        if unknown:
+            raise ValueError(f"val_files names files that are not images: {sorted(unknown)}")
+    if val_slices is not None:
+        if len(val_slices) != 2 or not 0 <= val_slices[0] < val_slices[1]:
+            raise ValueError(f"val_slices must be [start, stop) with 0 <= start < stop, got {list(val_slices)}")
+
+    train, val = [], []
+    for image, label in pairs:
+        img, img_meta = read_cached(image)
+        lab, lab_meta = read_cached(label)
+        shape, lab_shape = _spatial_shape(img, img_meta), _spatial_shape(lab, lab_meta)
+        if shape != lab_shape:
+            raise ValueError(f"image {image} has shape {shape} but its label {label} has {lab_shape}")
+        if min(shape) == 0:
+            raise ValueError(f"image {image} is empty (shape {shape})")
+        item = {"image": str(image), "label": str(label)}
+        target = val if image.name in val_names else train
+        if len(shape) == 2:
+            target.append(item)
+            continue
+        n = shape[section_axis(image)]
+        for z in range(n):
+            in_val = val_slices is not None and val_slices[0] <= z < val_slices[1]
+            (val if in_val else target).append({**item, "slice": z})
+        if val_slices is not None and val_slices[0] >= n:
+            raise ValueError(f"val_slices {list(val_slices)} lie outside {image}, which has {n} sections")
+    if not train:
+        raise ValueError("the split leaves no training data; choose a smaller validation range")
+    logger.info("datalists: %d training and %d validation items from %d file pair(s)", len(train), len(val), len(pairs))
+    return train, val

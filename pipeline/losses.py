@@ -11,7 +11,7 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-LOSSES = ("dice_ce", "bce")
+LOSSES = ("dice_ce", "bce", "weighted_ce")
 
 
 def output_channels(name: str) -> int:
@@ -34,12 +34,55 @@ class BCEWithLogits(nn.BCEWithLogitsLoss):
         return super().forward(logits, label.to(logits.dtype))
 
 
+class WeightedCrossEntropy(nn.Module):
+    """Soft-max cross-entropy weighted per pixel (paper eq. 1): ``mean(w(x) * -log p_l(x)(x))``.
+
+    MONAI has no loss with a per-pixel weight map, and a MONAI trainer passes the loss only
+    ``(prediction, target)``; so the target carries the weight map as a second channel:
+    ``target = cat([label, weight], dim=1)``, which :func:`prepare_batch` builds.
+
+    Args (forward):
+        logits: ``(B, C, *spatial)``.
+        target: ``(B, 2, *spatial)``: class indices and weights.
+    """
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.shape[1] != 2 or target.shape[2:] != logits.shape[2:] or target.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"weighted_ce needs a target (B, 2, *spatial) = [label, weight] matching logits "
+                f"{tuple(logits.shape)}; got {tuple(target.shape)} (is the batch prepared with "
+                "pipeline.losses.prepare_batch('weighted_ce')?)"
+            )
+        label, weight = target[:, 0].long(), target[:, 1].to(logits.dtype)
+        ce = nn.functional.cross_entropy(logits, label, reduction="none")
+        return (weight * ce).mean()
+
+
+def prepare_batch(name: str):
+    """The trainer's ``prepare_batch`` for a loss: the weight map joins the label for ``weighted_ce``."""
+    from monai.engines.utils import default_prepare_batch
+
+    _check_name(name)
+    if name != "weighted_ce":
+        return default_prepare_batch
+
+    def with_weight(batchdata, device=None, non_blocking=False, **kwargs):
+        if "weight" not in batchdata:
+            raise ValueError("weighted_ce needs a 'weight' key in the batch (add pipeline.transforms.BorderWeightMapd)")
+        image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        weight = batchdata["weight"].to(device=device, non_blocking=non_blocking)
+        return image, torch.cat([label.to(weight.dtype), weight], dim=1)
+
+    return with_weight
+
+
 def make_loss(name: str, out_channels: int | None = None) -> nn.Module:
     """Build a loss by name.
 
     Args:
         name: ``"dice_ce"`` (MONAI ``DiceCELoss``, soft-max, label of class indices
-            ``(B, 1, *spatial)``) or ``"bce"`` (``BCEWithLogitsLoss``, one logit channel).
+            ``(B, 1, *spatial)``), ``"bce"`` (``BCEWithLogitsLoss``, one logit channel) or
+            ``"weighted_ce"`` (:class:`WeightedCrossEntropy`, the paper's loss).
         out_channels: the network's output channels, checked against the loss.
     """
     _check_name(name)
@@ -51,4 +94,6 @@ def make_loss(name: str, out_channels: int | None = None) -> nn.Module:
         )
     if name == "dice_ce":
         return DiceCELoss(to_onehot_y=True, softmax=True)
+    if name == "weighted_ce":
+        return WeightedCrossEntropy()
     return BCEWithLogits()

@@ -11,8 +11,52 @@ from typing import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Transform
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, RandomizableTransform, Transform
 from monai.utils import convert_to_tensor
+
+
+class LoadSectiond(MapTransform):
+    """Load the files named under ``keys`` as channel-first ``MetaTensor``s ``(C, *spatial)``.
+
+    When the item has a ``slice_key`` entry ``z``, only section ``z`` of the stack or volume
+    is returned (axis from :func:`pipeline.data.section_axis`), so stacks give 2D training
+    samples; decoded files are cached, so a stack is read once for all its sections.
+    Colour images (channel-last in the file) get their channels first.
+
+    Args:
+        keys: keys holding file paths (``image``, ``label``).
+        slice_key: key of the section index; absent or None means the whole file.
+    """
+
+    def __init__(self, keys: KeysCollection, slice_key: str = "slice", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.slice_key = slice_key
+
+    def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, MetaTensor]:
+        from pipeline.data import read_cached, section_axis
+
+        d = dict(data)
+        z = d.get(self.slice_key)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            array, meta = read_cached(path)
+            channel_last = not (isinstance(meta.get("original_channel_dim"), float) or meta.get("original_channel_dim") is None)
+            spacing = list(np.asarray(meta.get("spacing", [1.0] * array.ndim), dtype=float).ravel())
+            if z is not None:
+                axis = section_axis(path)
+                if not -array.shape[axis] <= z < array.shape[axis]:
+                    raise ValueError(f"{path}: section {z} out of range, the file has {array.shape[axis]} sections")
+                array = np.take(array, z, axis=axis)
+                spacing.pop(axis)
+            array = np.moveaxis(array, -1, 0) if channel_last else array[None]
+            spacing = spacing[-(array.ndim - 1):]
+            d[key] = MetaTensor(
+                torch.from_numpy(np.array(array, copy=True)),  # the cached file stays read-only
+                affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)),
+                meta={"filename_or_obj": path, "spacing": [float(v) for v in spacing], **({} if z is None else {"slice": int(z)})},
+            )
+        return d
 
 
 class BinarizeMask(Transform):
@@ -240,4 +284,143 @@ class WritePredictiond(MapTransform):
                 array, suffix = outputs[what]
                 folder = "probabilities" if what == "probabilities" else "masks"
                 write_image(array, Path(self.output_dir) / folder / f"{name}{suffix}", meta=meta, overwrite=self.overwrite)
+        return d
+
+
+# ---------------------------------------------------------------- paper augmentation
+class RandElasticGridd(RandomizableTransform, MapTransform):
+    """Elastic deformation of the paper (section 3.1): random displacement vectors on a coarse
+    grid, drawn from ``N(0, sigma)`` pixels, interpolated bicubically to every pixel.
+
+    The same field warps every key; each key has its own interpolation (``"bicubic"`` or
+    ``"bilinear"`` for images and weight maps, ``"nearest"`` for labels). Samples that fall
+    outside the image are mirrored. Works on ``(C, H, W)`` and ``(C, D, H, W)`` (the 3D field
+    is interpolated trilinearly, as ``grid_sample`` has no tricubic mode). Reproducible under
+    ``set_random_state`` / ``monai.utils.set_determinism``.
+
+    Args:
+        keys: keys to warp.
+        sigma: standard deviation of the control-point displacements, in pixels (paper: 10).
+        grid_size: control points per axis, corners included (paper: 3).
+        mode: interpolation per key (a string or one per key).
+        prob: probability of warping a sample.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        sigma: float = 10.0,
+        grid_size: int = 3,
+        mode: str | Sequence[str] = "bilinear",
+        prob: float = 1.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if sigma < 0 or grid_size < 2:
+            raise ValueError(f"sigma must be >= 0 and grid_size >= 2, got sigma={sigma}, grid_size={grid_size}")
+        modes = (mode,) * len(self.keys) if isinstance(mode, str) else tuple(mode)
+        if len(modes) != len(self.keys) or not set(modes) <= {"bicubic", "bilinear", "nearest"}:
+            raise ValueError(f"mode must be one of bicubic/bilinear/nearest, one per key; got {mode!r} for keys {self.keys}")
+        self.sigma, self.grid_size, self.modes = float(sigma), int(grid_size), modes
+        self._coarse: np.ndarray | None = None
+
+    def randomize(self, spatial_dims: int) -> None:
+        super().randomize(None)
+        self._coarse = self.R.normal(0.0, self.sigma, (spatial_dims,) + (self.grid_size,) * spatial_dims)
+
+    def displacement(self, spatial_shape: Sequence[int]) -> torch.Tensor:
+        """The dense field ``(ndim, *spatial)`` in pixels from the last drawn control points."""
+        coarse = torch.as_tensor(self._coarse, dtype=torch.float32)[None]
+        mode = "bicubic" if len(spatial_shape) == 2 else "trilinear"
+        return torch.nn.functional.interpolate(coarse, size=tuple(spatial_shape), mode=mode, align_corners=True)[0]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        first = d[self.first_key(d)]
+        spatial = tuple(first.shape[1:])
+        self.randomize(len(spatial))
+        if not self._do_transform:
+            return d
+        disp = self.displacement(spatial)
+        # sampling positions in pixels, then normalised to [-1, 1] (align_corners=True)
+        axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in spatial], indexing="ij")
+        coords = [(a + u) * 2.0 / max(s - 1, 1) - 1.0 for a, u, s in zip(axes, disp, spatial)]
+        grid = torch.stack(coords[::-1], dim=-1)[None]  # grid_sample wants (x, y[, z]) order
+        for key, mode in zip(self.key_iterator(d), self.modes):
+            img = convert_to_tensor(d[key], track_meta=True)
+            if mode == "bicubic" and len(spatial) == 3:
+                mode = "bilinear"
+            warped = torch.nn.functional.grid_sample(
+                img[None].float(), grid.to(img.device), mode=mode, padding_mode="reflection", align_corners=True
+            )[0]
+            out = warped.to(img.dtype) if not img.dtype.is_floating_point else warped
+            d[key] = MetaTensor(out, meta=getattr(img, "meta", {})) if isinstance(img, MetaTensor) else out
+        return d
+
+
+# ---------------------------------------------------------------- border weight map
+def border_weight_map(foreground: np.ndarray, w0: float = 10.0, sigma: float = 5.0, class_balance: bool = True) -> np.ndarray:
+    """The paper's weight map (eq. 2): ``w = w_c + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))``.
+
+    ``d1``, ``d2`` are the distances to the nearest and the second nearest cell, the cells
+    being the connected components of the foreground; ``w_c`` balances the class
+    frequencies (``n_pixels / (2 * n_class)``, so its mean is 1; 1 everywhere when
+    ``class_balance`` is False or only one class is present). Distances to a cell are
+    computed with scipy's Euclidean distance transform inside the cell's bounding box
+    grown by ``6 * sigma``; farther away the border term is below ``w0 * exp(-18)``.
+
+    Args:
+        foreground: boolean array ``(*spatial)``, True for cell interiors.
+
+    Returns:
+        float32 array of the input's shape.
+    """
+    from scipy import ndimage as ndi
+
+    fg = np.asarray(foreground).astype(bool)
+    instances, n = ndi.label(fg)
+    d1 = np.full(fg.shape, np.inf)
+    d2 = np.full(fg.shape, np.inf)
+    reach = int(np.ceil(6 * sigma))
+    for i, box in enumerate(ndi.find_objects(instances), start=1):
+        window = tuple(slice(max(b.start - reach, 0), min(b.stop + reach, s)) for b, s in zip(box, fg.shape))
+        d = ndi.distance_transform_edt(instances[window] != i)
+        w1, w2 = d1[window], d2[window]
+        d2[window] = np.minimum(w2, np.maximum(w1, d))
+        d1[window] = np.minimum(w1, d)
+    border = np.zeros(fg.shape) if n < 2 else w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2))
+    wc = np.ones(fg.shape)
+    n_fg = int(fg.sum())
+    if class_balance and 0 < n_fg < fg.size:
+        wc = np.where(fg, fg.size / (2.0 * n_fg), fg.size / (2.0 * (fg.size - n_fg)))
+    return (wc + border).astype(np.float32)
+
+
+class BorderWeightMapd(MapTransform):
+    """Write the paper's weight map of a binary label ``(1, *spatial)`` to ``weight_key``.
+
+    Compute it before augmentation (it is deterministic, so a ``CacheDataset`` keeps it),
+    then warp and crop it with the label: the bundle's configs crop ``label`` and
+    ``weight`` to the network's output size in the same transform.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, weight_key: str = "weight", w0: float = 10.0, sigma: float = 5.0,
+        class_balance: bool = True, allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if w0 < 0 or sigma <= 0:
+            raise ValueError(f"w0 must be >= 0 and sigma > 0, got w0={w0}, sigma={sigma}")
+        self.weight_key, self.w0, self.sigma, self.class_balance = weight_key, w0, sigma, class_balance
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = convert_to_tensor(d[key], track_meta=True)
+            if label.shape[0] != 1:
+                raise ValueError(f"the weight map needs a one-channel binary label, got shape {tuple(label.shape)}")
+            w = border_weight_map(label[0].cpu().numpy() > 0.5, self.w0, self.sigma, self.class_balance)
+            weight = torch.from_numpy(w)[None]
+            d[self.weight_key] = MetaTensor(weight, meta=dict(label.meta)) if isinstance(label, MetaTensor) else weight
         return d

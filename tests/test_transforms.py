@@ -69,7 +69,7 @@ def test_losses_on_hand_computable_cases():
 
 def test_loss_names_and_channels():
     assert output_channels("bce") == 1 and output_channels("dice_ce") == 2
-    with pytest.raises(ValueError, match="unknown loss 'dice'; valid choices: dice_ce, bce"):
+    with pytest.raises(ValueError, match="unknown loss 'dice'; valid choices: dice_ce, bce, weighted_ce"):
         make_loss("dice")
     with pytest.raises(ValueError, match="needs 1 output channel, but the network has 2"):
         make_loss("bce", out_channels=2)
