@@ -25,7 +25,7 @@ def test_weight_map_against_hand_values():
     assert w[4, 8:12] == pytest.approx([in_gap] * 4, abs=1e-5)
     # inside the left cell at column 6: d1 = 0, d2 = 6
     assert w[4, 6] == pytest.approx(1 + 10 * math.exp(-36 / 50), abs=1e-5)
-    assert w[0, 0] == pytest.approx(1 + 10 * math.exp(-(9**2) / 50), abs=1e-5)
+    assert w[0, 0] == pytest.approx(1 + 10 * math.exp(-(12**2) / 50), abs=1e-5)  # d2: 12 columns to the right cell
 
 
 def test_weight_map_class_balance_and_single_cell():
