@@ -15,12 +15,11 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.io import SUPPORTED_SUFFIXES, _suffix, read_image
+from pipeline.io import NIFTI_SUFFIXES, SUPPORTED_SUFFIXES, _suffix, read_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = tuple(sorted(set(SUPPORTED_SUFFIXES) | {".mrc", ".jpg", ".jpeg", ".bmp"}))
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def section_axis(path: str | Path) -> int:

@@ -110,11 +110,12 @@ class TensorBoardImages:
         index = (engine.state.iteration - 1) % engine.state.epoch_length
         if index >= self.n_samples:
             return
-        # MONAI engines decollate: state.output is a list of per-sample dicts with the batch keys
-        item = engine.state.output[0]
+        # MONAI engines decollate: state.output / state.batch are lists of per-sample dicts;
+        # the output holds image, label and pred, the batch every loaded key (weight too)
+        item, sample = engine.state.output[0], engine.state.batch[0]
         parts = [item["image"], item["label"], item["pred"][-1:]]
-        if "weight" in item:
-            parts.append(item["weight"])
+        if "weight" in sample:
+            parts.append(sample["weight"])
         planes = [self._plane(p) for p in parts]
         height = max(p.shape[0] for p in planes)
         planes = [torch.nn.functional.pad(p, (0, 2, 0, height - p.shape[0]), value=1.0) for p in planes]

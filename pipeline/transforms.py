@@ -192,9 +192,6 @@ class LogitsToOneHotd(MapTransform):
         return d
 
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
 def _filename(data: Mapping[Hashable, torch.Tensor], key: Hashable) -> str:
     return str(getattr(data[key], "meta", {}).get("filename_or_obj", ""))
 
@@ -209,10 +206,12 @@ class StackAxisFirstd(MapTransform):
     """
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        from pipeline.data import section_axis
+
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            if img.ndim == 4 and _filename(d, key).lower().endswith(NIFTI_SUFFIXES):
+            if img.ndim == 4 and section_axis(_filename(d, key)) == -1:
                 d[key] = img.permute(0, 3, 2, 1).contiguous()
                 d[key].meta["stack_axis_reversed"] = True
         return d
@@ -262,14 +261,14 @@ class WritePredictiond(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         from pathlib import Path
 
-        from pipeline.io import write_image
+        from pipeline.io import _suffix, write_image
 
         d = dict(data)
         image = d[self.image_key]
         meta = dict(getattr(image, "meta", {}))
         src = Path(str(meta.get("filename_or_obj", "prediction.tif")))
-        name = src.name[: -len(".nii.gz")] if src.name.lower().endswith(".nii.gz") else src.stem
-        ext = self.output_ext or (".nii.gz" if src.name.lower().endswith(".nii.gz") else src.suffix.lower())
+        name = src.name[: len(src.name) - len(_suffix(src))]
+        ext = self.output_ext or _suffix(src)
         meta.pop("filename_or_obj", None)
         for key in self.key_iterator(d):
             logits = d[key].detach().float().cpu()

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "bundles/em_unet/configs/train.yaml")
 
 
-def run_bundle(tmp_path, *overrides, run_id="training", configs=(TRAIN,)):
+def run_bundle(tmp_path, *overrides, run_id="training", configs=(TRAIN,), check=True):
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", run_id,
         "--config_file", str(list(configs)),
@@ -26,7 +26,8 @@ def run_bundle(tmp_path, *overrides, run_id="training", configs=(TRAIN,)):
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -53,6 +54,10 @@ def test_train_bundle_end_to_end(tmp_path, loss_name, channels):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train_loss", "learning_rate", "val_mean_dice", "val_dice_membrane", "val_dice_interior"} <= tags
+    # image panels (input | label | prediction | weight map) for the 2 validation samples
+    assert set(events.Tags()["images"]) == {"validation/sample_0", "validation/sample_1"}
+    panel = events.Images("validation/sample_0")[0]
+    assert (panel.height, panel.width) == (96, 4 * 96 + 4 * 2)
     assert len(events.Scalars("train_loss")) == 2 * 3  # 2 epochs x 3 training images, batch 1
     assert [e.step for e in events.Scalars("val_mean_dice")] == [1, 2]
     assert events.Scalars("learning_rate")[0].value == pytest.approx(0.001)
@@ -72,3 +77,17 @@ def test_run_id_run_and_bad_patch_size(tmp_path):
     assert "axis 0: 221 (nearest valid: 220 or 236)" in proc.stderr
     run_bundle(tmp_path, *TINY, "--num_epochs", "1", run_id="run")
     assert (tmp_path / "models/model_final.pt").is_file()
+
+
+@pytest.mark.slow
+def test_resume_continues_from_last_checkpoint(tmp_path):
+    first = run_bundle(tmp_path, *TINY, "--weight_w0", "10", "--loss_name", "weighted_ce")
+    assert (tmp_path / "models/checkpoint_epoch=2.pt").is_file()
+    ckpt = torch.load(tmp_path / "models/checkpoint_epoch=2.pt", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(ckpt) and ckpt["trainer"]["iteration"] == 2 * 3
+    second = run_bundle(tmp_path, *TINY, "--loss_name", "weighted_ce", "--num_epochs", "3", "--resume", "true")
+    log = second.stdout + second.stderr
+    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log and "Epoch: 2/3" not in log
+    assert (tmp_path / "models/checkpoint_epoch=3.pt").is_file()  # the newest is what a next resume reads
+    fresh = run_bundle(tmp_path / "other", *TINY, "--resume", "true", check=False)
+    assert fresh.returncode != 0 and "holds no checkpoint_epoch=<N>.pt" in fresh.stderr

@@ -1,0 +1,30 @@
+"""Training on the real ISBI 2012 data with the real configs (skipped when the data is absent)."""
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_bundle import ROOT, TRAIN, run_bundle
+
+DATA = Path(os.environ.get("EM_DATA_DIR", ROOT.parent / "shared" / "data")) / "isbi2012"
+pytestmark = pytest.mark.skipif(
+    not (DATA / "train-volume.tif").is_file(),
+    reason=f"ISBI 2012 data not found in {DATA} (set EM_DATA_DIR to the folder holding isbi2012/)",
+)
+
+
+@pytest.mark.slow
+def test_paper_recipe_loss_falls_on_isbi(tmp_path):
+    configs = (TRAIN, str(ROOT / "configs/isbi2012.yaml"), str(ROOT / "configs/isbi2012_cpu.yaml"))
+    proc = run_bundle(
+        tmp_path, "--dataset_dir", str(DATA), "--features", "[8,16,32,64,128]", "--patch_size", "[380,380]",
+        "--num_epochs", "3", "--val_interval", "3", "--log_interval", "1", configs=configs,
+    )
+    losses = [float(v) for v in re.findall(r"train_loss: ([0-9.]+)", proc.stdout + proc.stderr)]
+    assert len(losses) == 3 * 20  # 20 training sections (0-19), batch 1
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.8 * first, (first, last)
+    assert (tmp_path / "models/model.pt").is_file()
