@@ -96,6 +96,33 @@ def _spatial_shape(array: np.ndarray, meta: dict) -> tuple[int, ...]:
     return tuple(int(s) for s in np.asarray(meta.get("spatial_shape", array.shape)).ravel())
 
 
+def paired_items(images: str | Path, labels: str | Path) -> list[dict]:
+    """Every item of an image/label pair of stacks, volumes, files or folders, checked.
+
+    Items are ``{"image", "label"}`` for 2D files and ``{"image", "label", "slice"}`` for the
+    sections of 3D files, in file then section order.
+
+    Raises:
+        FileNotFoundError: a path does not exist or a folder holds no images.
+        ValueError: unreadable or unpaired files, image/label shape mismatches, empty images.
+    """
+    items = []
+    for image, label in _pair(_image_files(images, "image"), _image_files(labels, "label")):
+        img, img_meta = read_cached(image)
+        lab, lab_meta = read_cached(label)
+        shape, lab_shape = _spatial_shape(img, img_meta), _spatial_shape(lab, lab_meta)
+        if shape != lab_shape:
+            raise ValueError(f"image {image} has shape {shape} but its label {label} has {lab_shape}")
+        if min(shape) == 0:
+            raise ValueError(f"image {image} is empty (shape {shape})")
+        item = {"image": str(image), "label": str(label)}
+        if len(shape) == 2:
+            items.append(item)
+        else:
+            items.extend({**item, "slice": z} for z in range(shape[section_axis(image)]))
+    return items
+
+
 def make_datalists(
     images: str | Path,
     labels: str | Path,
@@ -114,51 +141,37 @@ def make_datalists(
             (the last ones, in sorted order).
 
     Returns:
-        ``(train, val)``; items are ``{"image", "label"}`` for 2D files and ``{"image",
-        "label", "slice"}`` for the sections of 3D files (2D training on stacks).
+        ``(train, val)`` lists of :func:`paired_items` items.
 
     Raises:
-        FileNotFoundError: a path does not exist or a folder holds no images.
-        ValueError: unreadable files, unpaired files, image/label shape mismatches, an
-            empty split or both split options given.
+        FileNotFoundError, ValueError: as :func:`paired_items`; also for an empty training
+            split, a section range outside the stacks, or both split options given.
     """
     if val_slices is not None and val_files is not None:
         raise ValueError("give either val_slices or val_files, not both")
-    pairs = _pair(_image_files(images, "image"), _image_files(labels, "label"))
+    if val_slices is not None and (len(val_slices) != 2 or not 0 <= val_slices[0] < val_slices[1]):
+        raise ValueError(f"val_slices must be [start, stop) with 0 <= start < stop, got {list(val_slices)}")
+    items = paired_items(images, labels)
+    names = list(dict.fromkeys(Path(i["image"]).name for i in items))
     if isinstance(val_files, int):
-        if not 0 <= val_files < len(pairs):
-            raise ValueError(f"val_files={val_files} must be in [0, {len(pairs) - 1}] for {len(pairs)} files")
-        val_names = {p[0].name for p in pairs[len(pairs) - val_files :]} if val_files else set()
+        if not 0 <= val_files < len(names):
+            raise ValueError(f"val_files={val_files} must be in [0, {len(names) - 1}] for {len(names)} files")
+        val_names = set(names[len(names) - val_files :])
     else:
         val_names = set(val_files or ())
-        unknown = val_names - {p[0].name for p in pairs}
-        if unknown:
-            raise ValueError(f"val_files names files that are not images: {sorted(unknown)}")
-    if val_slices is not None:
-        if len(val_slices) != 2 or not 0 <= val_slices[0] < val_slices[1]:
-            raise ValueError(f"val_slices must be [start, stop) with 0 <= start < stop, got {list(val_slices)}")
+        if val_names - set(names):
+            raise ValueError(f"val_files names files that are not images: {sorted(val_names - set(names))}")
+    if val_slices is not None and not any(val_slices[0] <= i.get("slice", -1) < val_slices[1] for i in items):
+        raise ValueError(f"val_slices {list(val_slices)} select no section of the stacks in {images}")
 
-    train, val = [], []
-    for image, label in pairs:
-        img, img_meta = read_cached(image)
-        lab, lab_meta = read_cached(label)
-        shape, lab_shape = _spatial_shape(img, img_meta), _spatial_shape(lab, lab_meta)
-        if shape != lab_shape:
-            raise ValueError(f"image {image} has shape {shape} but its label {label} has {lab_shape}")
-        if min(shape) == 0:
-            raise ValueError(f"image {image} is empty (shape {shape})")
-        item = {"image": str(image), "label": str(label)}
-        target = val if image.name in val_names else train
-        if len(shape) == 2:
-            target.append(item)
-            continue
-        n = shape[section_axis(image)]
-        for z in range(n):
-            in_val = val_slices is not None and val_slices[0] <= z < val_slices[1]
-            (val if in_val else target).append({**item, "slice": z})
-        if val_slices is not None and val_slices[0] >= n:
-            raise ValueError(f"val_slices {list(val_slices)} lie outside {image}, which has {n} sections")
+    def in_val(item: dict) -> bool:
+        if Path(item["image"]).name in val_names:
+            return True
+        return val_slices is not None and val_slices[0] <= item.get("slice", -1) < val_slices[1]
+
+    train = [i for i in items if not in_val(i)]
+    val = [i for i in items if in_val(i)]
     if not train:
         raise ValueError("the split leaves no training data; choose a smaller validation range")
-    logger.info("datalists: %d training and %d validation items from %d file pair(s)", len(train), len(val), len(pairs))
+    logger.info("datalists: %d training and %d validation items", len(train), len(val))
     return train, val

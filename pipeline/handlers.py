@@ -122,3 +122,142 @@ class TensorBoardImages:
         panel = torch.cat(planes, dim=1)[None]
         self.writer.add_image(f"{self.tag}/sample_{index}", panel, engine.state.epoch, dataformats="CHW")
         self.writer.flush()
+
+
+class EMMetric:
+    """An ignite metric: the mean over samples of a :mod:`pipeline.metrics` score.
+
+    ``output_transform`` must give ``(preds, labels)``: lists of foreground probabilities
+    ``(1, *spatial)`` (see :class:`pipeline.transforms.ForegroundProbabilityd`) and binary
+    labels ``(1, *spatial)``. Usable as a MONAI engine's ``key_val_metric`` or
+    ``additional_metrics``.
+
+    Args:
+        metric: a score of :mod:`pipeline.metrics`: pixel_error, v_rand, v_info,
+            warping_error, dice or iou.
+        threshold: probability threshold of the foreground.
+    """
+
+    METRICS = ("pixel_error", "v_rand", "v_info", "warping_error", "dice", "iou")
+
+    def __new__(cls, metric: str = "v_rand", threshold: float = 0.5, output_transform: Callable | None = None):
+        from ignite.metrics import Metric
+
+        from pipeline import metrics
+
+        if metric not in cls.METRICS:
+            raise ValueError(f"unknown EM metric {metric!r}; valid choices: {', '.join(cls.METRICS)}")
+        score = getattr(metrics, metric)
+
+        class _EMMetric(Metric):
+            def reset(self) -> None:
+                self._scores: list[float] = []
+
+            def update(self, output) -> None:
+                for prob, label in zip(*output):
+                    self._scores.append(float(score(prob[0].cpu().numpy(), label[0].cpu().numpy(), threshold)))
+
+            def compute(self) -> float:
+                import numpy as np
+
+                return float(np.nanmean(self._scores)) if self._scores else float("nan")
+
+        return _EMMetric(output_transform=output_transform or from_engine(["pred", "label"]))
+
+
+class EvaluationReport:
+    """Per-sample scores as CSV and JSON, and an overlay PNG per sample, written at the end of a run.
+
+    Attach to an evaluator whose post-processed ``pred`` is a foreground probability
+    ``(1, H, W)`` and whose ``label`` is binary. Each row holds the file, the section and
+    every score of :func:`pipeline.metrics.evaluate`; the overlay shows the image in grey,
+    false foreground (predicted interior on a membrane) in red and missed foreground
+    (predicted membrane inside a cell) in blue. Files are written atomically.
+
+    Args:
+        output_dir: folder for ``report.csv``, ``report.json`` and ``overlays/``.
+        threshold: probability threshold of the foreground.
+        sweep: also score V_rand / V_info at their best threshold (slower).
+    """
+
+    def __init__(self, output_dir: str, threshold: float = 0.5, sweep: bool = True) -> None:
+        self.output_dir, self.threshold, self.sweep = output_dir, threshold, sweep
+        self.rows: list[dict] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def collect(self, engine) -> None:
+        from pathlib import Path
+
+        import numpy as np
+
+        from pipeline import metrics
+
+        for item in engine.state.output:
+            prob, label = item["pred"][0].cpu().numpy(), item["label"][0].cpu().numpy()
+            meta = getattr(item["image"], "meta", {})
+            name = Path(str(meta.get("filename_or_obj", f"sample{len(self.rows)}"))).name
+            section = meta.get("slice")
+            row = {"file": name, "slice": None if section is None else int(section)}
+            row.update(metrics.evaluate(prob, label, self.threshold, sweep=self.sweep))
+            self.rows.append(row)
+            image = item["image"][0].cpu().numpy()
+            lo, hi = np.percentile(image, [1, 99])
+            grey = np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1)
+            rgb = np.stack([grey] * 3, axis=-1)
+            pred, truth = prob > self.threshold, label > 0.5
+            rgb[pred & ~truth] = (1.0, 0.1, 0.1)
+            rgb[~pred & truth] = (0.1, 0.3, 1.0)
+            stem = name.split(".")[0] + ("" if section is None else f"_z{int(section):04d}")
+            _atomic_write(Path(self.output_dir) / "overlays" / f"{stem}.png",
+                          lambda p: _save_png(p, (rgb * 255).astype(np.uint8)))
+
+    def write(self, engine) -> None:
+        import csv
+        import json
+        import math
+        from pathlib import Path
+
+        if not self.rows:
+            return
+        keys = list(self.rows[0])
+        scores = [k for k in keys if k not in ("file", "slice") and isinstance(self.rows[0][k], (int, float))]
+        mean = {k: float(sum(r[k] for r in self.rows if not math.isnan(r[k])) / max(1, sum(not math.isnan(r[k]) for r in self.rows))) for k in scores}
+        out = Path(self.output_dir)
+
+        def write_csv(path):
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(self.rows)
+                writer.writerow({"file": "mean", "slice": None, **mean})
+
+        _atomic_write(out / "report.csv", write_csv)
+        _atomic_write(out / "report.json", lambda p: p.write_text(json.dumps({"mean": mean, "samples": self.rows}, indent=1)))
+        engine.logger.info("evaluation report: %s", ", ".join(f"{k}={mean[k]:.4f}" for k in scores[:8]))
+
+
+def _save_png(path, rgb) -> None:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path, format="PNG")
+
+
+def _atomic_write(path, write) -> None:
+    """Write through ``write(tmp_path)`` into a temporary sibling, then rename onto ``path``."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -59,6 +59,25 @@ class LoadSectiond(MapTransform):
         return d
 
 
+class NormalizeSectionsd(MapTransform):
+    """Zero mean, unit variance per channel and per 2D section.
+
+    ``(C, H, W)`` is normalised per channel; ``(C, Z, H, W)`` per channel and section, as a
+    2D network sees a stack section by section (EM sections differ in brightness and
+    contrast). A constant section becomes zeros.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = convert_to_tensor(d[key], track_meta=True).float()
+            flat = x.reshape(*x.shape[: 2 if x.ndim == 4 else 1], -1)
+            mean = flat.mean(-1, keepdim=True)
+            std = flat.std(-1, unbiased=False, keepdim=True)
+            d[key] = ((flat - mean) / torch.where(std > 0, std, torch.ones_like(std))).reshape(x.shape)
+        return d
+
+
 class BinarizeMask(Transform):
     """Turn a mask stored in any common way into a float foreground mask ``(1, *spatial)`` of 0/1.
 
@@ -217,6 +236,22 @@ class StackAxisFirstd(MapTransform):
         return d
 
 
+def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Foreground probability ``(*spatial)`` of logits ``(C, *spatial)``: soft-max channel 1, or sigmoid of one channel."""
+    logits = logits.detach().float()
+    return torch.softmax(logits, 0)[1] if logits.shape[0] > 1 else torch.sigmoid(logits[0])
+
+
+class ForegroundProbabilityd(MapTransform):
+    """Replace logits ``(C, *spatial)`` under ``keys`` by the foreground probability ``(1, *spatial)``."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = foreground_probability(convert_to_tensor(d[key]))[None]
+        return d
+
+
 class WritePredictiond(MapTransform):
     """Write a prediction next to nothing but its own name: ``output_dir/{probabilities,masks}/<input name>``.
 
@@ -271,8 +306,7 @@ class WritePredictiond(MapTransform):
         ext = self.output_ext or _suffix(src)
         meta.pop("filename_or_obj", None)
         for key in self.key_iterator(d):
-            logits = d[key].detach().float().cpu()
-            prob = torch.softmax(logits, 0)[1] if logits.shape[0] > 1 else torch.sigmoid(logits[0])
+            prob = foreground_probability(d[key]).cpu()
             if meta.get("stack_axis_reversed"):
                 prob = prob.permute(*reversed(range(prob.ndim)))
             outputs = {

@@ -55,7 +55,9 @@ def setup(tmp_path_factory):
 
 
 def expected_probability(net, section_stack):
-    x = NormalizeIntensity()(torch.as_tensor(section_stack, dtype=torch.float32)[None])[None]
+    """The inferer's probability, each section normalised on its own (as the bundle does)."""
+    sections = torch.as_tensor(section_stack, dtype=torch.float32).reshape(-1, *section_stack.shape[-2:])
+    x = torch.stack([NormalizeIntensity()(s) for s in sections]).reshape(section_stack.shape)[None, None]
     with torch.inference_mode():
         logits = OverlapTileInferer()(x, net)
     return torch.softmax(logits, 1)[0, 1].numpy()
@@ -123,3 +125,32 @@ def test_torchscript_export_matches_eager(setup):
     x = torch.randn(2, 1, 220, 252)
     with torch.inference_mode():
         assert (scripted(x) - net(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_evaluate_bundle_report_and_overlays(setup, tmp_path):
+    import csv
+    import json
+
+    from pipeline import metrics
+
+    tmp, net, stack = setup
+    labels = (make_stack((3, 70, 90), seed=3)[1]).astype(np.uint8)
+    write_image(labels, tmp_path / "labels.tif")
+    proc = bundle(
+        "run", "--config_file", str(ROOT / "bundles/em_unet/configs/evaluate.yaml"), "--checkpoint", str(tmp / "model.pt"),
+        "--images", str(tmp / "inputs/stack.tif"), "--labels", str(tmp_path / "labels.tif"), "--eval_slices", "[1,3]",
+        "--output_dir", str(tmp_path / "ev"), "--features", str(FEATURES).replace(" ", ""), "--key_metric_name", "pixel_error",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "ev/report.csv")))
+    assert [(r["file"], r["slice"]) for r in rows] == [("stack.tif", "1"), ("stack.tif", "2"), ("mean", "")]
+    prob = expected_probability(net, stack)
+    for z, row in zip((1, 2), rows):
+        expected = metrics.evaluate(prob[z], labels[z] > 0)
+        for key in ("pixel_error", "v_rand", "v_info", "warping_error", "dice"):
+            assert float(row[key]) == pytest.approx(expected[key], abs=1e-4), key
+    report = json.loads((tmp_path / "ev/report.json").read_text())
+    assert report["mean"]["pixel_error"] == pytest.approx(float(rows[2]["pixel_error"]))
+    assert f"pixel_error: {report['mean']['pixel_error']:.4f}" in proc.stdout + proc.stderr  # the key metric
+    assert sorted(p.name for p in (tmp_path / "ev/overlays").iterdir()) == ["stack_z0001.png", "stack_z0002.png"]

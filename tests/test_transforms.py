@@ -73,3 +73,18 @@ def test_loss_names_and_channels():
         make_loss("dice")
     with pytest.raises(ValueError, match="needs 1 output channel, but the network has 2"):
         make_loss("bce", out_channels=2)
+
+
+def test_normalize_sections_one_by_one():
+    from monai.transforms import NormalizeIntensity
+
+    from pipeline.transforms import NormalizeSectionsd
+
+    stack = torch.rand(1, 3, 5, 6) * torch.tensor([1.0, 10.0, 100.0])[:, None, None] + torch.tensor([0.0, 5.0, -7.0])[:, None, None]
+    stack[0, 2] = 4.0  # a constant section
+    out = NormalizeSectionsd("image")({"image": stack})["image"]
+    for z in range(2):
+        assert torch.allclose(out[0, z], NormalizeIntensity()(stack[0, z]), atol=1e-5)
+    assert torch.equal(out[0, 2], torch.zeros(5, 6))
+    image = torch.rand(2, 4, 4) * 3
+    assert torch.allclose(NormalizeSectionsd("image")({"image": image})["image"], NormalizeIntensity(channel_wise=True)(image), atol=1e-5)
