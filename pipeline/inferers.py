@@ -192,9 +192,9 @@ def overlap_tile_inference(
         margin = geometry.step if context is None else int(context)
         if margin < 0:
             raise ValueError(f"context must be >= 0, got {context}")
-    bytes_per_voxel = 4 * 6 * net.features[0] * batch_size
-    max_voxels = int(memory_budget_mb * 2**20 / bytes_per_voxel)
-    if tile_size == "auto":
+    # rough peak of activations per input voxel: ~6 float32 maps of the top level's width
+    max_voxels = int(memory_budget_mb * 2**20 / (4 * 6 * net.features[0]))
+    if tile_size == "auto":  # the tile is sized for one tile per call; batching fills what is left
         tile = auto_tile_size(spatial, geometry, margin, max_voxels)
     elif isinstance(tile_size, str):
         raise ValueError(f"tile_size must be 'auto', an int or one int per axis, got {tile_size!r}")
@@ -207,6 +207,8 @@ def overlap_tile_inference(
             if not geometry.is_valid(net_in):
                 near = [geometry.output_size(geometry.nearest_valid_input_size(t + 2 * margin))[0] for t in tile]
                 raise ValueError(f"output tile {tile} is not a valid output size of this network; nearest larger valid tile: {tuple(near)}")
+    tile_voxels = math.prod(t + 2 * margin for t in tile)
+    batch_size = max(1, min(batch_size, max_voxels // tile_voxels))
     starts = plan_tiles(spatial, tile, geometry.step)
     extent = [s[-1] + t for s, t in zip(starts, tile)]
     padded = mirror_pad(inputs, [(margin, margin + e - s) for e, s in zip(extent, spatial)], padding_mode)
@@ -264,11 +266,12 @@ class OverlapTileInferer(Inferer):
             must be a valid output size, e.g. 388 or 516 for the paper's network), or
             ``"auto"``: per axis the tile that minimises computed pixels, within
             ``memory_budget_mb``.
-        batch_size: tiles per network call.
+        batch_size: tiles per network call, at most; fewer when ``memory_budget_mb`` holds fewer.
         padding_mode: how the image is extended past its border: ``"reflect"`` (the
             paper's mirroring), ``"symmetric"``, ``"replicate"`` or ``"constant"``.
         context: for ``"same"`` networks, the context margin in pixels (default ``2**depth``).
-        memory_budget_mb: rough activation budget used by ``"auto"``.
+        memory_budget_mb: rough activation budget: ``"auto"`` sizes one tile to fit it, and
+            the batch is cut to what fits.
         tta: average the outputs over the 8 flips/rotations of the last two axes, each
             inverted exactly (the paper averaged rotated versions). Outputs (logits) are
             averaged as the network returns them.

@@ -127,6 +127,10 @@ def test_tile_plan_and_auto():
     paper = UNetGeometry()
     assert auto_tile_size((512, 4096), paper, 92, 700**2) == (516, 516)
     assert auto_tile_size((100,), paper, 92, 10**6) == (100,)  # 100 = 4 + 6 * 16 is valid
+    # the default 1024 MB budget at paper width (64 channels on top) allows a 700 px input tile:
+    # one 516 tile covers a 512 slice (computed / needed input pixels (700 / 512)^2, the minimum)
+    default_cap = 1024 * 2**20 // (4 * 6 * 64)
+    assert auto_tile_size((512, 512), paper, 92, default_cap) == (516, 516)
 
 
 def test_bad_input():
