@@ -183,6 +183,12 @@ def overlap_tile_inference(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if 0 in inputs.shape:
         raise ValueError(f"cannot predict an empty input of shape {tuple(inputs.shape)}")
+    bad = (~torch.isfinite(inputs)).sum().item() if inputs.is_floating_point() else 0
+    if bad:
+        raise ValueError(
+            f"input has {bad} non-finite pixel(s) (NaN or Inf) of {inputs.numel()}; replace them first, "
+            "e.g. with monai.transforms.NormalizeIntensity on finite values or numpy.nan_to_num"
+        )
 
     spatial = tuple(inputs.shape[2:])
     valid = geometry.padding == "valid"

@@ -76,7 +76,7 @@ def test_paper_width_network_exact():
     assert (tiled - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("size, tile", [((150, 237), 52), ((301, 170), "auto"), ((99, 64), (36, 20))])
+@pytest.mark.parametrize("size, tile", [((150, 237), 52), ((301, 170), "auto"), ((99, 64), (36, 20)), ((10, 13), 36)])
 def test_narrow_network_exact_2d(size, tile):
     torch.manual_seed(1)
     net = UNet(features=(4, 8, 16, 32, 64)).eval()
@@ -141,5 +141,9 @@ def test_bad_input():
         OverlapTileInferer()(torch.zeros(1, 1, 0, 30), net)
     with pytest.raises(ValueError, match="expects 1 input channel"):
         OverlapTileInferer()(torch.zeros(1, 3, 30, 30), net)
+    nan = torch.zeros(1, 1, 30, 30)
+    nan[0, 0, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="1 non-finite pixel"):
+        OverlapTileInferer()(nan, net)
     with pytest.raises(ValueError, match="padding_mode must be one of"):
         OverlapTileInferer(padding_mode="wrap")
