@@ -1,0 +1,146 @@
+"""Multi-process (DDP) training: multi_gpu_train.yaml merged over train.yaml, launched with torchrun.
+
+The end-to-end tests start 2 real processes on CPU (gloo backend) for a tiny 2-epoch run.
+"""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from pipeline.networks import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "bundles/em_unet/configs/train.yaml")
+MULTI = str(ROOT / "bundles/em_unet/configs/multi_gpu_train.yaml")
+
+# as tests/test_bundle.py's TINY: 5 images, 2 of them for validation -> 3 training images
+TINY = [
+    "--features", "[4,8,16,32,64]", "--patch_size", "[220,220]", "--image_size", "[96,96]",
+    "--num_images", "5", "--num_val", "2", "--num_epochs", "2", "--val_interval", "1",
+    "--optimizer_name", "adam", "--learning_rate", "0.001",
+]
+N_TRAIN, NPROC = 3, 2
+RANK0_ONLY = "$@rank > 0"  # the overlay's _disabled_ value of a rank-0-only handler
+
+
+def torchrun(ckpt_dir, output_dir, data_dir, *overrides, nproc=NPROC):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "monai.bundle", "run", "training",
+        "--config_file", str([TRAIN, MULTI]),
+        "--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir), "--data_cache_dir", str(data_dir),
+        *TINY, *overrides,
+    ]
+    # CPU and gloo even where GPUs exist; one thread per process on a small machine
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return log
+
+
+def assert_both_ranks_finished(log, nproc=NPROC):
+    for rank in range(nproc):
+        assert log.count(f"em_unet ddp: rank {rank}/{nproc} finished") == 1, log[-3000:]
+
+
+def test_overlay_keeps_writers_on_rank_0():
+    """The overlay names rank-0-only handlers by position: check them against train.yaml's lists."""
+    parser = ConfigParser()
+    parser.read_config([TRAIN, MULTI])
+    every_rank = {"ValidationHandler", "LrScheduleHandler"}  # the others log or write files
+    for handler in parser["train#handlers"]:
+        expected = None if handler["_target_"] in every_rank else RANK0_ONLY
+        assert handler.get("_disabled_") == expected, handler["_target_"]
+    for handler in parser["validate#handlers"]:  # all of them log or write files
+        assert handler.get("_disabled_") == RANK0_ONLY, handler["_target_"]
+    assert parser["checkpointing#saver#_disabled_"] == RANK0_ONLY
+    assert parser["train#dataloader#shuffle"] is False and parser["train#dataloader#sampler"] == "@train#sampler"
+    assert parser["validate#dataloader#sampler"] == "@validate#sampler"
+
+    # the overlay replaces these lists with rank-aware copies: a new step in train.yaml must be copied
+    base = ConfigParser()
+    base.read_config(TRAIN)
+    assert base["training"] == [
+        "$@checkpointing#saver.attach(@train#trainer)",
+        "$@checkpointing#loader.attach(@train#trainer) if @resume else None",
+        "$@train#trainer.run()",
+        "$@summary_writer.close()",
+    ], "train.yaml's training steps changed: update the copy in multi_gpu_train.yaml"
+    assert base["initialize"] == ["$monai.utils.set_determinism(seed=@seed)"], (
+        "train.yaml's initialize changed: update the copy in multi_gpu_train.yaml"
+    )
+    assert base["run"] == "@training"
+    assert base["datalist"] == (  # the overlay calls it on rank 0 first, then on the others
+        "$pipeline.synthetic.write_dataset(@data_cache_dir, n_images=@num_images, shape=@image_size, seed=@seed)"
+    ), "train.yaml's datalist changed: update the copy in multi_gpu_train.yaml"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One 2-process, 2-epoch run; returns its folders and log."""
+    root = tmp_path_factory.mktemp("ddp")
+    log = torchrun(root / "models", root / "eval", root / "data")
+    return root, log
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(ddp_run):
+    root, log = ddp_run
+    assert_both_ranks_finished(log)
+
+    # checkpointing on rank 0 only: one set of files, plain (unwrapped) state dicts
+    models = root / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt", "model_final.pt"]
+    for name in ("model.pt", "model_final.pt"):
+        state = torch.load(models / name, map_location="cpu", weights_only=True)
+        assert not any(k.startswith("module.") for k in state)
+        UNet(out_channels=2, features=(4, 8, 16, 32, 64)).load_state_dict(state)  # strict
+    ckpt = torch.load(models / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    # DistributedSampler: each rank runs ceil(3 / 2) = 2 iterations per epoch (3 single-process),
+    # the odd image padded by repeating one
+    per_epoch = math.ceil(N_TRAIN / NPROC)
+    assert ckpt["trainer"]["epoch_length"] == per_epoch and ckpt["trainer"]["iteration"] == 2 * per_epoch
+
+    # logging on rank 0 only (ranks > 0 log warnings only)
+    assert log.count("Train completed, saved final checkpoint") == 1
+    assert log.count("SupervisedTrainer - INFO - Engine run resuming") == 1  # the trainer's start line
+    assert log.count("Epoch[1] Metrics") == 1 and log.count("Epoch[2] Metrics") == 1
+    assert "Epoch: 1/2, Iter: 2/2" in log and f"Iter: {per_epoch + 1}/" not in log
+
+    # TensorBoard on rank 0 only: one event file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events_files = list((root / "eval").glob("events.out.tfevents.*"))
+    assert len(events_files) == 1, events_files
+    events = EventAccumulator(str(root / "eval"))
+    events.Reload()
+    assert len(events.Scalars("train_loss")) == 2 * per_epoch
+    # validation is split too (1 of the 2 images per rank), its metrics gathered from both ranks
+    assert [e.step for e in events.Scalars("val_mean_dice")] == [1, 2]
+    assert set(events.Tags()["images"]) == {"validation/sample_0"}  # rank 0's share
+
+    # the synthetic data was written once, completely
+    data = root / "data"
+    assert (data / "manifest.json").is_file() and not list(data.rglob("*.tmp"))
+    assert len(list((data / "images").glob("*.tif"))) == 5
+
+
+@pytest.mark.slow
+def test_torchrun_resume(ddp_run, tmp_path):
+    root, _ = ddp_run
+    shutil.copytree(root / "models", tmp_path / "models")
+    log = torchrun(tmp_path / "models", tmp_path / "eval", root / "data", "--num_epochs", "3", "--resume", "true")
+    assert_both_ranks_finished(log)
+    assert "Restored all variables" in log
+    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log and "Epoch: 2/3" not in log
+    ckpt = torch.load(tmp_path / "models/checkpoint_epoch=3.pt", map_location="cpu", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 3 * math.ceil(N_TRAIN / NPROC)
