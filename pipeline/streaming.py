@@ -1,0 +1,505 @@
+"""Block-wise (streaming) and Dask-distributed overlap-tile prediction of large volumes.
+
+:func:`predict_zarr` predicts a 2D image, a ``(Z, Y, X)`` stack or a 3D volume read lazily
+(zarr array or group, TIFF through ``tifffile``'s zarr store, or an in-memory array) and
+writes the foreground probability (float32) and/or mask (uint8 0/255) block by block into
+a zarr group.
+
+Exactness. Block starts along the network axes are multiples of ``geometry.step`` (the
+pooling grid). A block is read with a halo of ``margin`` pixels (plus the tile round-up),
+mirrored about the *volume* border where it leaves the volume, with the index map of
+:func:`pipeline.inferers.mirror_pad`, and its tiles start at the block start. Every output
+pixel thus sees the input window and pooling phase it has in
+:class:`~pipeline.inferers.OverlapTileInferer` over the whole volume: results agree to float
+rounding. (A ``"same"`` network needs an explicit ``tile_size`` dividing the block size.)
+
+Normalisation (``normalize=True``) is :class:`pipeline.transforms.NormalizeSectionsd`'s: zero
+mean, unit std per channel and 2D section (z index; the whole image in 2D). A first lazy
+pass reads the source in bands and merges per-section mean and variance in float64 (Chan
+et al.'s pairwise update); blocks are normalised in float32 with them. The statistics are
+kept in the output's attributes, so a resumed run skips that pass.
+
+Resume. The group holds one array per result plus ``blocks_done`` (uint8, one chunk per
+block). A block's marker is written after its data (zarr's local store writes each chunk
+atomically), so a restarted run recomputes only unmarked blocks and ends identical to an
+uninterrupted one. The output is created complete (arrays, settings, statistics) in a
+temporary folder and renamed into place; one whose arrays or settings differ is refused
+unless ``overwrite=True``. Two runs must not write to one output at once.
+
+Memory. Peak memory follows the block and tile sizes, not the volume: the statistics pass
+holds a band of ``STATS_BAND`` pixels (float64, twice with temporaries); a block holds its
+input with halo (float32, ``prod(block + 2 * margin)`` per channel), its logits
+(``out_channels`` x block, float32) and the activations of one batch of tiles (bounded by
+``memory_budget_mb`` as in ``OverlapTileInferer``); markers take a byte per block. A Dask
+worker holds one block per thread and one copy of the network (and, for an in-memory
+source only, a copy of that array).
+
+Distributed. ``scheduler="local"`` starts a ``LocalCluster`` (``n_workers`` processes of
+``threads_per_worker`` threads, forked from a forkserver that imported torch and this module
+once, unless dask is configured for another start method); an address or a
+``distributed.Client`` uses an existing cluster. Network, plan and source handle are scattered once to every worker; each worker
+copies the network to its device once (per-process cache keyed by a fingerprint of the
+weights), sets ``torch.set_num_threads(threads_per_worker)`` and writes its blocks into the
+zarr output itself: a block is a whole chunk, so no two writers share a chunk.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+
+from pipeline.inferers import PAD_MODES, _mirror_index, _unwrap, auto_tile_size, plan_tiles
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("probabilities", "mask")
+MARKERS = "blocks_done"
+TIFF_SUFFIXES = (".tif", ".tiff")
+STATS_BAND = 2**22  # pixels read at once by the statistics pass
+_CACHE: dict[Any, nn.Module] = {}  # per worker process: network copies by (fingerprint, device)
+_CACHE_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------- sources
+class _Source:
+    """A lazily opened, picklable source array seen as ``(C, *spatial)``.
+
+    Paths are reopened wherever the object is unpickled (a Dask worker); in-memory arrays
+    (numpy, zarr, dask ...) travel as they are.
+    """
+
+    def __init__(self, source: Any, spatial_dims: int, in_channels: int) -> None:
+        self.array = None
+        if isinstance(source, (str, os.PathLike)):
+            self.path = os.fspath(source)
+            self.kind = "tiff" if self.path.lower().endswith(TIFF_SUFFIXES) else "zarr"
+            if "://" not in self.path and not os.path.exists(self.path):
+                raise FileNotFoundError(f"source {self.kind} store {self.path} does not exist")
+        else:
+            self.path, self.kind = None, "array"
+            self.array = source if hasattr(source, "shape") and hasattr(source, "__getitem__") else np.asarray(source)
+        shape = tuple(int(s) for s in self.open().shape)
+        name = self.path or f"{type(self.array).__name__} source"
+        channel = in_channels > 1
+        allowed = (2, 3) if spatial_dims == 2 else (3,)
+        self.lead = 0
+        while len(shape) - self.lead > max(allowed) + channel and shape[self.lead] == 1:
+            self.lead += 1  # OME-Zarr style singleton t/c axes
+        core = shape[self.lead :]
+        if len(core) - channel not in allowed or (channel and core[0] != in_channels):
+            want = " or ".join(("(C, " if channel else "(") + ", ".join("ZYX"[3 - n :]) + ")" for n in allowed)
+            raise ValueError(
+                f"{name} has shape {shape} ({len(shape)} dims), but a {spatial_dims}D network with "
+                f"{in_channels} input channel(s) needs {want}" + (f" with C = {in_channels}" if channel else "")
+            )
+        self.channel, self.channels = channel, in_channels
+        self.spatial = core[1:] if channel else core
+        self.dtype = np.dtype(self.open().dtype)
+
+    def open(self) -> Any:
+        if self.array is None:
+            try:
+                if self.kind == "tiff":
+                    import tifffile
+
+                    self.array = zarr.open_array(tifffile.imread(self.path, aszarr=True, series=0, level=0), mode="r")
+                else:
+                    node = zarr.open(self.path, mode="r")
+                    self.array = node if hasattr(node, "shape") else _group_image(node, self.path)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"no zarr array or group found at {self.path}: {err}") from err
+            except ValueError:
+                raise
+            except Exception as err:
+                raise ValueError(f"could not open {self.path} as a {self.kind} array: {type(err).__name__}: {err}") from err
+        return self.array
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "array": self.array if self.kind == "array" else None}
+
+    def read(self, index: Sequence[slice]) -> np.ndarray:
+        """Read ``index`` (spatial slices) as ``(C, *box)``."""
+        prefix = (0,) * self.lead + ((slice(None),) if self.channel else ())
+        out = np.asarray(self.open()[prefix + tuple(index)])
+        return out if self.channel else out[None]
+
+
+def _group_image(group: Any, path: str) -> Any:
+    """The image of a zarr group: OME-Zarr's full-resolution level, or its only array."""
+    attrs = group.attrs.asdict()
+    scales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    if scales:
+        return group[scales[0]["datasets"][0]["path"]]
+    names = sorted(name for name, _ in group.arrays())
+    if len(names) == 1:
+        return group[names[0]]
+    raise ValueError(f"{path} is a zarr group with arrays {names}; give the path of one array inside it")
+
+
+def section_stats(source: _Source) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel and section mean and std (population), float64 arrays ``(C, sections)``."""
+    three = len(source.spatial) == 3
+    z_size, y_size, x_size = source.spatial if three else (1, *source.spatial)
+    plane = y_size * x_size
+    zs = max(1, min(z_size, STATS_BAND // max(plane, 1)))
+    rows = y_size if plane <= STATS_BAND else max(1, STATS_BAND // x_size)
+    c = source.channels
+    count, mean, m2 = (np.zeros((c, z_size)) for _ in range(3))
+    for z0, y0 in itertools.product(range(0, z_size, zs), range(0, y_size, rows)):
+        index = ((slice(z0, z0 + zs),) if three else ()) + (slice(y0, y0 + rows), slice(None))
+        piece = source.read(index).astype(np.float64)
+        piece = piece.reshape(c, piece.shape[1] if three else 1, -1)
+        z = slice(z0, z0 + piece.shape[1])
+        n, pm = piece.shape[-1], piece.mean(-1)
+        pm2 = ((piece - pm[..., None]) ** 2).sum(-1)
+        total, delta = count[:, z] + n, pm - mean[:, z]
+        m2[:, z] += pm2 + delta**2 * count[:, z] * n / total
+        mean[:, z] += delta * n / total
+        count[:, z] = total
+    std = np.sqrt(m2 / count)
+    bad = np.argwhere(~np.isfinite(mean) | ~np.isfinite(std))
+    if len(bad):
+        raise ValueError(f"source has non-finite pixels (NaN or Inf) in (channel, section) {bad[:5].tolist()}; replace them first")
+    return mean, std
+
+
+# ---------------------------------------------------------------- one block
+@dataclass
+class _Plan:
+    """Everything a block needs besides the network and the source (scattered once)."""
+
+    output: str
+    shape: tuple[int, ...]  # spatial shape of the volume
+    block: tuple[int, ...]
+    stack_axes: int  # leading spatial axes the network does not see (a 2D network on a stack)
+    tile_size: Any
+    batch_size: int
+    padding_mode: str
+    context: int | None
+    memory_budget_mb: float
+    write: tuple[str, ...]
+    threshold: float
+    mean: np.ndarray | None  # (C, sections) or None: no normalisation
+    std: np.ndarray | None
+    device: str | None
+
+
+def _mirror(start: int, stop: int, n: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices of positions ``start..stop-1`` on an axis of length ``n`` (as ``mirror_pad``), and for
+    ``"constant"`` which are inside (the rest become zeros)."""
+    if mode == "constant":
+        i = np.arange(start, stop)
+        return np.clip(i, 0, n - 1), (i >= 0) & (i < n)
+    return _mirror_index(n, -start, stop - n, mode).numpy(), None
+
+
+def _predict_block(network: nn.Module, source: _Source, plan: _Plan, index: tuple[int, ...]) -> None:
+    """Predict block ``index``, write its results, then its marker."""
+    net = _unwrap(network)
+    geometry, k = net.geometry, plan.stack_axes
+    valid = geometry.padding == "valid"
+    margin = geometry.margin if valid else (geometry.step if plan.context is None else int(plan.context))
+    lo = [i * b for i, b in zip(index, plan.block)]
+    hi = [min(s + b, n) for s, b, n in zip(lo, plan.block, plan.shape)]
+    size = [h - s for s, h in zip(lo[k:], hi[k:])]
+    max_voxels = int(plan.memory_budget_mb * 2**20 / (4 * 6 * net.features[0]))
+    if plan.tile_size == "auto":
+        tile = auto_tile_size(size, geometry, margin, max_voxels)
+    else:
+        tile = (plan.tile_size,) * len(size) if isinstance(plan.tile_size, int) else tuple(plan.tile_size)
+    starts = plan_tiles(size, tile, geometry.step)
+    extent = [s[-1] + t for s, t in zip(starts, tile)]
+    maps = [(np.arange(lo[a], hi[a]), None) for a in range(k)]
+    maps += [_mirror(s - margin, s + e + margin, n, plan.padding_mode) for s, e, n in zip(lo[k:], extent, plan.shape[k:])]
+    box = [slice(int(i.min()), int(i.max()) + 1) for i, _ in maps]
+    raw = source.read(box)
+    x = raw[np.ix_(np.arange(raw.shape[0]), *[i - b.start for (i, _), b in zip(maps, box)])].astype(np.float32)
+    if plan.mean is not None:
+        sec = maps[0][0] if len(plan.shape) == 3 else np.zeros(1, dtype=int)
+        view = (..., None, None) if len(plan.shape) == 3 else (..., None)  # (C, Z', 1, 1) or (C, 1, 1)
+        mean, std = plan.mean[:, sec].astype(np.float32), plan.std[:, sec].astype(np.float32)
+        x = (x - mean[view]) / np.where(std > 0, std, np.float32(1))[view]
+    for axis, (_, inside) in enumerate(maps, start=1):
+        if inside is not None and not inside.all():  # constant padding: zeros after normalisation
+            x = x * inside.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    if not np.isfinite(x).all():
+        raise ValueError(f"block {index} (pixels {lo}..{hi}) has non-finite values (NaN or Inf); replace them first")
+    images = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, 1, 0) if k else x[None]))
+    tile_voxels = math.prod(t + 2 * margin for t in tile)
+    batch_size = max(1, min(plan.batch_size, max_voxels // tile_voxels))
+    queue = [(i, p) for p in itertools.product(*starts) for i in range(images.shape[0])]
+    device = next(network.parameters()).device
+    logits = None
+    with torch.inference_mode():
+        for first in range(0, len(queue), batch_size):
+            chunk = queue[first : first + batch_size]
+            batch = torch.stack([images[i][(slice(None),) + tuple(slice(p, p + t + 2 * margin) for p, t in zip(pos, tile))] for i, pos in chunk])
+            pred = network(batch.to(device))
+            if not valid:
+                pred = pred[(slice(None), slice(None)) + tuple(slice(margin, margin + t) for t in tile)]
+            if logits is None:
+                logits = torch.empty((images.shape[0], pred.shape[1], *extent), dtype=torch.float32)
+            for (i, pos), out in zip(chunk, pred.float().cpu()):
+                logits[(i, slice(None)) + tuple(slice(p, p + t) for p, t in zip(pos, tile))] = out
+    logits = logits[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
+    prob = torch.softmax(logits, 1)[:, 1] if logits.shape[1] > 1 else torch.sigmoid(logits[:, 0])
+    prob = (prob if k else prob[0]).numpy()
+    group = zarr.open_group(plan.output, mode="r+")
+    region = tuple(slice(s, h) for s, h in zip(lo, hi))
+    results = {"probabilities": prob.astype(np.float32), "mask": (prob > plan.threshold).astype(np.uint8) * 255}
+    for name in plan.write:
+        group[name][region] = results[name]
+    group[MARKERS][tuple(index)] = 1  # after the data: a marked block is complete
+    logger.debug("block %s (pixels %s..%s) written", index, lo, hi)
+
+
+def _worker_block(network: nn.Module, token: str, source: _Source, plan: _Plan, index: tuple[int, ...]) -> tuple[int, ...]:
+    """Dask task: predict one block with this worker's cached copy of the network."""
+    key = (token, plan.device or "cpu")
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE.clear()
+            _CACHE[key] = copy.deepcopy(network).to(plan.device or "cpu").eval()
+    _predict_block(_CACHE[key], source, plan, index)
+    return index
+
+
+def _set_threads(threads: int) -> int:
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ---------------------------------------------------------------- output store
+def fingerprint(network: nn.Module) -> str:
+    """SHA-1 of the network's class, geometry and weights (names, dtypes, shapes, values)."""
+    net = _unwrap(network)
+    digest = hashlib.sha1(f"{type(net).__qualname__}{net.geometry}".encode())
+    for name, tensor in net.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}{t.dtype}{tuple(tensor.shape)}".encode() + t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _open_output(path: Path, arrays: dict, settings: dict, overwrite: bool, stats: Any) -> tuple[Any, bool]:
+    """Return ``(group, resumed)``; ``stats()`` is called only when the output is created."""
+    if path.exists() and not overwrite:
+        try:
+            group = zarr.open_group(str(path), mode="r+")
+        except Exception as err:
+            raise ValueError(f"output {path} exists and is not a zarr group ({err}); pass overwrite=True to replace it") from err
+        for name, (shape, chunks, dtype, _) in arrays.items():
+            if name not in group:
+                raise ValueError(f"output {path} exists without a {name!r} array; pass overwrite=True to replace it")
+            have = group[name]
+            if tuple(have.shape) != shape or np.dtype(have.dtype) != np.dtype(dtype) or tuple(have.chunks) != chunks:
+                raise ValueError(
+                    f"output {path}/{name} exists with shape {tuple(have.shape)}, dtype {have.dtype}, chunks "
+                    f"{tuple(have.chunks)}, but this prediction needs shape {shape}, dtype {np.dtype(dtype)}, chunks "
+                    f"{chunks}; pass overwrite=True to replace it or choose another output"
+                )
+        old = group.attrs.asdict().get("streaming", {}).get("settings")
+        if old != settings:
+            diff = sorted(k for k in settings if (old or {}).get(k) != settings[k])
+            raise ValueError(f"output {path} was written with other settings ({', '.join(diff)} differ); pass overwrite=True to replace it")
+        return group, True
+    mean, std = stats()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        group = zarr.open_group(str(tmp), mode="w")
+        for name, (shape, chunks, dtype, fill) in arrays.items():
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+        record = {"settings": settings, "mean": None if mean is None else mean.tolist(), "std": None if std is None else std.tolist()}
+        group.attrs.update({"streaming": record})
+        if path.exists():  # overwrite=True
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return zarr.open_group(str(path), mode="r+"), False
+
+
+def _client(scheduler: Any, n_workers: int, threads_per_worker: int, timeout: float) -> tuple[Any, list]:
+    """Return ``(client, things to close)``; an unreachable address raises ``ConnectionError``."""
+    from distributed import Client, LocalCluster
+
+    if isinstance(scheduler, Client):
+        return scheduler, []
+    if scheduler == "local":
+        import multiprocessing
+
+        import dask
+        from distributed.utils import get_mp_context
+
+        method = dask.config.get("distributed.worker.multiprocessing-method")
+        if method == "spawn" and "forkserver" in multiprocessing.get_all_start_methods():
+            method = "forkserver"  # workers fork from one process that imported torch and this module once
+        with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+            if method == "forkserver":
+                get_mp_context().set_forkserver_preload(["distributed", "numpy", "torch", "zarr", __name__])
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None)
+        client = Client(cluster)
+        return client, [client, cluster]
+    if not isinstance(scheduler, str):
+        raise ValueError(f"scheduler must be None, 'local', an address like 'tcp://host:8786' or a distributed.Client, got {scheduler!r}")
+    try:
+        client = Client(scheduler, timeout=timeout)
+        return client, [client]
+    except (OSError, TimeoutError) as err:
+        raise ConnectionError(f"could not connect to the Dask scheduler at {scheduler} within {timeout:g} s: {err}") from err
+
+
+# ---------------------------------------------------------------- entry point
+def predict_zarr(
+    network: nn.Module,
+    source: Any,
+    output: str | os.PathLike,
+    *,
+    block_size: int | Sequence[int] | None = None,
+    tile_size: int | Sequence[int] | str = "auto",
+    batch_size: int = 4,
+    write: Sequence[str] = OUTPUTS,
+    threshold: float = 0.5,
+    normalize: bool = True,
+    padding_mode: str = "reflect",
+    context: int | None = None,
+    memory_budget_mb: float = 1024.0,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    scheduler: Any = None,
+    n_workers: int = 2,
+    threads_per_worker: int = 1,
+    connect_timeout: float = 5.0,
+) -> Path:
+    """Predict ``source`` block by block into the zarr group ``output`` (resumable).
+
+    Args:
+        network: a :class:`pipeline.networks.UNet` (anything with ``geometry``, ``spatial_dims``,
+            ``in_channels`` and ``features``), used in eval mode.
+        source: a zarr array, group (OME-Zarr: full resolution; else its only array) or path to
+            one; a TIFF path (read lazily through ``tifffile``'s zarr store); or an in-memory
+            array. Shape ``(Y, X)`` or ``(Z, Y, X)`` for a 2D network, ``(Z, Y, X)`` for a 3D one,
+            with a leading channel axis when ``in_channels > 1``; leading singleton axes are dropped.
+        output: local path of the zarr group written: ``probabilities`` (float32, NaN until written),
+            ``mask`` (uint8 0/255) and ``blocks_done`` (uint8 per block).
+        block_size: output block (= chunk) per spatial axis, or one int for the network axes
+            (a stack's section axis then gets 1). Network axes are rounded up to multiples of
+            ``geometry.step``. Default 1024 (2D network) or 128 (3D).
+        tile_size, batch_size, padding_mode, context, memory_budget_mb: as in
+            :class:`pipeline.inferers.OverlapTileInferer`, applied within each block.
+        write: any of ``"probabilities"``, ``"mask"``.
+        threshold: foreground where probability > ``threshold``.
+        normalize: per-section zero mean / unit std (:class:`~pipeline.transforms.NormalizeSectionsd`).
+        device: where blocks run (default: the network's device; ``"cpu"`` on Dask workers).
+        overwrite: replace an existing output; otherwise a matching one is resumed.
+        progress: tqdm bar over blocks.
+        scheduler: None (this process), ``"local"`` (a new ``LocalCluster``), a scheduler
+            address or a ``distributed.Client``.
+        n_workers, threads_per_worker: the ``LocalCluster``; ``threads_per_worker`` also sets
+            ``torch.set_num_threads`` on every worker.
+        connect_timeout: seconds to reach a scheduler address.
+
+    Returns:
+        The output path.
+
+    Raises:
+        FileNotFoundError: the source path does not exist or holds no zarr array.
+        ValueError: bad arguments or source; an output with other shapes, dtypes or settings.
+        ConnectionError: the scheduler address cannot be reached within ``connect_timeout``.
+    """
+    net = _unwrap(network)
+    geometry = getattr(net, "geometry", None)
+    if geometry is None:
+        raise ValueError(f"network {type(net).__name__} has no `geometry`; use pipeline.networks.UNet")
+    unknown = set(write) - set(OUTPUTS)
+    if unknown or not write:
+        raise ValueError(f"write must list some of {OUTPUTS}, got {list(write)}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if padding_mode not in PAD_MODES or batch_size < 1 or memory_budget_mb <= 0:
+        raise ValueError(f"need padding_mode in {PAD_MODES}, batch_size >= 1, memory_budget_mb > 0; got {padding_mode!r}, {batch_size}, {memory_budget_mb}")
+    if isinstance(tile_size, str) and tile_size != "auto":
+        raise ValueError(f"tile_size must be 'auto', an int or one int per axis, got {tile_size!r}")
+    src = _Source(source, net.spatial_dims, net.in_channels)
+    shape, nd = src.spatial, net.spatial_dims
+    k = len(shape) - nd
+    if block_size is None:
+        block_size = 1024 if nd == 2 else 128
+    block = [1] * k + [int(block_size)] * nd if isinstance(block_size, int) else [int(b) for b in block_size]
+    if len(block) != len(shape) or min(block) < 1:
+        raise ValueError(f"block_size needs {len(shape)} positive values for a volume of shape {shape}, got {block_size}")
+    step = geometry.step
+    rounded = block[:k] + [math.ceil(b / step) * step for b in block[k:]]
+    if rounded != block:
+        logger.warning("block size %s rounded up to %s (multiples of the pooling step %d)", block, rounded, step)
+    block = tuple(rounded)
+    if tile_size != "auto":
+        tile = (tile_size,) * nd if isinstance(tile_size, int) else tuple(int(t) for t in tile_size)
+        if len(tile) != nd or min(tile) < 1 or (geometry.padding == "valid" and not geometry.is_valid([t + 2 * geometry.margin for t in tile])):
+            raise ValueError(f"tile_size {tile_size} is not a valid output size of this {nd}D network")
+    grid = tuple(math.ceil(s / b) for s, b in zip(shape, block))
+    chunks = tuple(min(b, s) for b, s in zip(block, shape))
+    token = fingerprint(network)
+    settings = {
+        "shape": list(shape), "source_dtype": str(src.dtype), "block_size": list(block), "write": sorted(write),
+        "threshold": threshold, "normalize": normalize, "padding_mode": padding_mode, "context": context,
+        "tile_size": tile_size if isinstance(tile_size, str) else [int(t) for t in np.atleast_1d(tile_size)], "network": token,
+    }
+    arrays = {"probabilities": (shape, chunks, "float32", float("nan")), "mask": (shape, chunks, "uint8", 0)}
+    arrays = {name: spec for name, spec in arrays.items() if name in write}
+    arrays[MARKERS] = (grid, (1,) * len(grid), "uint8", 0)
+    path = Path(output)
+    client, owned = (None, []) if scheduler is None else _client(scheduler, n_workers, threads_per_worker, connect_timeout)
+    try:  # the scheduler is reached before any work, so a bad address fails fast
+        path.parent.mkdir(parents=True, exist_ok=True)
+        group, resumed = _open_output(path, arrays, settings, overwrite, lambda: section_stats(src) if normalize else (None, None))
+        record = group.attrs.asdict()["streaming"]
+        mean, std = (None if record[key] is None else np.asarray(record[key], dtype=np.float64) for key in ("mean", "std"))
+        done = np.asarray(group[MARKERS][...])
+        pending = [i for i in itertools.product(*map(range, grid)) if not done[i]]
+        logger.info("%s: %d blocks of %s, %d to predict%s", path, done.size, block, len(pending), " (resumed)" if resumed else "")
+        plan = _Plan(str(path), shape, block, k, tile_size, batch_size, padding_mode, context, memory_budget_mb,
+                     tuple(write), threshold, mean, std, device)
+        if client is None:
+            was_training = network.training
+            model = network.eval() if device is None else copy.deepcopy(network).to(device).eval()
+            try:
+                for index in _progress(pending, progress):
+                    _predict_block(model, src, plan, index)
+            finally:
+                network.train(was_training)
+        elif pending:
+            from distributed import as_completed
+
+            client.run(_set_threads, threads_per_worker)
+            net_f, src_f, plan_f = (client.scatter(obj, broadcast=True, hash=False) for obj in (copy.deepcopy(network).cpu(), src, plan))
+            futures = [client.submit(_worker_block, net_f, token, src_f, plan_f, i, pure=False) for i in pending]
+            for future in _progress(as_completed(futures), progress, len(futures)):
+                future.result()  # re-raises a block's error here
+    finally:
+        for thing in owned:
+            thing.close()
+    return path
+
+
+def _progress(items: Any, progress: bool, total: int | None = None) -> Any:
+    if not progress:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc="blocks", unit="block")

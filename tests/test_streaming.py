@@ -1,0 +1,224 @@
+"""Streaming (block-wise, resumable, Dask) prediction equals in-memory overlap-tile prediction."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from pipeline import streaming
+from pipeline.inferers import OverlapTileInferer
+from pipeline.networks import UNet
+from pipeline.streaming import predict_zarr
+from pipeline.transforms import NormalizeSectionsd, foreground_probability
+
+
+
+def _net(**kwargs) -> UNet:
+    torch.manual_seed(0)
+    return UNet(**{"features": (2, 4, 8), "dropout": 0.0, **kwargs})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test machine is shared: one torch thread, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _in_memory(net, volume, **kwargs) -> np.ndarray:
+    """Foreground probability of the whole volume: NormalizeSectionsd, then OverlapTileInferer."""
+    x = torch.from_numpy(volume.astype(np.float32))
+    x = NormalizeSectionsd(keys="x")({"x": x[None] if net.in_channels == 1 else x})["x"]
+    with torch.no_grad():
+        logits = OverlapTileInferer(**kwargs)(x[None], net.eval())[0]
+    return foreground_probability(logits).numpy()
+
+
+def _read(path, name="probabilities") -> np.ndarray:
+    return zarr.open_group(str(path), mode="r")[name][...]
+
+
+def _check(expected, path, threshold=0.5):
+    got = _read(path)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    assert np.abs(got - expected).max() <= 1e-5
+    mask, sure = _read(path, "mask"), np.abs(expected - threshold) > 1e-5
+    assert mask.dtype == np.uint8 and np.array_equal(mask[sure], (expected[sure] > threshold).astype(np.uint8) * 255)
+    assert _read(path, streaming.MARKERS).all()
+
+
+@pytest.mark.parametrize(
+    "kind, shape, block, tile, net_kwargs",
+    [
+        ("numpy", (3, 45, 61), (2, 24, 32), "auto", {}),  # stack; no axis a multiple of the block
+        ("tiff", (45, 61), (16, 24), (8, 12), {}),  # 2D image, several tiles per block
+        ("zarr", (13, 19, 22), (8, 8, 12), "auto", {"spatial_dims": 3, "features": (2, 4)}),  # 3D network
+        ("numpy", (2, 2, 30, 21), (1, 16, 16), 8, {"in_channels": 2}),  # channel-first, 2 channels
+    ],
+)
+def test_streaming_equals_in_memory(tmp_path, kind, shape, block, tile, net_kwargs):
+    net = _net(**net_kwargs)
+    volume = (np.random.default_rng(0).random(shape) * 200 + 20).astype(np.float32)
+    volume[0, :5] += 300  # uneven sections: normalisation must be per section
+    source = volume
+    if kind == "tiff":
+        source = tmp_path / "image.tif"
+        tifffile.imwrite(source, volume, tile=(16, 16))
+    elif kind == "zarr":
+        source = tmp_path / "volume.zarr"
+        zarr.create_array(str(source), shape=shape, chunks=(5, 7, 9), dtype="float32")[...] = volume
+    expected = _in_memory(net, volume, tile_size=tile)
+    out = predict_zarr(net, source, tmp_path / "out.zarr", block_size=block, tile_size=tile)
+    _check(expected, out)
+    spatial = shape[1:] if net.in_channels > 1 else shape
+    assert zarr.open_group(str(out), mode="r")["probabilities"].chunks == tuple(min(b, s) for b, s in zip(block, spatial))
+
+
+def test_ome_zarr_group_uses_full_resolution(tmp_path):
+    net = _net()
+    volume = np.random.default_rng(5).random((2, 20, 24)).astype(np.float32)
+    group = zarr.open_group(str(tmp_path / "image.ome.zarr"), mode="w")
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}, {"path": "1"}]}]
+    group.create_array("0", shape=(1, 1, 2, 20, 24), chunks=(1, 1, 1, 10, 12), dtype="float32")[...] = volume[None, None]
+    group.create_array("1", shape=(1, 1, 2, 10, 12), dtype="float32")
+    out = predict_zarr(net, tmp_path / "image.ome.zarr", tmp_path / "o.zarr", block_size=(1, 12, 12))
+    _check(_in_memory(net, volume, tile_size="auto"), out)
+
+
+class RecordingArray:
+    """A lazy array that remembers the largest read."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.largest = array, array.shape, array.dtype, 0
+
+    def __getitem__(self, index):
+        out = self.array[index]
+        self.largest = max(self.largest, out.size)
+        return out
+
+
+def test_reads_are_bounded_by_block_and_band(tmp_path, monkeypatch):
+    monkeypatch.setattr(streaming, "STATS_BAND", 200)  # statistics read 5 rows of 40 at a time
+    net = _net()  # margin 20
+    volume = np.random.default_rng(6).random((2, 100, 40)).astype(np.float32)
+    source = RecordingArray(volume)
+    out = predict_zarr(net, source, tmp_path / "o.zarr", block_size=(1, 16, 40), tile_size=16)
+    _check(_in_memory(net, volume, tile_size="auto"), out)
+    assert source.largest <= (16 + 2 * 20) * 40 < volume[0].size  # one block with halo, not a section
+
+
+def test_constant_padding_and_block_rounding(tmp_path):
+    net = _net()
+    volume = np.random.default_rng(1).random((2, 30, 27)).astype(np.float32)
+    expected = _in_memory(net, volume, tile_size="auto", padding_mode="constant")
+    out = predict_zarr(net, volume, tmp_path / "o.zarr", block_size=(1, 10, 13), padding_mode="constant")  # -> 12, 16
+    _check(expected, out)
+    assert _read(out, streaming.MARKERS).shape == (2, 3, 2)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    volume = (np.random.default_rng(2).random((4, 40, 50)) * 255).astype(np.uint8)
+    source, out = tmp_path / "src.zarr", tmp_path / "out.zarr"
+    zarr.create_array(str(source), shape=volume.shape, chunks=(1, 20, 25), dtype="uint8")[...] = volume
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time, torch
+        from pipeline.networks import UNet
+        from pipeline.streaming import predict_zarr
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        net = UNet(features=(2, 4, 8), dropout=0.0)
+        forward = net.forward
+        net.forward = lambda x: (time.sleep(0.2), forward(x))[1]  # slow enough to be interrupted
+        predict_zarr(net, {str(source)!r}, {str(out)!r}, block_size=(1, 24, 32))
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, done = time.monotonic() + 60, 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / streaming.MARKERS / "zarr.json").exists():
+                done = int(_read(out, streaming.MARKERS).sum())
+                if done >= 3:
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert 3 <= done, err.decode()[-2000:]
+    markers = _read(out, streaming.MARKERS)
+    assert markers.sum() < markers.size, "the run finished before it could be interrupted"
+    pending = {tuple(int(i) for i in idx) for idx in np.argwhere(markers == 0)}
+
+    computed = []
+    real = streaming._predict_block
+    monkeypatch.setattr(streaming, "_predict_block", lambda net, src, plan, idx: (computed.append(idx), real(net, src, plan, idx)))
+    net = _net()
+    predict_zarr(net, source, out, block_size=(1, 24, 32))
+    assert set(computed) == pending and len(computed) == len(pending)
+    computed.clear()
+    predict_zarr(net, source, out, block_size=(1, 24, 32))  # complete: nothing left to do
+    assert computed == []
+
+    reference = predict_zarr(net, source, tmp_path / "ref.zarr", block_size=(1, 24, 32))
+    for name in ("probabilities", "mask"):
+        assert np.abs(_read(out, name).astype(float) - _read(reference, name)).max() <= 1e-6, name
+
+
+def test_dask_local_cluster_equals_single_process(tmp_path):
+    pytest.importorskip("distributed")
+    net = _net()
+    volume = np.random.default_rng(3).random((2, 30, 40)).astype(np.float32)
+    single = predict_zarr(net, volume, tmp_path / "single.zarr", block_size=(1, 24, 32))
+    multi = predict_zarr(
+        net, volume, tmp_path / "dask.zarr", block_size=(1, 24, 32), scheduler="local", n_workers=2, threads_per_worker=1
+    )
+    assert np.abs(_read(single) - _read(multi)).max() <= 1e-6
+    assert np.array_equal(_read(single, "mask"), _read(multi, "mask"))
+    assert _read(multi, streaming.MARKERS).all()
+
+
+def test_bad_sources(tmp_path):
+    net = _net()
+    with pytest.raises(FileNotFoundError, match="missing.zarr"):
+        predict_zarr(net, tmp_path / "missing.zarr", tmp_path / "o.zarr")
+    four_d = tmp_path / "4d.zarr"
+    zarr.create_array(str(four_d), shape=(2, 3, 8, 8), dtype="float32")
+    with pytest.raises(ValueError, match="4d.zarr.*4 dims"):
+        predict_zarr(net, four_d, tmp_path / "o.zarr")
+    with pytest.raises(ValueError, match="3D network"):
+        predict_zarr(_net(spatial_dims=3, features=(2, 4)), np.zeros((8, 8), np.float32), tmp_path / "o.zarr")
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_existing_output_is_refused_or_resumed(tmp_path):
+    net = _net()
+    volume = np.random.default_rng(4).random((2, 20, 24)).astype(np.float32)
+    out = predict_zarr(net, volume, tmp_path / "o.zarr", block_size=(1, 24, 24), write=("probabilities",))
+    before = _read(out)
+    with pytest.raises(ValueError, match=r"exists with shape \(2, 20, 24\).*needs shape \(3, 20, 24\)"):
+        predict_zarr(net, np.concatenate([volume, volume[:1]]), out, block_size=(1, 24, 24), write=("probabilities",))
+    with pytest.raises(ValueError, match="other settings.*threshold"):
+        predict_zarr(net, volume, out, block_size=(1, 24, 24), write=("probabilities",), threshold=0.3)
+    with pytest.raises(ValueError, match="without a 'mask' array"):
+        predict_zarr(net, volume, out, block_size=(1, 24, 24))
+    np.testing.assert_array_equal(_read(out), before)  # refused outputs are untouched
+    predict_zarr(net, volume[:1], out, block_size=(1, 24, 24), overwrite=True)
+    assert _read(out).shape == (1, 20, 24) and _read(out, "mask").shape == (1, 20, 24)
+
+
+def test_unreachable_scheduler_fails_fast(tmp_path):
+    pytest.importorskip("distributed")
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="tcp://127.0.0.1:1"):
+        predict_zarr(_net(), np.zeros((1, 8, 8), np.float32), tmp_path / "o.zarr", scheduler="tcp://127.0.0.1:1", connect_timeout=3)
+    assert time.monotonic() - start < 10
