@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 from monai.handlers import from_engine
 from torch.utils.tensorboard import SummaryWriter
 
+from pipeline.io import replace_atomically
+
 
 def select_channel(keys: Sequence[str], channel: int) -> Callable:
     """An ``output_transform`` that keeps one channel of each decollated item.
@@ -214,7 +216,7 @@ class EvaluationReport:
             rgb[pred & ~truth] = (1.0, 0.1, 0.1)
             rgb[~pred & truth] = (0.1, 0.3, 1.0)
             stem = name.split(".")[0] + ("" if section is None else f"_z{int(section):04d}")
-            _atomic_write(Path(self.output_dir) / "overlays" / f"{stem}.png",
+            replace_atomically(Path(self.output_dir) / "overlays" / f"{stem}.png",
                           lambda p: _save_png(p, (rgb * 255).astype(np.uint8)))
 
     def write(self, engine) -> None:
@@ -237,8 +239,8 @@ class EvaluationReport:
                 writer.writerows(self.rows)
                 writer.writerow({"file": "mean", "slice": None, **mean})
 
-        _atomic_write(out / "report.csv", write_csv)
-        _atomic_write(out / "report.json", lambda p: p.write_text(json.dumps({"mean": mean, "samples": self.rows}, indent=1)))
+        replace_atomically(out / "report.csv", write_csv)
+        replace_atomically(out / "report.json", lambda p: p.write_text(json.dumps({"mean": mean, "samples": self.rows}, indent=1)))
         engine.logger.info("evaluation report: %s", ", ".join(f"{k}={mean[k]:.4f}" for k in scores[:8]))
 
 
@@ -246,18 +248,3 @@ def _save_png(path, rgb) -> None:
     from PIL import Image
 
     Image.fromarray(rgb).save(path, format="PNG")
-
-
-def _atomic_write(path, write) -> None:
-    """Write through ``write(tmp_path)`` into a temporary sibling, then rename onto ``path``."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -228,6 +228,23 @@ class SimpleITKReader(_EagerReader):
         return LoadedImage(array, meta)
 
 
+def replace_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it onto ``path``.
+
+    Readers never see a half-written file, and a failed ``write`` leaves an existing ``path``
+    untouched and no temporary file behind. The parent folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def register_readers() -> None:
     """Make ``LoadImage(reader="TiffStackReader")``/``"SimpleITKReader"`` work (idempotent; run on import).
 

@@ -28,6 +28,8 @@ from scipy.signal import fftconvolve
 from scipy.spatial import cKDTree
 from scipy.special import expit
 
+from pipeline.io import replace_atomically
+
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1  # bump whenever the output for a given seed changes
@@ -295,16 +297,6 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename: no half files."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_dataset(
     directory: str | os.PathLike,
     n_images: int = 40,
@@ -354,9 +346,9 @@ def write_dataset(
                 stale.unlink()
     for i, entry in enumerate(datalist):
         image, label = make_image(shape, seed + i, **params)
-        _replace_atomically(Path(entry["image"]), lambda tmp: tifffile.imwrite(tmp, to_uint8(image)))
-        _replace_atomically(Path(entry["label"]), lambda tmp: tifffile.imwrite(tmp, label))
-    _replace_atomically(manifest_path, lambda tmp: tmp.write_text(manifest))
+        replace_atomically(Path(entry["image"]), lambda tmp: tifffile.imwrite(tmp, to_uint8(image)))
+        replace_atomically(Path(entry["label"]), lambda tmp: tifffile.imwrite(tmp, label))
+    replace_atomically(manifest_path, lambda tmp: tmp.write_text(manifest))
     return datalist
 
 
@@ -372,7 +364,5 @@ def write_default_stack(directory: str | os.PathLike, shape: tuple[int, int, int
     if not path.exists():
         root.mkdir(parents=True, exist_ok=True)
         image, _ = make_stack(shape, seed=seed)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tifffile.imwrite(tmp, to_uint8(image))
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: tifffile.imwrite(tmp, to_uint8(image)))
     return str(path)
