@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
+from ignite.metrics import Metric
 from monai.handlers import from_engine
 from torch.utils.tensorboard import SummaryWriter
 
@@ -126,13 +128,13 @@ class TensorBoardImages:
         self.writer.flush()
 
 
-class EMMetric:
+class EMMetric(Metric):
     """An ignite metric: the mean over samples of a :mod:`pipeline.metrics` score.
 
     ``output_transform`` must give ``(preds, labels)``: lists of foreground probabilities
     ``(1, *spatial)`` (see :class:`pipeline.transforms.ForegroundProbabilityd`) and binary
     labels ``(1, *spatial)``. Usable as a MONAI engine's ``key_val_metric`` or
-    ``additional_metrics``.
+    ``additional_metrics``. Samples whose score is undefined (NaN) are left out of the mean.
 
     Args:
         metric: a score of :mod:`pipeline.metrics`: pixel_error, v_rand, v_info,
@@ -142,29 +144,23 @@ class EMMetric:
 
     METRICS = ("pixel_error", "v_rand", "v_info", "warping_error", "dice", "iou")
 
-    def __new__(cls, metric: str = "v_rand", threshold: float = 0.5, output_transform: Callable | None = None):
-        from ignite.metrics import Metric
-
+    def __init__(self, metric: str = "v_rand", threshold: float = 0.5, output_transform: Callable | None = None) -> None:
         from pipeline import metrics
 
-        if metric not in cls.METRICS:
-            raise ValueError(f"unknown EM metric {metric!r}; valid choices: {', '.join(cls.METRICS)}")
-        score = getattr(metrics, metric)
+        if metric not in self.METRICS:
+            raise ValueError(f"unknown EM metric {metric!r}; valid choices: {', '.join(self.METRICS)}")
+        self.score, self.threshold = getattr(metrics, metric), threshold
+        super().__init__(output_transform=output_transform or from_engine(["pred", "label"]))
 
-        class _EMMetric(Metric):
-            def reset(self) -> None:
-                self._scores: list[float] = []
+    def reset(self) -> None:
+        self._scores: list[float] = []
 
-            def update(self, output) -> None:
-                for prob, label in zip(*output):
-                    self._scores.append(float(score(prob[0].cpu().numpy(), label[0].cpu().numpy(), threshold)))
+    def update(self, output) -> None:
+        for prob, label in zip(*output):
+            self._scores.append(float(self.score(prob[0].cpu().numpy(), label[0].cpu().numpy(), self.threshold)))
 
-            def compute(self) -> float:
-                import numpy as np
-
-                return float(np.nanmean(self._scores)) if self._scores else float("nan")
-
-        return _EMMetric(output_transform=output_transform or from_engine(["pred", "label"]))
+    def compute(self) -> float:
+        return float(np.nanmean(self._scores)) if self._scores else float("nan")
 
 
 class EvaluationReport:
@@ -196,8 +192,6 @@ class EvaluationReport:
     def collect(self, engine) -> None:
         from pathlib import Path
 
-        import numpy as np
-
         from pipeline import metrics
 
         for item in engine.state.output:
@@ -222,14 +216,13 @@ class EvaluationReport:
     def write(self, engine) -> None:
         import csv
         import json
-        import math
         from pathlib import Path
 
         if not self.rows:
             return
         keys = list(self.rows[0])
         scores = [k for k in keys if k not in ("file", "slice") and isinstance(self.rows[0][k], (int, float))]
-        mean = {k: float(sum(r[k] for r in self.rows if not math.isnan(r[k])) / max(1, sum(not math.isnan(r[k]) for r in self.rows))) for k in scores}
+        mean = {k: float(np.nanmean([r[k] for r in self.rows])) for k in scores}
         out = Path(self.output_dir)
 
         def write_csv(path):
