@@ -97,6 +97,17 @@ def plan_tiles(image_size: Sequence[int], tile_size: Sequence[int], step: int) -
     return plans
 
 
+def tile_regions(size: int, starts: Sequence[int], tile: int) -> list[tuple[int, int]]:
+    """``(start, keep)`` per tile along one axis: tile ``i`` fills output ``[start, start + keep)``.
+
+    Each tile keeps what lies before the next tile's start (the last one: up to its end),
+    clipped to ``size``: the kept regions partition ``[0, size)``, so every output pixel is
+    written exactly once.
+    """
+    ends = list(starts[1:]) + [starts[-1] + tile]
+    return [(p, min(e, size) - p) for p, e in zip(starts, ends)]
+
+
 def auto_tile_size(
     image_size: Sequence[int], geometry: UNetGeometry, margin: int, max_input_voxels: int
 ) -> tuple[int, ...]:
@@ -222,9 +233,9 @@ def overlap_tile_inference(
     out_device = inputs.device if device is None else torch.device(device)
     net_device = next(network.parameters()).device
     out = None
-    positions = list(itertools.product(*starts))
+    regions = list(itertools.product(*[tile_regions(*a) for a in zip(spatial, starts, tile)]))
     n_images = inputs.shape[0]
-    queue: list[tuple[int, tuple[int, ...]]] = [(i, p) for p in positions for i in range(n_images)]
+    queue = [(i, region) for region in regions for i in range(n_images)]
     iterator = range(0, len(queue), batch_size)
     if progress:
         from tqdm import tqdm
@@ -233,18 +244,18 @@ def overlap_tile_inference(
     for first in iterator:
         chunk = queue[first : first + batch_size]
         batch = torch.stack(
-            [padded[i][(slice(None),) + tuple(slice(p, p + t + 2 * margin) for p, t in zip(pos, tile))] for i, pos in chunk]
+            [padded[i][(slice(None),) + tuple(slice(p, p + t + 2 * margin) for (p, _), t in zip(reg, tile))] for i, reg in chunk]
         ).to(net_device, non_blocking=True)
         pred = network(batch)
         if not valid:  # keep the centre of a same-padded tile
             pred = pred[(slice(None), slice(None)) + tuple(slice(margin, margin + t) for t in tile)]
         if out is None:
-            out = torch.empty((n_images, pred.shape[1], *extent), dtype=pred.dtype, device=out_device)
-        for (i, pos), tile_out in zip(chunk, pred):
-            # abutting output tiles: a later tile overwrites the overlap it shares with an earlier
-            # one; both computed it on the same pooling grid, so the values agree.
-            out[(i, slice(None)) + tuple(slice(p, p + t) for p, t in zip(pos, tile))] = tile_out.to(out_device)
-    return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
+            out = torch.empty((n_images, pred.shape[1], *spatial), dtype=pred.dtype, device=out_device)
+        for (i, reg), tile_out in zip(chunk, pred):
+            # abutting output tiles: each writes only its own region (tile_regions)
+            dest = (i, slice(None)) + tuple(slice(p, p + k) for p, k in reg)
+            out[dest] = tile_out[(slice(None),) + tuple(slice(0, k) for _, k in reg)].to(out_device)
+    return out
 
 
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
