@@ -154,3 +154,18 @@ def test_evaluate_bundle_report_and_overlays(setup, tmp_path):
     assert report["mean"]["pixel_error"] == pytest.approx(float(rows[2]["pixel_error"]))
     assert f"pixel_error: {report['mean']['pixel_error']:.4f}" in proc.stdout + proc.stderr  # the key metric
     assert sorted(p.name for p in (tmp_path / "ev/overlays").iterdir()) == ["stack_z0001.png", "stack_z0002.png"]
+
+
+@pytest.mark.slow
+def test_streaming_switch_writes_zarr_equal_to_in_memory(setup, tmp_path):
+    import zarr
+
+    tmp, _, _ = setup
+    proc = infer(tmp, tmp / "inputs/stack.tif", tmp_path / "z", "--streaming", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    group = zarr.open_group(str(tmp_path / "z/stack.zarr"), mode="r")
+    streamed = group["probabilities"][:]
+    in_memory = tifffile.imread(tmp / "out/probabilities/stack.tif")
+    assert streamed.shape == in_memory.shape == (3, 70, 90)
+    assert np.abs(streamed - in_memory).max() <= 1e-5
+    assert np.array_equal(group["mask"][:], tifffile.imread(tmp / "out/masks/stack.tif"))
