@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from ignite.metrics import Metric
+from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
 from monai.handlers import from_engine
 from torch.utils.tensorboard import SummaryWriter
 
@@ -241,3 +242,41 @@ def _save_png(path, rgb) -> None:
     from PIL import Image
 
     Image.fromarray(rgb).save(path, format="PNG")
+
+
+class CheckpointSaver(_MonaiCheckpointSaver):
+    """MONAI's ``CheckpointSaver``, made safe against a kill at any moment: same arguments.
+
+    MONAI writes checkpoints in place (``atomic=False``), and ignite deletes the old checkpoint
+    *before* writing the new one (``n_saved``, and MONAI's final checkpoint). A run killed at the
+    wrong moment is then left with a truncated file, or with none at all. Here every file is written
+    to a temporary name in the same folder and renamed (ignite's ``DiskSaver(atomic=True)``, which
+    also makes it group/other-readable as a plain save would), and an old file is deleted only
+    after its successor is complete. So a complete checkpoint is on disk at every instant.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                _save_before_remove(checkpoint.save_handler)
+
+
+def _save_before_remove(handler) -> None:
+    """Make a MONAI/ignite ``DiskSaver`` atomic, and postpone its deletions until after the next save."""
+
+    class SaveBeforeRemove(type(handler)):
+        def __call__(self, checkpoint, filename, metadata=None) -> None:
+            super().__call__(checkpoint, filename, metadata)
+            written = getattr(self, "filename", None) or filename  # MONAI's saver may fix the name
+            for old in self._pending:
+                if (getattr(self, "filename", None) or old) != written:
+                    super().remove(old)
+            self._pending = []
+
+        def remove(self, filename: str) -> None:
+            self._pending.append(filename)
+
+    handler.__class__ = SaveBeforeRemove
+    handler._atomic = True
+    handler._pending = []

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import tifffile
+import torch
 from monai.data.image_reader import ImageReader, NibabelReader, _copy_compatible_dict, _stack_images
 from monai.data.utils import is_no_channel, is_supported_format, orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
@@ -157,7 +159,10 @@ class TiffStackReader(_EagerReader):
                 known = self._spacing_by_axis(tif)
                 unit = (tif.imagej_metadata or {}).get("unit")
         except Exception as err:  # TiffFileError, struct.error, OSError, ... from a damaged file
-            raise ValueError(f"could not read {path} as TIFF: {type(err).__name__}: {err}") from err
+            raise ValueError(
+                f"could not read {path} as TIFF: {type(err).__name__}: {err} (the file is truncated or "
+                "corrupt; copy it again)"
+            ) from err
         finally:
             tiff_log.removeHandler(catcher)
         if catcher.messages:
@@ -476,3 +481,56 @@ def write_folder(
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("wrote %d slices to %s", len(names), directory)
     return [directory / n for n in names]
+
+
+def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str = "model") -> torch.nn.Module:
+    """Load a checkpoint's weights into ``network`` strictly, with ``torch.load(weights_only=True)``.
+
+    Accepts a bare ``state_dict`` (``model.pt``, ``model_final.pt``) or a resume checkpoint holding
+    it under ``key``. Every way this can go wrong gets an error that names the file and what to do:
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a truncated or non-PyTorch file; a file holding Python objects other than
+            tensors (refused: unpickling them could run code); a checkpoint of another architecture
+            (the mismatching parameters and their shapes are listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist; train first (python -m monai.bundle run training ...) "
+            "or pass the file with --checkpoint"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"refusing to load checkpoint {str(path)!r}: it holds Python objects other than tensors and "
+            "plain containers, and unpickling them could run arbitrary code (torch.load weights_only=True refused it). "
+            "Re-save only the weights: torch.save(model.state_dict(), path)"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read: it is truncated or not a PyTorch checkpoint "
+            f"({str(err).splitlines()[0]}); copy it again or point --checkpoint at another file"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get(key), dict):
+        state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {str(path)!r} holds no state_dict of tensors (found {type(state).__name__})")
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"{k}: checkpoint {tuple(state[k].shape)}, network {tuple(own[k].shape)}" for k in mismatched[:4]]
+        lines += [f"{k}: missing from the checkpoint" for k in missing[:3]]
+        lines += [f"{k}: not in the network" for k in unexpected[:3]]
+        raise ValueError(
+            f"checkpoint {str(path)!r} was trained with another architecture ({len(mismatched)} shape mismatch(es), "
+            f"{len(missing)} missing, {len(unexpected)} unexpected parameter(s)): " + "; ".join(lines)
+            + ". Use the training run's network keys: merge the same overlay (e.g. configs/quickstart.yaml) "
+            "or set --features / --padding / --norm / --loss_name as in training"
+        )
+    network.load_state_dict(state)
+    return network

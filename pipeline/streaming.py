@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -123,6 +124,11 @@ class _Source:
                     self.array = node if hasattr(node, "shape") else _group_image(node, self.path)
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"no zarr array or group found at {self.path}: {err}") from err
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"could not open {self.path} as a {self.kind} array: its metadata is corrupt ({err}); "
+                    "copy the dataset again"
+                ) from err
             except ValueError:
                 raise
             except Exception as err:

@@ -6,6 +6,7 @@ counterpart (suffix ``d``), as in MONAI.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -293,30 +294,50 @@ class WritePredictiond(MapTransform):
         self.output_dir, self.image_key, self.write = output_dir, image_key, tuple(write)
         self.output_ext, self.threshold, self.overwrite = output_ext, threshold, overwrite
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        from pathlib import Path
+    def targets(self, source: str) -> dict[str, Path]:
+        """The output file of each ``write`` entry for the input file ``source``."""
+        from pipeline.io import _suffix
 
-        from pipeline.io import _suffix, write_image
+        src = Path(str(source))
+        name = src.name[: len(src.name) - len(_suffix(src))]
+        ext = self.output_ext or _suffix(src)
+        suffixes = {"probabilities": ".tif" if ext == ".png" else ext, "mask": ext}  # PNG cannot hold float32
+        folders = {"probabilities": "probabilities", "mask": "masks"}
+        return {what: Path(self.output_dir) / folders[what] / f"{name}{suffixes[what]}" for what in self.write}
+
+    def check_free(self, sources: Sequence[str]) -> None:
+        """Before a run: refuse (``FileExistsError``) if any output of any input exists, unless ``overwrite``.
+
+        Checking every target first means a run never writes some outputs and then stops at an
+        existing one.
+        """
+        if self.overwrite:
+            return
+        taken = [str(t) for s in sources for t in self.targets(s).values() if t.exists()]
+        if taken:
+            raise FileExistsError(
+                f"{len(taken)} output file(s) exist already, e.g. {taken[:3]}; nothing was written. Pass "
+                "--overwrite true to replace them, or choose another --output_dir"
+            )
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        from pipeline.io import write_image
 
         d = dict(data)
         image = d[self.image_key]
         meta = dict(getattr(image, "meta", {}))
-        src = Path(str(meta.get("filename_or_obj", "prediction.tif")))
-        name = src.name[: len(src.name) - len(_suffix(src))]
-        ext = self.output_ext or _suffix(src)
+        targets = self.targets(meta.get("filename_or_obj", "prediction.tif"))
         meta.pop("filename_or_obj", None)
         for key in self.key_iterator(d):
             prob = foreground_probability(d[key]).cpu()
             if meta.get("stack_axis_reversed"):
                 prob = prob.permute(*reversed(range(prob.ndim)))
             outputs = {
-                "probabilities": (prob.numpy().astype(np.float32), ".tif" if ext == ".png" else ext),
-                "mask": ((prob > self.threshold).numpy().astype(np.uint8) * 255, ext),
+                "probabilities": prob.numpy().astype(np.float32),
+                "mask": (prob > self.threshold).numpy().astype(np.uint8) * 255,
             }
-            for what in self.write:
-                array, suffix = outputs[what]
-                folder = "probabilities" if what == "probabilities" else "masks"
-                write_image(array, Path(self.output_dir) / folder / f"{name}{suffix}", meta=meta, overwrite=self.overwrite)
+            for what, path in targets.items():
+                write_image(outputs[what], path, meta=meta, overwrite=self.overwrite)
         return d
 
 

@@ -103,11 +103,12 @@ def test_refuses_to_overwrite_and_bad_checkpoint(setup, tmp_path):
     tmp, _, _ = setup
     before = (tmp / "out/masks/stack.tif").read_bytes()
     proc = infer(tmp, tmp / "inputs/stack.tif", tmp / "out")
-    assert proc.returncode != 0 and "pass overwrite=True" in proc.stderr
+    assert proc.returncode != 0 and "exist already" in proc.stderr and "--overwrite true" in proc.stderr
     assert (tmp / "out/masks/stack.tif").read_bytes() == before
     wrong = bundle("run", "--config_file", INFER, "--checkpoint", str(tmp / "model.pt"), "--input_path",
                    str(tmp / "inputs/stack.tif"), "--output_dir", str(tmp_path / "o"))  # paper widths
-    assert wrong.returncode != 0 and "size mismatch for encoder.0.0.weight" in wrong.stderr
+    assert wrong.returncode != 0 and "trained with another architecture" in wrong.stderr
+    assert "encoder.0.0.weight: checkpoint (4, 1, 3, 3), network (64, 1, 3, 3)" in wrong.stderr
     assert not (tmp_path / "o").exists()
 
 

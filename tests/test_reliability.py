@@ -1,0 +1,385 @@
+"""The bad-input matrix of docs/reliability.md: every row is one case here.
+
+Each case prepares its inputs in ``tmp_path``, then runs the bad action, which must raise the
+expected exception with a message matching the row's pattern, and must leave ``tmp_path``
+exactly as it was (no new, changed or removed file: nothing half-written). Bundle rows run the
+real ``python -m monai.bundle`` CLI; their error is the process's stderr.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from pipeline import config, data, metrics
+from pipeline.handlers import latest_checkpoint
+from pipeline.inferers import OverlapTileInferer
+from pipeline.io import load_checkpoint, read_image, write_image
+from pipeline.losses import make_loss, make_optimizer
+from pipeline.networks import UNet
+from pipeline.streaming import predict_zarr
+from pipeline.synthetic import make_image, to_uint8
+from pipeline.transforms import BinarizeMask
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "reliability.md"
+TRAIN = "bundles/em_unet/configs/train.yaml"
+INFER = "bundles/em_unet/configs/inference.yaml"
+EVALUATE = "bundles/em_unet/configs/evaluate.yaml"
+FEATURES = [4, 8, 16, 32, 64]
+ROWS: dict = {}
+
+
+class BundleError(Exception):
+    """A bundle command that failed; the message is the end of its stderr."""
+
+
+def row(name, exc, pattern):
+    def register(fn):
+        ROWS[name] = (fn, exc, pattern)
+        return fn
+
+    return register
+
+
+def net():
+    torch.manual_seed(0)
+    return UNet(features=FEATURES).eval()
+
+
+def bundle(*args, cwd=ROOT):
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise BundleError(proc.stderr)
+    return proc
+
+
+def train(tmp, *extra):
+    return lambda: bundle(
+        "run", "training", "--config_file", TRAIN, "--features", str(FEATURES).replace(" ", ""),
+        "--ckpt_dir", str(tmp / "models"), "--output_dir", str(tmp / "eval"), "--data_cache_dir", str(tmp / "cache"),
+        "--num_epochs", "1", *extra,
+    )
+
+
+def tiny_checkpoint(tmp, features=FEATURES):
+    torch.manual_seed(0)
+    torch.save(UNet(features=features).state_dict(), tmp / "model.pt")
+    return tmp / "model.pt"
+
+
+def infer(tmp, *extra, config_file=INFER):
+    return lambda: bundle(
+        "run", "--config_file", config_file, "--features", str(FEATURES).replace(" ", ""),
+        "--checkpoint", str(tmp / "model.pt"), "--output_dir", str(tmp / "out"), *extra,
+    )
+
+
+def sections(tmp, n=2, shape=(40, 44)):
+    stack = np.stack([to_uint8(make_image(shape, seed=i)[0]) for i in range(n)])
+    tifffile.imwrite(tmp / "stack.tif", stack, photometric="minisblack")
+    return tmp / "stack.tif"
+
+
+# ------------------------------------------------------------------ inferer (Python API)
+@row("tile-size-invalid", ValueError, r"output tile \(50, 50\) is not a valid output size.*nearest larger valid tile: \(52, 52\)")
+def _(tmp):
+    return lambda: OverlapTileInferer(tile_size=50)(torch.zeros(1, 1, 60, 60), net())
+
+
+@row("image-wrong-dims", ValueError, r"2D network needs inputs of shape \(B, C, 2 spatial axes\).*got shape \(60, 60\)")
+def _(tmp):
+    return lambda: OverlapTileInferer()(torch.zeros(60, 60), net())
+
+
+@row("image-wrong-channels", ValueError, r"network expects 1 input channel\(s\), got 3")
+def _(tmp):
+    return lambda: OverlapTileInferer()(torch.zeros(1, 3, 60, 60), net())
+
+
+@row("image-nan-inf", ValueError, r"input has 2 non-finite pixel\(s\) \(NaN or Inf\) of 3600; replace them")
+def _(tmp):
+    x = torch.zeros(1, 1, 60, 60)
+    x[0, 0, 3, 4], x[0, 0, 5, 6] = float("nan"), float("inf")
+    return lambda: OverlapTileInferer()(x, net())
+
+
+@row("image-empty", ValueError, r"cannot predict an empty input of shape \(1, 1, 0, 60\)")
+def _(tmp):
+    return lambda: OverlapTileInferer()(torch.zeros(1, 1, 0, 60), net())
+
+
+@row("image-complex-dtype", TypeError, r"input dtype torch.complex64 is not supported; give a real image")
+def _(tmp):
+    return lambda: OverlapTileInferer()(torch.zeros(1, 1, 60, 60, dtype=torch.complex64), net())
+
+
+@row("inferer-bad-settings", ValueError, r"padding_mode must be one of .*reflect.*got 'mirror'")
+def _(tmp):
+    return lambda: OverlapTileInferer(padding_mode="mirror")
+
+
+# ------------------------------------------------------------------ files (Python API)
+@row("tiff-truncated", ValueError, r"could not read .*cut.tif as TIFF: .*truncated")
+def _(tmp):
+    sections(tmp, n=4)
+    blob = (tmp / "stack.tif").read_bytes()
+    (tmp / "cut.tif").write_bytes(blob[: len(blob) * 2 // 3])
+    return lambda: read_image(tmp / "cut.tif")
+
+
+@row("nifti-truncated", ValueError, r"could not read .*cut.nii.gz as NIfTI: EOFError")
+def _(tmp):
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((30, 30, 4), dtype=np.float32), np.eye(4)), tmp / "v.nii.gz")
+    blob = (tmp / "v.nii.gz").read_bytes()
+    (tmp / "cut.nii.gz").write_bytes(blob[: len(blob) // 2])
+    return lambda: read_image(tmp / "cut.nii.gz")
+
+
+@row("mha-corrupt", ValueError, r"could not read .*bad.mha as \.mha with SimpleITK")
+def _(tmp):
+    (tmp / "bad.mha").write_text("ObjectType = Image\nNDims = 2\nDimSize = 40 40\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n")
+    return lambda: read_image(tmp / "bad.mha")
+
+
+@row("zarr-corrupt", ValueError, r"could not open .*a.zarr as a zarr array: its metadata is corrupt")
+def _(tmp):
+    zarr.open_array(str(tmp / "a.zarr"), mode="w", shape=(2, 40, 40), chunks=(1, 40, 40), dtype="f4")[:] = 1
+    (tmp / "a.zarr" / "zarr.json").write_text("{garbage")
+    return lambda: predict_zarr(net(), str(tmp / "a.zarr"), tmp / "out.zarr")
+
+
+@row("file-missing", FileNotFoundError, r"image file not found: .*nope.tif")
+def _(tmp):
+    return lambda: read_image(tmp / "nope.tif")
+
+
+@row("folder-missing", FileNotFoundError, r"input path not found: .*nope \(give an image file or a folder of images\)")
+def _(tmp):
+    return lambda: data.datalist_from_path(tmp / "nope")
+
+
+@row("folder-empty", FileNotFoundError, r"no image files .* in image folder .*empty")
+def _(tmp):
+    (tmp / "empty").mkdir()
+    sections(tmp)
+    return lambda: data.make_datalists(tmp / "empty", tmp / "stack.tif")
+
+
+@row("image-label-shape-mismatch", ValueError, r"stack.tif has shape \(4, 40, 44\) but its label .*lab.tif has \(2, 40, 44\)")
+def _(tmp):
+    sections(tmp, n=4)
+    tifffile.imwrite(tmp / "lab.tif", np.zeros((2, 40, 44), np.uint8))
+    return lambda: data.make_datalists(tmp / "stack.tif", tmp / "lab.tif")
+
+
+@row("image-label-count-mismatch", ValueError, r"no label for \['b.png'\]; no image for \['z.png'\]")
+def _(tmp):
+    img = np.zeros((20, 20), np.uint8)
+    for folder, names in (("images", "ab"), ("labels", "az")):
+        for n in names:
+            write_image(img, tmp / folder / f"{n}.png")
+    return lambda: data.make_datalists(tmp / "images", tmp / "labels")
+
+
+@row("mask-many-values", ValueError, r"cannot binarize a mask with 3 distinct values \(0, 128, 255\).*pass threshold=.*or foreground_values=")
+def _(tmp):
+    return lambda: BinarizeMask()(np.array([[[0, 128, 255]]], dtype=np.uint8))
+
+
+@row("mask-colour-coded", ValueError, r"mask has 3 channels that differ \(a colour-coded mask\?\); .*pass foreground_values as colours")
+def _(tmp):
+    mask = np.zeros((3, 4, 4), np.uint8)
+    mask[0, :2], mask[1, 2:] = 255, 255
+    return lambda: BinarizeMask()(mask)
+
+
+@row("write-existing-output", FileExistsError, r"out.tif already exists; pass overwrite=True to replace it")
+def _(tmp):
+    write_image(np.zeros((8, 8), np.uint8), tmp / "out.tif")
+    return lambda: write_image(np.ones((8, 8), np.uint8), tmp / "out.tif")
+
+
+@row("zarr-output-other-settings", ValueError, r"output .*out.zarr was written with other settings .*threshold.*pass overwrite=True")
+def _(tmp):
+    image = np.random.default_rng(0).random((1, 40, 40), dtype=np.float32)
+    predict_zarr(net(), image, tmp / "out.zarr", block_size=(1, 32, 32))
+    return lambda: predict_zarr(net(), image, tmp / "out.zarr", block_size=(1, 32, 32), threshold=0.7)
+
+
+@row("dask-scheduler-unreachable", ConnectionError, r"could not connect to the Dask scheduler at tcp://127.0.0.1:9 within 2 s")
+def _(tmp):
+    image = np.zeros((1, 40, 40), np.float32)
+    return lambda: predict_zarr(net(), image, tmp / "out.zarr", scheduler="tcp://127.0.0.1:9", connect_timeout=2)
+
+
+# ------------------------------------------------------------------ metrics, losses, checkpoints (Python API)
+@row("metric-shape-mismatch", ValueError, r"prediction and label shapes differ: prob \(10, 10\) vs label \(10, 12\)")
+def _(tmp):
+    return lambda: metrics.evaluate(np.zeros((10, 10)), np.zeros((10, 12)))
+
+
+@row("metric-probability-range", ValueError, r"prob must hold foreground probabilities in \[0, 1\]; found values in \[1.5, 1.5\]")
+def _(tmp):
+    return lambda: metrics.pixel_error(np.full((10, 10), 1.5), np.zeros((10, 10)))
+
+
+@row("metric-label-not-binary", ValueError, r"label must be binary: .*found values \[0, 1, 2\]")
+def _(tmp):
+    return lambda: metrics.pixel_error(np.zeros((4, 4)), np.arange(16).reshape(4, 4) % 3)
+
+
+@row("loss-unknown-name", ValueError, r"unknown loss 'dice'; valid choices: dice_ce, bce, weighted_ce")
+def _(tmp):
+    return lambda: make_loss("dice")
+
+
+@row("optimizer-negative-lr", ValueError, r"learning_rate=-0.01 is out of range; valid: \(0, inf\]")
+def _(tmp):
+    return lambda: make_optimizer("sgd", net().parameters(), -0.01)
+
+
+@row("checkpoint-other-architecture", ValueError, r"model.pt' was trained with another architecture .*encoder.0.0.weight: checkpoint \(8, 1, 3, 3\), network \(4, 1, 3, 3\).*--features")
+def _(tmp):
+    tiny_checkpoint(tmp, features=[8, 16, 32, 64, 128])
+    return lambda: load_checkpoint(net(), tmp / "model.pt")
+
+
+@row("checkpoint-python-objects", ValueError, r"refusing to load checkpoint .*evil.pt.*could run arbitrary code")
+def _(tmp):
+    torch.save({"model": {}, "hook": OverlapTileInferer}, tmp / "evil.pt")
+    return lambda: load_checkpoint(net(), tmp / "evil.pt")
+
+
+@row("resume-without-checkpoint", FileNotFoundError, r"resume=true but .*models holds no checkpoint_epoch=<N>.pt")
+def _(tmp):
+    (tmp / "models").mkdir()
+    return lambda: latest_checkpoint(tmp / "models")
+
+
+# ------------------------------------------------------------------ bundle CLI
+@row("cli-misspelt-key", BundleError, r"unknown config key\(s\): --num_epoch \(did you mean --num_epochs\?\)")
+def _(tmp):
+    return train(tmp, "--num_epoch", "3")
+
+
+@row("cli-negative-learning-rate", BundleError, r"learning_rate=-0.001 is out of range; valid: \(0, inf\]")
+def _(tmp):
+    return train(tmp, "--learning_rate", "-0.001")
+
+
+@row("cli-dropout-out-of-range", BundleError, r"dropout=1.5 is out of range; valid: \[0, 1\)")
+def _(tmp):
+    return train(tmp, "--dropout", "1.5")
+
+
+@row("cli-unknown-optimizer", BundleError, r"unknown optimizer 'adamw'; valid choices: sgd, adam")
+def _(tmp):
+    return train(tmp, "--optimizer_name", "adamw")
+
+
+@row("cli-invalid-patch-size", BundleError, r"573.*nearest valid: 572 or 588")
+def _(tmp):
+    return train(tmp, "--patch_size", "[573,572]")
+
+
+@row("cli-unwritable-output", BundleError, r"output folder .*blocker/models' cannot be used: .*blocker' is a file")
+def _(tmp):
+    (tmp / "blocker").write_text("a file, not a folder")
+    return train(tmp, "--ckpt_dir", str(tmp / "blocker" / "models"))
+
+
+@row("cli-checkpoint-truncated", BundleError, r"checkpoint .*model.pt' cannot be read: it is truncated or not a PyTorch checkpoint")
+def _(tmp):
+    blob = tiny_checkpoint(tmp).read_bytes()
+    (tmp / "model.pt").write_bytes(blob[: len(blob) // 2])
+    sections(tmp)
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"))
+
+
+@row("cli-checkpoint-other-architecture", BundleError, r"trained with another architecture .*checkpoint \(8, 1, 3, 3\), network \(4, 1, 3, 3\)")
+def _(tmp):
+    tiny_checkpoint(tmp, features=[8, 16, 32, 64, 128])
+    sections(tmp)
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"))
+
+
+@row("cli-input-missing", BundleError, r"input path not found: .*missing.tif")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "missing.tif"))
+
+
+@row("cli-existing-prediction", BundleError, r"1 output file\(s\) exist already, e.g. \[.*masks/stack.tif'\]; nothing was written. Pass --overwrite true")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    sections(tmp)
+    write_image(np.zeros((2, 40, 44), np.uint8), tmp / "out" / "masks" / "stack.tif")  # the second output written
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"))
+
+
+@row("cli-evaluate-label-not-binary", BundleError, r"lab.tif.*3 distinct values \(0, 1, 2\)")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    sections(tmp)
+    tifffile.imwrite(tmp / "lab.tif", (np.arange(2 * 40 * 44).reshape(2, 40, 44) % 3).astype(np.uint8))
+    return infer(tmp, "--images", str(tmp / "stack.tif"), "--labels", str(tmp / "lab.tif"), config_file=EVALUATE)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every path under ``folder``: files by size and modification time, folders by existence."""
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_bad_input_row(name, tmp_path):
+    make, exc, pattern = ROWS[name]
+    action = make(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(exc) as info:
+        action()
+    assert re.search(pattern, str(info.value), re.S), f"{name}: message does not match {pattern!r}:\n{str(info.value)[-3000:]}"
+    after = snapshot(tmp_path)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"{name}: files were created, changed or removed: {changed}"
+
+
+def test_doc_matrix_lists_every_row():
+    """docs/reliability.md has one table row per case here, by name, and nothing else."""
+    documented = re.findall(r"^\| `([a-z0-9-]+)` \|", DOC.read_text(), re.M)
+    assert sorted(documented) == sorted(ROWS) and len(documented) == len(set(documented))
+    assert len(ROWS) >= 25
+
+
+def test_accepted_inputs_image_smaller_than_tile_and_integer_dtypes():
+    """Not errors: an image smaller than one tile is mirrored to the tile (output = input size),
+    and integer/bool/float16 images are computed in the network's dtype, equal to float32 input."""
+    model = net()
+    image = torch.as_tensor(to_uint8(make_image((9, 13), seed=1)[0]))[None, None]
+    out = OverlapTileInferer(tile_size=20)(image, model)
+    assert out.shape == (1, 2, 9, 13)
+    torch.testing.assert_close(out, OverlapTileInferer(tile_size=20)(image.float(), model), rtol=0, atol=0)
+    assert OverlapTileInferer()(image > 127, model).dtype == torch.float32
+
+
+def test_config_check_helpers():
+    """The checks the configs run, on their own: CLI parsing forms and ranges."""
+    assert config.cli_overrides(["run", "training", "--a", "1", "--b=2", "--flag", "--c", "x"]) == {"a": "1", "b": "2", "flag": "", "c": "x"}
+    train_yaml, quick, isbi = ROOT / TRAIN, ROOT / "configs/quickstart.yaml", ROOT / "configs/isbi2012.yaml"
+    config.check_cli_keys(["run", "--config_file", f"['{train_yaml}','{quick}']", "--train#dataloader#num_workers", "2"])
+    with pytest.raises(ValueError, match=r"--val_slice \(did you mean --val_slices\?\)"):
+        config.check_cli_keys(["run", "--config_file", f"{train_yaml},{isbi}", "--val_slice", "[0,5]"])
+    with pytest.raises(ValueError, match=r"num_epochs=0 is out of range; valid: \[1, inf\]; momentum=1 is out of range"):
+        config.check_hyperparameters(num_epochs=0, momentum=1, learning_rate=None)
+    with pytest.raises(ValueError, match=r"batch_size=2.5 must be an integer"):
+        config.check_hyperparameters(batch_size=2.5)
