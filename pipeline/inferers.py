@@ -159,6 +159,8 @@ def overlap_tile_inference(
     memory_budget_mb: float = 1024.0,
     device: torch.device | str | None = None,
     progress: bool = False,
+    amp: bool | None = None,
+    amp_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """Predict ``inputs`` tile by tile; see :class:`OverlapTileInferer` for the arguments.
 
@@ -180,6 +182,7 @@ def overlap_tile_inference(
         out = overlap_tile_inference(
             flat, network, tile_size=tile_size, batch_size=batch_size, padding_mode=padding_mode,
             context=context, memory_budget_mb=memory_budget_mb, device=device, progress=progress,
+            amp=amp, amp_dtype=amp_dtype,
         )
         return out.reshape(b, z, out.shape[1], *out.shape[2:]).permute(0, 2, 1, 3, 4)
     if inputs.ndim != nd + 2:
@@ -194,6 +197,11 @@ def overlap_tile_inference(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if 0 in inputs.shape:
         raise ValueError(f"cannot predict an empty input of shape {tuple(inputs.shape)}")
+    if inputs.is_complex():
+        raise TypeError(f"input dtype {inputs.dtype} is not supported; give a real image (bool, integer or floating point)")
+    weight_dtype = next(network.parameters()).dtype
+    if inputs.dtype != weight_dtype:  # uint8 sections, float16 files, ...: computed in the network's dtype
+        inputs = inputs.to(weight_dtype)
     bad = (~torch.isfinite(inputs)).sum().item() if inputs.is_floating_point() else 0
     if bad:
         raise ValueError(
@@ -232,9 +240,27 @@ def overlap_tile_inference(
 
     out_device = inputs.device if device is None else torch.device(device)
     net_device = next(network.parameters()).device
+    # tiles follow the network's memory format: a network moved to channels_last (as the bundle
+    # configs do) gets channels_last tiles, so oneDNN/cuDNN run their NHWC kernels without reorders
+    weight = next((p for p in network.parameters() if p.ndim == 4 and p.shape[1] > 1), None)
+    nhwc = inputs.ndim == 4 and weight is not None and not weight.is_contiguous() and weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    memory_format = torch.channels_last if nhwc else torch.contiguous_format
+    if amp is None:  # mixed precision by default on CUDA only (CPU bf16 is slower without AMX)
+        amp = net_device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(net_device.type, dtype=amp_dtype, enabled=bool(amp)):
+        return _predict_tiles(
+            network, padded, inputs.shape[0], spatial, starts, tile, margin, valid, batch_size, net_device, out_device,
+            memory_format, progress,
+        )
+
+
+def _predict_tiles(network, padded, n_images, spatial, starts, tile, margin, valid, batch_size, net_device,
+                   out_device, memory_format, progress) -> torch.Tensor:
+    """The tile loop of :func:`overlap_tile_inference`: batches of tiles in, abutting output regions out."""
     out = None
     regions = list(itertools.product(*[tile_regions(*a) for a in zip(spatial, starts, tile)]))
-    n_images = inputs.shape[0]
     queue = [(i, region) for region in regions for i in range(n_images)]
     iterator = range(0, len(queue), batch_size)
     if progress:
@@ -245,12 +271,13 @@ def overlap_tile_inference(
         chunk = queue[first : first + batch_size]
         batch = torch.stack(
             [padded[i][(slice(None),) + tuple(slice(p, p + t + 2 * margin) for (p, _), t in zip(reg, tile))] for i, reg in chunk]
-        ).to(net_device, non_blocking=True)
+        ).to(net_device, non_blocking=True).contiguous(memory_format=memory_format)
         pred = network(batch)
         if not valid:  # keep the centre of a same-padded tile
             pred = pred[(slice(None), slice(None)) + tuple(slice(margin, margin + t) for t in tile)]
-        if out is None:
-            out = torch.empty((n_images, pred.shape[1], *spatial), dtype=pred.dtype, device=out_device)
+        if out is None:  # float32 even under autocast; a normal tensor (not an inference tensor), so
+            with torch.inference_mode(False):  # callers may modify it in place (TTA sums, MONAI post-processing)
+                out = torch.empty((n_images, pred.shape[1], *spatial), dtype=torch.float32, device=out_device)
         for (i, reg), tile_out in zip(chunk, pred):
             # abutting output tiles: each writes only its own region (tile_regions)
             dest = (i, slice(None)) + tuple(slice(p, p + k) for p, k in reg)
@@ -294,6 +321,13 @@ class OverlapTileInferer(Inferer):
             averaged as the network returns them.
         device: where the output is gathered (default: the input's device).
         progress: show a tqdm progress bar over tile batches.
+        amp: run the network under ``torch.autocast`` with ``amp_dtype``; default (``None``): on
+            CUDA only. The output is float32 either way.
+        amp_dtype: ``torch.bfloat16`` (default) or ``torch.float16``.
+
+    Tiles run under ``torch.inference_mode``. They take the network's memory format: after
+    ``network.to(memory_format=torch.channels_last)`` (the bundle configs do this) the tiles are
+    channels-last too.
     """
 
     def __init__(
@@ -306,6 +340,8 @@ class OverlapTileInferer(Inferer):
         tta: bool = False,
         device: torch.device | str | None = None,
         progress: bool = False,
+        amp: bool | None = None,
+        amp_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         super().__init__()
         if padding_mode not in PAD_MODES:
@@ -317,7 +353,7 @@ class OverlapTileInferer(Inferer):
         self.tta = tta
         self.kwargs: dict[str, Any] = dict(
             tile_size=tile_size, batch_size=batch_size, padding_mode=padding_mode, context=context,
-            memory_budget_mb=memory_budget_mb, device=device, progress=progress,
+            memory_budget_mb=memory_budget_mb, device=device, progress=progress, amp=amp, amp_dtype=amp_dtype,
         )
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:

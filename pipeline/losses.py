@@ -1,4 +1,4 @@
-"""One loss factory for the bundle configs.
+"""The loss and optimiser factories of the bundle configs.
 
 Every loss takes logits ``(B, C, *out_spatial)`` and a label of the same spatial size
 (the data transforms crop the label to the network's output size once, so a valid
@@ -58,22 +58,29 @@ class WeightedCrossEntropy(nn.Module):
         return (weight * ce).mean()
 
 
+def _plain(x):
+    """A MetaTensor as a plain tensor (no copy): MONAI's per-op metadata tracking costs time in training."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
 def prepare_batch(name: str):
-    """The trainer's ``prepare_batch`` for a loss: the weight map joins the label for ``weighted_ce``."""
+    """The trainer's ``prepare_batch`` for a loss: image and label as plain tensors on the device;
+    for ``weighted_ce`` the weight map joins the label as a second channel."""
     from monai.engines.utils import default_prepare_batch
 
     _check_name(name)
-    if name != "weighted_ce":
-        return default_prepare_batch
 
-    def with_weight(batchdata, device=None, non_blocking=False, **kwargs):
+    def prepare(batchdata, device=None, non_blocking=False, **kwargs):
+        image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        image, label = _plain(image), _plain(label)
+        if name != "weighted_ce":
+            return image, label
         if "weight" not in batchdata:
             raise ValueError("weighted_ce needs a 'weight' key in the batch (add pipeline.transforms.BorderWeightMapd)")
-        image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-        weight = batchdata["weight"].to(device=device, non_blocking=non_blocking)
+        weight = _plain(batchdata["weight"]).to(device=device, non_blocking=non_blocking)
         return image, torch.cat([label.to(weight.dtype), weight], dim=1)
 
-    return with_weight
+    return prepare
 
 
 def make_loss(name: str, out_channels: int | None = None) -> nn.Module:
@@ -97,3 +104,18 @@ def make_loss(name: str, out_channels: int | None = None) -> nn.Module:
     if name == "weighted_ce":
         return WeightedCrossEntropy()
     return BCEWithLogits()
+
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(name: str, parameters, learning_rate: float, momentum: float = 0.99) -> torch.optim.Optimizer:
+    """``"sgd"`` (with ``momentum``, the paper: 0.99) or ``"adam"``, with range-checked values."""
+    from pipeline.config import check_hyperparameters
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
+    check_hyperparameters(learning_rate=learning_rate, momentum=momentum if name == "sgd" else None)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=learning_rate, momentum=momentum)
+    return torch.optim.Adam(parameters, lr=learning_rate)

@@ -126,11 +126,13 @@ def train_paper(args, work: Path) -> dict:
            "--dataset_dir", str(args.data_dir), "--val_slices", repr(list(VAL_SLICES)),
            "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"),
            "--data_cache_dir", str(work / "cache")]
+    for key, value in args.paper_set.items():
+        cmd += [f"--{key}", json.dumps(value).replace(" ", "")]
     run_logged(cmd, work / "train.log", args.threads, timeout=args.minutes * 90 + 900)
     return json.loads(stats.read_text())
 
 
-def predict_paper(work: Path, images: np.ndarray):
+def predict_paper(args, work: Path, images: np.ndarray):
     import torch
     from monai.bundle import ConfigParser
 
@@ -138,6 +140,8 @@ def predict_paper(work: Path, images: np.ndarray):
 
     parser = ConfigParser()
     parser.read_config([str(REPO / c) for c in BUNDLE_CONFIGS])  # its `$import` lines run when parsed
+    for key, value in args.paper_set.items():
+        parser[key] = value
     net = parser.get_parsed_content("network_def")
     state = torch.load(work / "models" / "model_final.pt", map_location="cpu", weights_only=True)
     net.load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
@@ -198,7 +202,7 @@ def train_baseline(args, work: Path) -> dict:
     return json.loads((work / "stats.json").read_text())
 
 
-def predict_baseline(work: Path, images: np.ndarray):
+def predict_baseline(args, work: Path, images: np.ndarray):
     import torch
     from monai.inferers import SlidingWindowInferer
 
@@ -266,8 +270,16 @@ def main() -> None:
                          "or <repo>/../shared/data/isbi2012)")
     ap.add_argument("--work-dir", type=Path, default=None, help="checkpoints and logs (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--paper-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override bundle keys for (a), values in YAML, e.g. dropout=0 elastic_prob=0.5")
     ap.add_argument("--baseline-out", default=None, help=argparse.SUPPRESS)  # internal: the (b) training subprocess
     args = ap.parse_args()
+    import yaml
+
+    try:
+        args.paper_set = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.paper_set)}
+    except ValueError:
+        ap.error(f"--paper-set takes KEY=VALUE items, got {args.paper_set}")
     if args.minutes <= 0 or args.threads < 1:
         ap.error("--minutes must be > 0 and --threads >= 1")
     args.data_dir = args.data_dir.expanduser().resolve()
@@ -296,11 +308,11 @@ def main() -> None:
         stats = train(args, mdir)
         stats["wall_seconds"] = time.time() - t0
         print(f"  {stats['iterations']} iterations in {stats['train_seconds']:.0f} s; scoring sections 20-24", flush=True)
-        results[m] = {**stats, **score(*predict(mdir, images), images, labels)}
+        results[m] = {**stats, **score(*predict(args, mdir, images), images, labels)}
     targets = print_report(results)
     if args.json:
         payload = dict(minutes=args.minutes, threads=args.threads, data_dir=str(args.data_dir), work_dir=str(work),
-                       val_slices=list(VAL_SLICES), methods={LABELS[m]: r for m, r in results.items()},
+                       val_slices=list(VAL_SLICES), paper_set=args.paper_set, methods={LABELS[m]: r for m, r in results.items()},
                        targets=targets, paper_table1=PAPER_TABLE1)
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"results written to {args.json}")

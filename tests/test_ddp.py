@@ -74,9 +74,12 @@ def test_overlay_keeps_writers_on_rank_0():
         "$@train#trainer.run()",
         "$@summary_writer.close()",
     ], "train.yaml's training steps changed: update the copy in multi_gpu_train.yaml"
-    assert base["initialize"] == ["$monai.utils.set_determinism(seed=@seed)"], (
+    assert base["initialize"] == [
+        "@checks", "$monai.utils.set_determinism(seed=@seed)", "$setattr(torch.backends.cudnn, 'benchmark', True)"
+    ], (
         "train.yaml's initialize changed: update the copy in multi_gpu_train.yaml"
     )
+    assert parser["initialize"][0] == "@checks"  # the overlay's: the same checks, first, on every rank
     assert base["run"] == "@training"
     assert base["datalist"] == (  # the overlay calls it on rank 0 first, then on the others
         "$pipeline.synthetic.write_dataset(@data_cache_dir, n_images=@num_images, shape=@image_size, seed=@seed)"
