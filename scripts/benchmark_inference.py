@@ -230,6 +230,10 @@ def run_worker(spec: dict) -> dict:
             inferer = OverlapTileInferer(tile_size=tile, batch_size=spec["batch_size"])
             settings = f"batch {spec['batch_size']}"
 
+        if spec.get("channels_last"):  # the bundle configs' setting: tiles follow the network's format
+            net.to(memory_format=torch.channels_last)
+            settings += ", channels_last"
+
         def run(inp):
             if stack:  # the (B, C, Z, Y, X) path: slices batched through the 2D network
                 return inferer(inp.permute(1, 0, 2, 3).unsqueeze(0), net)[0].permute(1, 0, 2, 3)
@@ -340,6 +344,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hover-roi", type=int, default=572, help="window (input) size of (b); must be a valid input size")
     p.add_argument("--same-roi", type=int, default=256, help="window size of (c)")
     p.add_argument("--same-overlap", type=float, default=0.25, help="overlap of (c)")
+    p.add_argument("--channels-last", action="store_true", help="ours-auto/ours-tile: network in channels_last (as the bundles)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per method (best is reported)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--matmul-repeats", type=int, default=5)
@@ -402,6 +407,7 @@ def main(argv=None) -> int:
                     method=method, data=str(data_path), out=str(folder / f"{name}_{method}.npy"), features=features,
                     threads=args.threads, tile=args.tile, max_tile=args.max_tile, batch_size=args.batch_size,
                     auto_batch_size=args.auto_batch_size, auto_budget_mb=args.auto_budget_mb, hover_roi=args.hover_roi,
+                    channels_last=args.channels_last,
                     same_roi=args.same_roi, same_overlap=args.same_overlap, repeat=args.repeat,
                     matmul_size=args.matmul_size, matmul_repeats=3,
                 )
