@@ -100,7 +100,7 @@ class TensorBoardImages:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     @staticmethod
-    def _plane(x) -> "torch.Tensor":
+    def _plane(x):
         import torch
 
         x = torch.as_tensor(x).detach().float().cpu()

@@ -81,7 +81,7 @@ def test_run_id_run_and_bad_patch_size(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(tmp_path):
-    first = run_bundle(tmp_path, *TINY, "--weight_w0", "10", "--loss_name", "weighted_ce")
+    run_bundle(tmp_path, *TINY, "--weight_w0", "10", "--loss_name", "weighted_ce")
     assert (tmp_path / "models/checkpoint_epoch=2.pt").is_file()
     ckpt = torch.load(tmp_path / "models/checkpoint_epoch=2.pt", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(ckpt) and ckpt["trainer"]["iteration"] == 2 * 3
