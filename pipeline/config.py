@@ -74,7 +74,7 @@ def cli_overrides(argv: Sequence[str]) -> dict[str, str]:
             key, eq, value = arg[2:].partition("=")
             if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
                 value, i = args[i + 1], i + 1
-            out[key.replace("-", "_") if key in ("config-file", "meta-file") else key] = value
+            out[key.replace("-", "_")] = value  # fire, behind the bundle CLI, reads --a-b as a_b
         i += 1
     return out
 

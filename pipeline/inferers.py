@@ -249,17 +249,8 @@ def overlap_tile_inference(
     memory_format = torch.channels_last if nhwc else torch.contiguous_format
     if amp is None:  # mixed precision by default on CUDA only (CPU bf16 is slower without AMX)
         amp = net_device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(net_device.type, dtype=amp_dtype, enabled=bool(amp)):
-        return _predict_tiles(
-            network, padded, inputs.shape[0], spatial, starts, tile, margin, valid, batch_size, net_device, out_device,
-            memory_format, progress,
-        )
-
-
-def _predict_tiles(network, padded, n_images, spatial, starts, tile, margin, valid, batch_size, net_device,
-                   out_device, memory_format, progress) -> torch.Tensor:
-    """The tile loop of :func:`overlap_tile_inference`: batches of tiles in, abutting output regions out."""
     out = None
+    n_images = inputs.shape[0]
     regions = list(itertools.product(*[tile_regions(*a) for a in zip(spatial, starts, tile)]))
     queue = [(i, region) for region in regions for i in range(n_images)]
     iterator = range(0, len(queue), batch_size)
@@ -267,21 +258,22 @@ def _predict_tiles(network, padded, n_images, spatial, starts, tile, margin, val
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc="tiles", unit="batch")
-    for first in iterator:
-        chunk = queue[first : first + batch_size]
-        batch = torch.stack(
-            [padded[i][(slice(None),) + tuple(slice(p, p + t + 2 * margin) for (p, _), t in zip(reg, tile))] for i, reg in chunk]
-        ).to(net_device, non_blocking=True).contiguous(memory_format=memory_format)
-        pred = network(batch)
-        if not valid:  # keep the centre of a same-padded tile
-            pred = pred[(slice(None), slice(None)) + tuple(slice(margin, margin + t) for t in tile)]
-        if out is None:  # float32 even under autocast; a normal tensor (not an inference tensor), so
-            with torch.inference_mode(False):  # callers may modify it in place (TTA sums, MONAI post-processing)
-                out = torch.empty((n_images, pred.shape[1], *spatial), dtype=torch.float32, device=out_device)
-        for (i, reg), tile_out in zip(chunk, pred):
-            # abutting output tiles: each writes only its own region (tile_regions)
-            dest = (i, slice(None)) + tuple(slice(p, p + k) for p, k in reg)
-            out[dest] = tile_out[(slice(None),) + tuple(slice(0, k) for _, k in reg)].to(out_device)
+    with torch.inference_mode(), torch.autocast(net_device.type, dtype=amp_dtype, enabled=bool(amp)):
+        for first in iterator:
+            chunk = queue[first : first + batch_size]
+            batch = torch.stack(
+                [padded[i][(slice(None),) + tuple(slice(p, p + t + 2 * margin) for (p, _), t in zip(reg, tile))] for i, reg in chunk]
+            ).to(net_device, non_blocking=True).contiguous(memory_format=memory_format)
+            pred = network(batch)
+            if not valid:  # keep the centre of a same-padded tile
+                pred = pred[(slice(None), slice(None)) + tuple(slice(margin, margin + t) for t in tile)]
+            if out is None:  # float32 even under autocast; a normal tensor (not an inference tensor), so
+                with torch.inference_mode(False):  # callers may modify it in place (TTA sums, MONAI post-processing)
+                    out = torch.empty((n_images, pred.shape[1], *spatial), dtype=torch.float32, device=out_device)
+            for (i, reg), tile_out in zip(chunk, pred):
+                # abutting output tiles: each writes only its own region (tile_regions)
+                dest = (i, slice(None)) + tuple(slice(p, p + k) for p, k in reg)
+                out[dest] = tile_out[(slice(None),) + tuple(slice(0, k) for _, k in reg)].to(out_device)
     return out
 
 

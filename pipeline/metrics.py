@@ -414,6 +414,15 @@ def _rand_from_sums(s_ab: float, s_t: float, s_s: float) -> Scores:
     return Scores(2.0 * s_ab / (s_t + s_s), _ratio(s_ab, s_s), _ratio(s_ab, s_t))
 
 
+def _segmentation_contingency(pred_seg, gt_seg) -> _Contingency:
+    """Check two label images of one shape and return their foreground-restricted contingency."""
+    p = _check_segmentation(pred_seg, "pred_seg")
+    g = _check_segmentation(gt_seg, "gt_seg")
+    if p.shape != g.shape:
+        raise ValueError(f"pred_seg shape {p.shape} differs from gt_seg shape {g.shape}")
+    return _contingency(p, g)
+
+
 def rand_scores(pred_seg, gt_seg, *, count_self_pairs: bool = True) -> Scores:
     """Foreground-restricted Rand scores ``(V_rand, merge, split)`` of two label images.
 
@@ -429,11 +438,7 @@ def rand_scores(pred_seg, gt_seg, *, count_self_pairs: bool = True) -> Scores:
 
     Returns NaN scores when the ground truth has no foreground.
     """
-    p = _check_segmentation(pred_seg, "pred_seg")
-    g = _check_segmentation(gt_seg, "gt_seg")
-    if p.shape != g.shape:
-        raise ValueError(f"pred_seg shape {p.shape} differs from gt_seg shape {g.shape}")
-    c = _contingency(p, g)
+    c = _segmentation_contingency(pred_seg, gt_seg)
     if c.n == 0:
         return Scores(float("nan"), float("nan"), float("nan"))
     return _rand_from_sums(*_rand_sums(c, count_self_pairs))
@@ -470,11 +475,7 @@ def info_terms(pred_seg, gt_seg) -> dict[str, float]:
     ``variation_of_information`` H(T|S) + H(S|T). Same pixel conventions as
     :func:`rand_scores` (GT 0 ignored, predicted 0 = singletons).
     """
-    p = _check_segmentation(pred_seg, "pred_seg")
-    g = _check_segmentation(gt_seg, "gt_seg")
-    if p.shape != g.shape:
-        raise ValueError(f"pred_seg shape {p.shape} differs from gt_seg shape {g.shape}")
-    c = _contingency(p, g)
+    c = _segmentation_contingency(pred_seg, gt_seg)
     if c.n == 0:
         nan = float("nan")
         return dict.fromkeys(

@@ -1,4 +1,4 @@
-"""Facts about the machine that the benchmark scripts print beside their numbers."""
+"""Helpers shared by the benchmark scripts: machine facts printed beside their numbers, memory readings, formatting."""
 
 from __future__ import annotations
 
@@ -29,3 +29,17 @@ def machine_busy_seconds() -> float | None:
     user, nice, system, idle, iowait, irq, softirq = fields[:7]
     steal = fields[7] if len(fields) > 7 else 0
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def status_kb(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``), or None where unavailable."""
+    try:
+        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def fmt(v, spec: str = ".2f", none: str = "-") -> str:
+    """``v`` formatted with ``spec``, or ``none`` for a missing value."""
+    return none if v is None else format(v, spec)

@@ -53,7 +53,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -137,7 +136,7 @@ def matmul_gflops(size: int, repeats: int) -> float:
     return 2 * size**3 / best / 1e9
 
 
-from _machine import cpu_model, machine_busy_seconds  # noqa: E402  (scripts/ is on sys.path)
+from _machine import cpu_model, fmt, machine_busy_seconds, status_kb  # noqa: E402  (scripts/ is on sys.path)
 
 
 def others_busy(seconds: float = 2.0) -> float | None:
@@ -157,14 +156,6 @@ def wait_for_idle(limit_s: float, threshold: float = 0.15) -> float | None:
             return busy
         print(f"  (others keep {busy:.0%} of the machine busy; waiting)", flush=True)
         time.sleep(10)
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
 
 
 def _reset_peak_rss() -> bool:
@@ -274,7 +265,7 @@ def run_worker(spec: dict) -> dict:
     peak_kb = None
     for rep in range(spec["repeat"]):
         gc.collect()
-        rss_before_kb = _status_kb("VmRSS")
+        rss_before_kb = status_kb("VmRSS")
         clean = _reset_peak_rss()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         with FlopCounter(net) as fc, torch.inference_mode():
@@ -282,7 +273,7 @@ def run_worker(spec: dict) -> dict:
             out = run(x)
             seconds = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
-        hwm = _status_kb("VmHWM") if clean else None
+        hwm = status_kb("VmHWM") if clean else None
         peak = hwm if hwm is not None else ru1.ru_maxrss  # ru_maxrss: KiB on Linux
         peak_kb = peak if peak_kb is None else max(peak_kb, peak)
         if seconds < best:
@@ -319,10 +310,6 @@ def make_data(kind: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     if len(shape) == 3:
         return synthetic.make_stack(shape, seed=seed)[0].astype(np.float32)
     return synthetic.make_image(shape, seed=seed)[0].astype(np.float32)
-
-
-def fmt(v, spec: str = ".2f", none: str = "-") -> str:
-    return none if v is None else format(v, spec)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

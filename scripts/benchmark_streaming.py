@@ -63,7 +63,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import shutil
 import subprocess
@@ -80,15 +79,7 @@ MIB = 2**20
 
 
 # ---------------------------------------------------------------- machine facts
-from _machine import cpu_model, machine_busy_seconds  # noqa: E402  (scripts/ is on sys.path)
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
+from _machine import cpu_model, fmt, machine_busy_seconds, status_kb  # noqa: E402  (scripts/ is on sys.path)
 
 
 def _cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
@@ -167,7 +158,7 @@ def run_child(spec: dict) -> dict:
     result = dict(threads=spec["threads"], torch_threads=torch.get_num_threads())
     cpu0 = _cpu_seconds()
     if spec["scheduler"] is None:
-        rss_before = _status_kb("VmRSS")
+        rss_before = status_kb("VmRSS")
         busy0, t = machine_busy_seconds(), time.perf_counter()
         predict_zarr(net, spec["source"], spec["output"], **kwargs)
         seconds, busy1 = time.perf_counter() - t, machine_busy_seconds()
@@ -178,7 +169,7 @@ def run_child(spec: dict) -> dict:
         client, owned = streaming._client("local", spec["workers"], 1, 30.0)  # as predict_zarr(scheduler="local")
         client.wait_for_workers(spec["workers"])
         start = time.perf_counter() - t
-        rss_before = _status_kb("VmRSS")
+        rss_before = status_kb("VmRSS")
         before = client.run(_worker_usage)
         self0, busy0, t = _cpu_seconds(), machine_busy_seconds(), time.perf_counter()
         predict_zarr(net, spec["source"], spec["output"], scheduler=client, threads_per_worker=1, **kwargs)
@@ -228,10 +219,6 @@ def run_measured(spec: dict) -> dict | None:
     r = json.loads(lines[-1][7:])
     r.update(spec=spec, subprocess_seconds=elapsed)
     return r
-
-
-def fmt(v, spec: str = ".2f", none: str = "-") -> str:
-    return none if v is None else format(v, spec)
 
 
 def describe(r: dict) -> dict:
