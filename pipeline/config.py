@@ -204,3 +204,14 @@ def check_writable_dir(*paths: str | os.PathLike | None) -> None:
             raise PermissionError(
                 f"output folder {str(path)!r} is not writable{where}: {err.strerror}; choose a folder you can write to"
             ) from None
+
+
+def check_streaming_options(streaming: bool, **options: bool) -> None:
+    """Refuse options that block-by-block streaming prediction does not apply (``tta``, ``adapt_norm``)."""
+    on = [k for k, v in options.items() if v]
+    if streaming and on:
+        raise ValueError(
+            f"{', '.join(on)} cannot be used with streaming: true (block-by-block prediction into zarr "
+            f"does not apply {'it' if len(on) == 1 else 'them'}); set {' and '.join(k + ' false' for k in on)}, "
+            "or streaming false to predict in memory"
+        )

@@ -15,6 +15,7 @@ context margin of your choosing, and only the central part of its output is kept
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -277,6 +278,42 @@ def overlap_tile_inference(
     return out
 
 
+@contextlib.contextmanager
+def adapted_batchnorm(network: nn.Module, estimate):
+    """Within the block, ``network``'s BatchNorm layers use statistics estimated by ``estimate()``.
+
+    ``estimate`` runs the network over the data to adapt to (outputs discarded) with every
+    BatchNorm layer in training mode, its running statistics reset and averaged over all
+    batches (``momentum=None``); the block then runs with all BatchNorm layers in eval mode.
+    On exit, the statistics, momenta and the training flags of every module are restored.
+    """
+    bns = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise ValueError(
+            f"adapt_norm re-estimates BatchNorm statistics, but {type(_unwrap(network)).__name__} has no BatchNorm "
+            "layer; build the network with norm='batch', or set adapt_norm=False"
+        )
+    modes = [(m, m.training) for m in network.modules()]
+    saved = [(m, m.momentum, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the estimation batches
+            m.train()
+        estimate()
+        for m in bns:
+            m.eval()
+        yield
+    finally:
+        for m, momentum, buffers in saved:
+            m.momentum = momentum
+            with torch.no_grad():
+                for k, v in m.named_buffers(recurse=False):
+                    v.copy_(buffers[k])
+        for m, training in modes:
+            m.training = training
+
+
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
 
@@ -316,6 +353,13 @@ class OverlapTileInferer(Inferer):
         amp: run the network under ``torch.autocast`` with ``amp_dtype``; default (``None``): on
             CUDA only. The output is float32 either way.
         amp_dtype: ``torch.bfloat16`` (default) or ``torch.float16``.
+        adapt_norm: re-estimate the network's BatchNorm statistics on this call's input before
+            predicting it (AdaBN, Li et al. 2016): one extra pass over the same tiles with the
+            BatchNorm layers in training mode, then the prediction in eval mode with those
+            statistics, so every tile is normalised alike and the result stays seamless. The
+            network's own statistics and modes are restored afterwards. For sections whose grey
+            values differ from the training data (other stack regions, other sessions). Needs
+            BatchNorm layers (``norm="batch"``).
 
     Tiles run under ``torch.inference_mode``. They take the network's memory format: after
     ``network.to(memory_format=torch.channels_last)`` (the bundle configs do this) the tiles are
@@ -334,6 +378,7 @@ class OverlapTileInferer(Inferer):
         progress: bool = False,
         amp: bool | None = None,
         amp_dtype: torch.dtype = torch.bfloat16,
+        adapt_norm: bool = False,
     ) -> None:
         super().__init__()
         if padding_mode not in PAD_MODES:
@@ -342,7 +387,7 @@ class OverlapTileInferer(Inferer):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
-        self.tta = tta
+        self.tta, self.adapt_norm = tta, adapt_norm
         self.kwargs: dict[str, Any] = dict(
             tile_size=tile_size, batch_size=batch_size, padding_mode=padding_mode, context=context,
             memory_budget_mb=memory_budget_mb, device=device, progress=progress, amp=amp, amp_dtype=amp_dtype,
@@ -350,6 +395,12 @@ class OverlapTileInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Predict ``inputs`` ``(B, C, *spatial)``; returns ``(B, out_channels, *spatial)``."""
+        if self.adapt_norm:
+            with adapted_batchnorm(network, lambda: overlap_tile_inference(inputs, network, **self.kwargs)):
+                return self._predict(inputs, network)
+        return self._predict(inputs, network)
+
+    def _predict(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
         if not self.tta:
             return overlap_tile_inference(inputs, network, **self.kwargs)
         total = None

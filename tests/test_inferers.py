@@ -147,3 +147,61 @@ def test_bad_input():
         OverlapTileInferer()(nan, net)
     with pytest.raises(ValueError, match="padding_mode must be one of"):
         OverlapTileInferer(padding_mode="wrap")
+
+
+def bn_net():
+    """A small valid BatchNorm U-Net whose stored statistics are far from any input's."""
+    torch.manual_seed(0)
+    net = UNet(features=(4, 8, 16), norm="batch", dropout=0.0)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-3, 3)
+            m.running_var.uniform_(0.2, 5)
+    return net.eval()
+
+
+def test_adapt_norm_uses_the_inputs_own_statistics_and_restores_the_network():
+    net = bn_net()
+    x = 5 + 3 * torch.randn(1, 1, 40, 40, generator=torch.Generator().manual_seed(1))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    momenta = [m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    tile = 44  # one output tile covers the image: a single estimation batch
+    got = OverlapTileInferer(tile_size=tile, adapt_norm=True)(x, net)
+    # the same network with each BatchNorm's statistics taken from that one tile (momentum 1)
+    ref = UNet(features=(4, 8, 16), norm="batch", dropout=0.0)
+    ref.load_state_dict(state)
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0
+    m = net.geometry.margin
+    with torch.no_grad():  # the tile the inferer cuts: the image mirror-padded to 44 + 2 * margin
+        ref.train()(mirror_pad(x, [(m, m + 4)] * 2))
+    expected = OverlapTileInferer(tile_size=tile)(x, ref.eval())
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, OverlapTileInferer(tile_size=tile)(x, net), atol=1e-2)  # it did adapt
+    # the network is exactly as before: statistics, momenta, eval mode
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert [m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)] == momenta
+    assert not any(m.training for m in net.modules())
+
+
+def test_adapt_norm_is_seamless_and_restores_after_an_error():
+    from pipeline.inferers import adapted_batchnorm
+
+    net = bn_net().train()  # restored to training mode too
+    x = torch.randn(1, 1, 70, 58, generator=torch.Generator().manual_seed(2))
+    with adapted_batchnorm(net, lambda: OverlapTileInferer(tile_size=12)(x, net)):
+        tiled = OverlapTileInferer(tile_size=12, batch_size=3)(x, net)  # 6 x 5 tiles
+        whole = OverlapTileInferer(tile_size=76)(x, net)  # one tile
+    # every tile is normalised with the same estimated statistics: no seams
+    assert torch.allclose(tiled, whole, atol=1e-5)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def fail():
+        raise RuntimeError("estimation failed")
+
+    with pytest.raises(RuntimeError, match="estimation failed"):
+        with adapted_batchnorm(net, fail):
+            pass
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert all(m.training for m in net.modules())

@@ -126,6 +126,11 @@ def _(tmp):
     return lambda: OverlapTileInferer(padding_mode="mirror")
 
 
+@row("adapt-norm-without-batchnorm", ValueError, r"adapt_norm re-estimates BatchNorm statistics, but UNet has no BatchNorm layer; build the network with norm='batch'")
+def _(tmp):
+    return lambda: OverlapTileInferer(adapt_norm=True)(torch.zeros(1, 1, 60, 60), net())
+
+
 # ------------------------------------------------------------------ files (Python API)
 @row("tiff-truncated", ValueError, r"could not read .*cut.tif as TIFF: .*truncated")
 def _(tmp):
@@ -323,6 +328,13 @@ def _(tmp):
     sections(tmp)
     write_image(np.zeros((2, 40, 44), np.uint8), tmp / "out" / "masks" / "stack.tif")  # the second output written
     return infer(tmp, "--input_path", str(tmp / "stack.tif"))
+
+
+@row("cli-streaming-with-tta", BundleError, r"tta cannot be used with streaming: true .*; set tta false, or streaming false")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    sections(tmp)
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"), "--streaming", "true", "--tta", "true")
 
 
 @row("cli-evaluate-label-not-binary", BundleError, r"lab.tif.*3 distinct values \(0, 1, 2\)")
