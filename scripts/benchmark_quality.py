@@ -30,6 +30,7 @@ Usage::
     python scripts/benchmark_quality.py                          # 20 min per method, 2 threads
     python scripts/benchmark_quality.py --minutes 0.5 --json out.json
     python scripts/benchmark_quality.py --methods b --work-dir /tmp/bq
+    python scripts/benchmark_quality.py --work-dir /tmp/bq --score-only --paper-set adapt_norm=false
 """
 
 from __future__ import annotations
@@ -280,6 +281,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--paper-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override bundle keys for (a), values in YAML, e.g. dropout=0 elastic_prob=0.5")
+    ap.add_argument("--score-only", action="store_true",
+                    help="score the models an earlier run left in --work-dir, without training (e.g. with other --paper-set "
+                         "inference keys such as adapt_norm=false)")
     ap.add_argument("--baseline-out", default=None, help=argparse.SUPPRESS)  # internal: the (b) training subprocess
     args = ap.parse_args()
     import yaml
@@ -288,6 +292,8 @@ def main() -> None:
         args.paper_set = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.paper_set)}
     except ValueError:
         ap.error(f"--paper-set takes KEY=VALUE items, got {args.paper_set}")
+    if args.score_only and not args.work_dir:
+        ap.error("--score-only needs the --work-dir of an earlier run")
     if args.minutes <= 0 or args.threads < 1:
         ap.error("--minutes must be > 0 and --threads >= 1")
     args.data_dir = args.data_dir.expanduser().resolve()
@@ -309,12 +315,16 @@ def main() -> None:
     results = {}
     for m in args.methods:
         mdir = work / m
-        mdir.mkdir(parents=True, exist_ok=True)
-        print(f"\n{LABELS[m]}: training for {args.minutes:g} min", flush=True)
-        t0 = time.time()
         train, predict = trainers[m]
-        stats = train(args, mdir)
-        stats["wall_seconds"] = time.time() - t0
+        if args.score_only:
+            stats = json.loads((mdir / "stats.json").read_text())
+            print(f"\n{LABELS[m]}: the model trained earlier in {mdir}", flush=True)
+        else:
+            mdir.mkdir(parents=True, exist_ok=True)
+            print(f"\n{LABELS[m]}: training for {args.minutes:g} min", flush=True)
+            t0 = time.time()
+            stats = train(args, mdir)
+            stats["wall_seconds"] = time.time() - t0
         print(f"  {stats['iterations']} iterations in {stats['train_seconds']:.0f} s; scoring sections 20-24", flush=True)
         results[m] = {**stats, **score(*predict(args, mdir, images), images, labels)}
     targets = print_report(results)
