@@ -136,7 +136,8 @@ def bench_infer(args, device: torch.device, dtype: torch.dtype) -> dict:
                                  amp=dtype != torch.float32, amp_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
     with FlopCounter(net) as fc:  # the eager network: its hooks see every tile
         out = inferer(image, net)
-    inferer(image, run_net)  # warm-up (and compilation with --compile)
+    if run_net is not net:  # compiled: compile before timing (the eager FLOP pass above is the warm-up otherwise)
+        inferer(image, run_net)
     if out.shape != (1, 2, args.image, args.image) or out.device.type != "cpu" or not torch.isfinite(out).all():
         raise RuntimeError(f"unexpected inference output: shape {tuple(out.shape)} on {out.device}")
     times = []
