@@ -28,11 +28,17 @@ def select_channel(keys: Sequence[str], channel: int) -> Callable:
 
 
 def latest_checkpoint(ckpt_dir: str) -> str:
-    """The resume checkpoint ``checkpoint_epoch=<N>.pt`` (or ``_iteration=<N>``) with the largest N.
+    """The most recently written resume checkpoint ``checkpoint_epoch=<N>.pt`` (or ``_iteration=<N>``).
+
+    "Most recent" is by modification time, then by N. The largest N alone would be wrong when a
+    fresh (non-resume) run trains into a folder that still holds an earlier, longer run's
+    checkpoint: ``checkpoint_epoch=16.pt`` of the old run would win over the new run's
+    ``checkpoint_epoch=4.pt``. A higher-numbered checkpoint passed over is logged.
 
     Raises:
         FileNotFoundError: there is none, saying what to do.
     """
+    import logging
     import re
     from pathlib import Path
 
@@ -40,13 +46,19 @@ def latest_checkpoint(ckpt_dir: str) -> str:
     for path in Path(ckpt_dir).glob("checkpoint_*=*.pt"):
         match = re.fullmatch(r"checkpoint_(epoch|iteration)=(\d+)\.pt", path.name)
         if match:
-            found.append((int(match.group(2)), str(path)))
+            found.append((path.stat().st_mtime_ns, int(match.group(2)), str(path)))
     if not found:
         raise FileNotFoundError(
             f"resume=true but {ckpt_dir} holds no checkpoint_epoch=<N>.pt; train once without resume "
             "(checkpoints are written every ckpt_interval epochs) or point ckpt_dir at that run's models folder"
         )
-    return max(found)[1]
+    _, number, chosen = max(found)
+    older = sorted(p for _, n, p in found if n > number)
+    if older:
+        logging.getLogger(__name__).warning(
+            "resuming from %s, the most recently written checkpoint; %s written earlier (by another run) "
+            "has a higher number and is not used", chosen, ", ".join(older))
+    return chosen
 
 
 class LearningRateLogger:

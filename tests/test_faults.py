@@ -134,3 +134,21 @@ def test_checkpoint_saver_is_atomic(tmp_path):
 class _Unpicklable:
     def __reduce__(self):
         raise TypeError("cannot pickle this on purpose")
+
+
+def test_resume_picks_the_latest_run_not_the_largest_epoch(tmp_path, caplog):
+    """A fresh run into a folder holding an older, longer run's checkpoint resumes from its own."""
+    models = tmp_path / "models"
+    models.mkdir()
+    old, new = models / "checkpoint_epoch=16.pt", models / "checkpoint_epoch=4.pt"
+    for path, mtime in ((old, 1_000_000), (new, 2_000_000)):
+        path.write_bytes(b"")
+        os.utime(path, (mtime, mtime))
+    (models / "checkpoint_notes=1.txt").write_bytes(b"")  # not a checkpoint
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(str(models)) == str(new)
+    assert "checkpoint_epoch=16.pt" in caplog.text and "not used" in caplog.text
+    os.utime(old, (3_000_000, 3_000_000))  # the higher number is also the newer one: it wins, silently
+    caplog.clear()
+    assert latest_checkpoint(str(models)) == str(old)
+    assert caplog.text == ""
