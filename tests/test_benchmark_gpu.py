@@ -1,6 +1,7 @@
 """scripts/benchmark_gpu.py: its FLOP accounting is exact, and it runs end to end on CPU (bf16 autocast)."""
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -65,3 +66,21 @@ def test_runs_on_cpu_with_bf16_autocast_and_counts_every_tile(tmp_path):
 def test_an_invalid_tile_is_refused_with_the_nearest_valid_sizes():
     with pytest.raises(ValueError, match="572"):
         benchmark_gpu.parse_args(["--tile", "570"])
+
+
+def test_paired_reference_brackets_every_timed_unit(capsys):
+    """--paired: one matmul rate per timed unit; the fraction is the median of unit rate / that rate."""
+    argv = ["--device", "cpu", "--dtype", "fp32", "--features", "4", "8", "16", "32", "64", "--tile", "188",
+            "--image", "300", "--infer-tile", "196", "--iterations", "3", "--warmup", "1", "--repeats", "2",
+            "--matmul-size", "128", "--matmul-repeats", "2", "--paired", "0.05"]
+    rows = {r["part"]: r for r in benchmark_gpu.main(argv)["rows"]}
+    for part, units in (("train", 3), ("infer", 2)):
+        r = rows[part]
+        assert len(r["paired_matmul"]) == len(r["paired_fractions"]) == units
+        assert all(m > 0 for m in r["paired_matmul"])
+        expected = [r["flops"] / t / m for t, m in zip(r["paired_seconds"], r["paired_matmul"])]
+        assert r["paired_fractions"] == pytest.approx(expected)
+        assert r["fraction"] == pytest.approx(statistics.median(expected))
+        assert r["seconds"] == pytest.approx(statistics.median(r["paired_seconds"]))
+    out = capsys.readouterr().out
+    assert ">= 0.9 (CPU fp32)" in out and "(bf16 GPU: >= 0.4)" in out and "units " in out
