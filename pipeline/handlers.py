@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -38,10 +41,6 @@ def latest_checkpoint(ckpt_dir: str) -> str:
     Raises:
         FileNotFoundError: there is none, saying what to do.
     """
-    import logging
-    import re
-    from pathlib import Path
-
     found = []
     for path in Path(ckpt_dir).glob("checkpoint_*=*.pt"):
         match = re.fullmatch(r"checkpoint_(epoch|iteration)=(\d+)\.pt", path.name)
@@ -203,8 +202,6 @@ class EvaluationReport:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def collect(self, engine) -> None:
-        from pathlib import Path
-
         from pipeline import metrics
 
         for item in engine.state.output:
@@ -229,7 +226,6 @@ class EvaluationReport:
     def write(self, engine) -> None:
         import csv
         import json
-        from pathlib import Path
 
         if not self.rows:
             return

@@ -79,12 +79,16 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: in
 
 
 class PairedMatmul:
-    """Sustained ``torch.mm`` rate right before and after each timed unit (``--paired``)."""
+    """Sustained ``torch.mm`` rate right before and after each timed unit (``--paired SECONDS``).
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, size: int, seconds: float):
-        self.device, self.seconds, self.flop = device, seconds, 2 * size**3
-        self.a = torch.randn(size, size, device=device, dtype=dtype)
-        self.b = torch.randn(size, size, device=device, dtype=dtype)
+    With ``seconds`` 0 (the default) it measures nothing and ``summary`` adds nothing.
+    """
+
+    def __init__(self, args, device: torch.device, dtype: torch.dtype):
+        self.device, self.seconds, self.flop = device, args.paired, 2 * args.matmul_size**3
+        if self.seconds:
+            self.a = torch.randn(args.matmul_size, args.matmul_size, device=device, dtype=dtype)
+            self.b = torch.randn(args.matmul_size, args.matmul_size, device=device, dtype=dtype)
         self.rates: list[float] = []  # per unit: mean of the rates before and after it
 
     def sustained(self) -> float:
@@ -97,21 +101,20 @@ class PairedMatmul:
         return k * self.flop / (time.perf_counter() - t)
 
     @contextlib.contextmanager
-    def around(self, enabled: bool = True):
-        before = self.sustained() if enabled else None
+    def around(self, timed: bool = True):
+        if not (self.seconds and timed):
+            yield
+            return
+        before = self.sustained()
         yield
-        if enabled:
-            self.rates.append((before + self.sustained()) / 2)
+        self.rates.append((before + self.sustained()) / 2)
 
     def summary(self, flops: float, times: list[float]) -> dict:
+        if not self.seconds:
+            return {}
         fractions = [flops / t / m for t, m in zip(times, self.rates)]
         return dict(fraction=statistics.median(fractions), paired_fractions=fractions, paired_matmul=self.rates,
                     paired_seconds=times)
-
-
-def timer(args, device, dtype):
-    """A PairedMatmul with ``--paired``, else None."""
-    return PairedMatmul(device, dtype, args.matmul_size, args.paired) if args.paired else None
 
 
 def make_network(features, device: torch.device, channels_last: bool, compile_: bool):
@@ -149,10 +152,10 @@ def bench_train(args, device: torch.device, dtype: torch.dtype) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     flops = 3 * forward_flops(net, shape, device)
     net.train()
-    times, losses, paired = [], [], timer(args, device, dtype)
+    times, losses, paired = [], [], PairedMatmul(args, device, dtype)
     for i in range(args.warmup + args.iterations):
         timed = i >= args.warmup
-        with paired.around(timed) if paired else contextlib.nullcontext():
+        with paired.around(timed):
             sync(device)
             t = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -170,7 +173,7 @@ def bench_train(args, device: torch.device, dtype: torch.dtype) -> dict:
         raise RuntimeError(f"training produced a non-finite loss: {losses}")
     return dict(part="train", seconds=s, flops=flops, flops_per_s=flops / s, iterations_per_s=1 / s,
                 megapixels_per_s=args.batch * math.prod(out) / s / 1e6, detail=f"batch {args.batch} x {args.tile}^2",
-                **(paired.summary(flops, times) if paired else {}))
+                **paired.summary(flops, times))
 
 
 def bench_infer(args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -187,9 +190,9 @@ def bench_infer(args, device: torch.device, dtype: torch.dtype) -> dict:
         inferer(image, run_net)
     if out.shape != (1, 2, args.image, args.image) or out.device.type != "cpu" or not torch.isfinite(out).all():
         raise RuntimeError(f"unexpected inference output: shape {tuple(out.shape)} on {out.device}")
-    times, paired = [], timer(args, device, dtype)
+    times, paired = [], PairedMatmul(args, device, dtype)
     for _ in range(args.repeats):
-        with paired.around() if paired else contextlib.nullcontext():
+        with paired.around():
             sync(device)
             t = time.perf_counter()
             inferer(image, run_net)
@@ -200,7 +203,7 @@ def bench_infer(args, device: torch.device, dtype: torch.dtype) -> dict:
     return dict(part="infer", seconds=s, flops=fc.flops, flops_per_s=fc.flops / s, iterations_per_s=1 / s,
                 megapixels_per_s=args.image**2 / s / 1e6,
                 detail=f"{args.image}^2 image, {args.infer_tile}^2 output tiles, {tiles} network call(s)",
-                **(paired.summary(fc.flops, times) if paired else {}))
+                **paired.summary(fc.flops, times))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
