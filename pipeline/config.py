@@ -215,3 +215,220 @@ def check_streaming_options(streaming: bool, **options: bool) -> None:
             f"does not apply {'it' if len(on) == 1 else 'them'}); set {' and '.join(k + ' false' for k in on)}, "
             "or streaming false to predict in memory"
         )
+
+
+# ---------------------------------------------------------------- booleans
+#: the spellings a boolean key accepts on the command line or in a config file
+FLAG_WORDS = {"true": True, "True": True, "1": True, "false": False, "False": False, "0": False}
+
+
+def flags(**values: Any) -> dict[str, bool]:
+    """Parse boolean config keys strictly: ``true/false/True/False/1/0`` (strings, ints or bools).
+
+    ``python -m monai.bundle`` hands ``--overwrite false`` to the config as the *string*
+    ``'false'``, which Python treats as true; every boolean key of the bundle configs goes
+    through this one function instead (``flags: "$pipeline.config.flags(overwrite=@overwrite)"``,
+    used as ``$@flags['overwrite']``).
+
+    Returns:
+        ``{key: bool}`` in the order given.
+
+    Raises:
+        ValueError: listing every key whose value is none of the accepted spellings.
+
+    >>> flags(overwrite="false", resume=1)
+    {'overwrite': False, 'resume': True}
+    """
+    parsed, errors = {}, []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parsed[key] = value
+        elif isinstance(value, (str, int)) and str(value) in FLAG_WORDS:
+            parsed[key] = FLAG_WORDS[str(value)]
+        else:
+            errors.append(f"--{key} {value!r}")
+    if errors:
+        raise ValueError(
+            f"not a boolean: {', '.join(errors)}; valid values are true or false (also True, False, 1, 0)"
+        )
+    return parsed
+
+
+# ---------------------------------------------------------------- paths
+def check_paths(**paths: Any) -> None:
+    """Refuse path keys that MONAI's bundle parser has silently changed.
+
+    The parser rewrites ``#`` in *every* config value to ``::`` (``#`` is its old id separator:
+    ``monai.bundle.ReferenceResolver.normalize_id``), so ``--ckpt_dir exp#2/models`` would
+    write to ``exp::2/models``. A path holding ``::`` is therefore refused (``None`` is skipped).
+
+    Raises:
+        ValueError: naming the key, the path as the parser left it, and what to do.
+    """
+    bad = [f"--{key} {str(p)!r}" for key, p in paths.items() if p is not None and "::" in str(p)]
+    if bad:
+        raise ValueError(
+            f"path(s) {', '.join(bad)} contain '::': MONAI's bundle parser rewrites '#' in config values to "
+            "'::' (its id separator), so a path typed with '#' would silently become another path. Use paths "
+            "without '#' (or '::'), e.g. rename exp#2 to exp-2"
+        )
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def _same(a: Path, b: Path) -> bool:
+    if _real(a) == _real(b):
+        return True
+    try:  # hard links
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(
+    outputs: dict[str, Sequence[str | os.PathLike]], shared: Sequence[str | os.PathLike] = (), key: str = "output_dir"
+) -> None:
+    """Refuse outputs that would replace an input or collide with each other, before any work.
+
+    Args:
+        outputs: ``{input path: [its output paths]}`` for every input of the run.
+        shared: outputs of the run as a whole (a report), checked against the inputs only.
+        key: the command-line key that chooses the outputs, for the message.
+
+    An output is refused when it is an input (the same path, through a symbolic link, or a hard
+    link), lies inside an input (a zarr folder) or holds one (an output folder replaced as a
+    whole), whatever ``overwrite`` says. Two inputs whose outputs have the same path (``a.png`` and
+    ``a.tif`` both give ``probabilities/a.tif``) are refused too: one would silently replace the
+    other.
+
+    Raises:
+        ValueError: naming the input(s) and output, and what to do.
+    """
+    inputs = [Path(i) for i in outputs]
+    writers: dict[Path, list[str]] = {}
+    for source, targets in [*outputs.items(), ("", shared)]:
+        for target in map(Path, targets):
+            if source:
+                writers.setdefault(_real(target), []).append(str(source))
+            for given in inputs:
+                real_in, real_out = _real(given), _real(target)
+                if _same(target, given) or real_in in real_out.parents or real_out in real_in.parents:
+                    how = "is" if _same(target, given) else "lies inside" if real_in in real_out.parents else "holds"
+                    linked = how == "is" and os.path.abspath(target) != os.path.abspath(given)
+                    raise ValueError(
+                        f"output {target} {how} the input {given}{' (through a link)' if linked else ''}: "
+                        f"predicting would destroy the input, so nothing was written (overwrite or not). "
+                        f"Choose another --{key}"
+                    )
+    clashes = {out: srcs for out, srcs in writers.items() if len(set(srcs)) > 1}
+    if clashes:
+        out, srcs = next(iter(clashes.items()))
+        raise ValueError(
+            f"{len(clashes)} output(s) would be written by more than one input, e.g. {out} by "
+            f"{' and '.join(sorted(set(srcs)))}; nothing was written. Rename one of the inputs (outputs are named "
+            f"after the input without its suffix), or predict them into separate --{key}s"
+        )
+
+
+# ---------------------------------------------------------------- runs
+def check_datalists(**datalists: Any) -> None:
+    """Evaluate a run's datalists before anything else is written and refuse an empty training list.
+
+    Run first in training's checks: building a datalist reads (and checks) every image/label pair,
+    or writes the synthetic default into a folder that :mod:`pipeline.synthetic` owns, so a bad
+    dataset or a foreign ``--data_cache_dir`` fails before checkpoints or TensorBoard files exist.
+
+    Raises:
+        ValueError: a datalist that is not a list of items, or an empty ``train`` list.
+    """
+    for name, items in datalists.items():
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, dict) for i in items):
+            raise ValueError(f"{name}_datalist must be a list of {{'image': ..., 'label': ...}} items, got {type(items).__name__}")
+    if "train" in datalists and not datalists["train"]:
+        raise ValueError("train_datalist is empty: there is nothing to train on; check --num_images / --num_val or the dataset keys")
+
+
+def _optimizer_kind(param_group: dict) -> str:
+    return "sgd" if "momentum" in param_group and "betas" not in param_group else "adam" if "betas" in param_group else "unknown"
+
+
+def check_resume(ckpt_dir: str | os.PathLike, network: Any, optimizer_name: str) -> str:
+    """Before ``resume: true`` touches anything: the checkpoint it will read must fit this run.
+
+    Reads the newest ``checkpoint_epoch=<N>.pt`` (:func:`pipeline.handlers.latest_checkpoint`) with
+    ``weights_only=True`` and checks the network's recorded architecture, parameter shapes and finite
+    weights (:func:`pipeline.io.check_state_dict`), and that its optimizer is ``optimizer_name``
+    (``sgd`` | ``adam``, told apart by their settings: ``momentum`` or ``betas``).
+
+    Returns:
+        The checkpoint's path.
+
+    Raises:
+        FileNotFoundError: no resume checkpoint in ``ckpt_dir``.
+        ValueError: naming the file and what differs (network settings, shapes, optimizer), with
+            the keys to set; nothing is loaded or written.
+    """
+    from pipeline.handlers import latest_checkpoint
+    from pipeline.io import check_state_dict, read_checkpoint
+
+    path = latest_checkpoint(ckpt_dir)
+    state = read_checkpoint(path)
+    missing = [k for k in ("model", "optimizer", "trainer") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a resume checkpoint (it holds no {', '.join(missing)}); resume reads checkpoint_epoch=<N>.pt files written by training")
+    check_state_dict(getattr(network, "module", network), state["model"], path)
+    saved = _optimizer_kind(state["optimizer"]["param_groups"][0])
+    own = str(optimizer_name)
+    if saved != own:
+        raise ValueError(
+            f"checkpoint {path} was trained with the {saved} optimizer, but this run builds {own}; resume with "
+            f"--optimizer_name {saved} (as that run), or start a new run in another --ckpt_dir"
+        )
+    return str(path)
+
+
+def check_inference(
+    datalist: Sequence[dict],
+    writer: Any,
+    network: Any,
+    *,
+    streaming: bool,
+    output_dir: str | os.PathLike,
+    tiff_series: int | None = None,
+    allow_missing_chunks: bool = False,
+) -> None:
+    """The inference bundle's checks on its inputs and outputs, before the first prediction.
+
+    Outputs: none replaces an input or another input's output (:func:`check_outputs`); in memory,
+    none exists already unless ``overwrite`` (``writer.check_free``). Inputs: zarr stores only with
+    ``streaming``; TIFF series (:func:`pipeline.io.check_tiff_series`); when streaming, every source
+    opens with the network's dimensions and has no missing chunks
+    (:func:`pipeline.streaming.check_sources`).
+
+    Args:
+        datalist: the ``{"image": path}`` items to predict.
+        writer: the :class:`pipeline.transforms.WritePredictiond` of the in-memory path.
+        network: the network (for its dimensions and channels).
+        streaming, output_dir, tiff_series, allow_missing_chunks: the bundle keys of the same names.
+
+    Raises:
+        ValueError, FileExistsError, FileNotFoundError: naming the file and the key to change.
+    """
+    from pipeline import io
+
+    sources = [str(item["image"]) for item in datalist]
+    if streaming:
+        from pipeline import streaming as stream
+
+        check_outputs({s: [stream.output_path(output_dir, s)] for s in sources})
+        stream.check_sources(network, sources, tiff_series, allow_missing_chunks)
+        return
+    stores = [s for s in sources if Path(s).is_dir()]
+    if stores:
+        raise ValueError(f"{stores[0]} is a zarr store, which only block-by-block prediction reads; pass --streaming true")
+    check_outputs({s: list(writer.targets(s).values()) for s in sources})
+    for source in sources:
+        io.check_tiff_series(source, tiff_series)
+    writer.check_free(sources)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.io import NIFTI_SUFFIXES, SUPPORTED_SUFFIXES, _suffix, read_image
+from pipeline.io import NIFTI_SUFFIXES, SUPPORTED_SUFFIXES, _suffix, read_image, stem
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,24 @@ def read_cached(path: str | Path) -> tuple[np.ndarray, dict]:
     return _read_cached(str(p), p.stat().st_mtime)
 
 
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and path.name.lower().endswith(".zarr")
+
+
 def _image_files(path: str | Path, what: str) -> list[Path]:
     p = Path(path)
+    if _is_zarr(p) and what == "input":  # a zarr store is one image (predicted with streaming)
+        return [p]
     if p.is_file():
         if _suffix(p) not in IMAGE_SUFFIXES:
             raise ValueError(f"{what} {p}: unsupported format {_suffix(p)!r}; supported: {', '.join(IMAGE_SUFFIXES)}")
         return [p]
     if not p.is_dir():
         raise FileNotFoundError(f"{what} path not found: {p} (give an image file or a folder of images)")
-    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and _suffix(f) in IMAGE_SUFFIXES)
+    files = sorted(
+        f for f in p.iterdir()
+        if not f.name.startswith(".") and ((f.is_file() and _suffix(f) in IMAGE_SUFFIXES) or (what == "input" and _is_zarr(f)))
+    )
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {what} folder {p}")
     return files
@@ -62,24 +71,20 @@ def datalist_from_path(path: str | Path) -> list[dict[str, str]]:
     """``[{"image": file}, ...]`` for one image file or every image file of a folder (sorted).
 
     A folder of 2D PNG/TIFF sections gives one item per file, so each prediction keeps its
-    section's name. Hidden files are skipped.
+    section's name. Hidden files are skipped. A ``.zarr`` store (the path itself, or one in the
+    folder) is one item too; only streaming prediction reads it.
     """
     return [{"image": str(f)} for f in _image_files(path, "input")]
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    return name[: -len(_suffix(path))] if _suffix(path) else name
 
 
 def _pair(images: list[Path], labels: list[Path]) -> list[tuple[Path, Path]]:
     """Pair image and label files: by position for single files, by name (stem) for folders."""
     if len(images) == 1 and len(labels) == 1:
         return [(images[0], labels[0])]
-    by_stem = {_stem(f): f for f in labels}
+    by_stem = {stem(f): f for f in labels}
     pairs, missing = [], []
     for image in images:
-        label = by_stem.pop(_stem(image), None)
+        label = by_stem.pop(stem(image), None)
         (pairs.append((image, label)) if label is not None else missing.append(image.name))
     if missing or by_stem:
         raise ValueError(

@@ -219,9 +219,27 @@ class EvaluationReport:
             pred, truth = prob > self.threshold, label > 0.5
             rgb[pred & ~truth] = (1.0, 0.1, 0.1)
             rgb[~pred & truth] = (0.1, 0.3, 1.0)
-            stem = name.split(".")[0] + ("" if section is None else f"_z{int(section):04d}")
-            replace_atomically(Path(self.output_dir) / "overlays" / f"{stem}.png",
-                          lambda p: _save_png(p, (rgb * 255).astype(np.uint8)))
+            replace_atomically(self.overlay_path(name, section), lambda p: _save_png(p, (rgb * 255).astype(np.uint8)))
+
+    def overlay_path(self, image: str, section: int | None = None) -> Path:
+        """``output_dir/overlays/<image name without suffix>[_z<section>].png``."""
+        from pipeline.io import stem
+
+        return Path(self.output_dir) / "overlays" / f"{stem(image)}{'' if section is None else f'_z{int(section):04d}'}.png"
+
+    def outputs(self, datalist: Sequence[dict]) -> dict[str, list[Path]]:
+        """``{input: [its overlays]}`` for every item's image and label (labels have none), for
+        :func:`pipeline.config.check_outputs` before the run writes anything."""
+        found: dict[str, list[Path]] = {}
+        for item in datalist:
+            found.setdefault(str(item["image"]), []).append(self.overlay_path(Path(item["image"]).name, item.get("slice")))
+            found.setdefault(str(item["label"]), [])
+        return found
+
+    @property
+    def reports(self) -> list[Path]:
+        """The files written once per run: ``report.csv``, ``report.json``."""
+        return [Path(self.output_dir) / "report.csv", Path(self.output_dir) / "report.json"]
 
     def write(self, engine) -> None:
         import csv
@@ -241,8 +259,9 @@ class EvaluationReport:
                 writer.writerows(self.rows)
                 writer.writerow({"file": "mean", "slice": None, **mean})
 
-        replace_atomically(out / "report.csv", write_csv)
-        replace_atomically(out / "report.json", lambda p: p.write_text(json.dumps({"mean": mean, "samples": self.rows}, indent=1)))
+        csv_path, json_path = self.reports
+        replace_atomically(csv_path, write_csv)
+        replace_atomically(json_path, lambda p: p.write_text(json.dumps({"mean": mean, "samples": self.rows}, indent=1)))
         engine.logger.info("evaluation report: %s", ", ".join(f"{k}={mean[k]:.4f}" for k in scores[:8]))
 
 
@@ -261,6 +280,12 @@ class CheckpointSaver(_MonaiCheckpointSaver):
     to a temporary name in the same folder and renamed (ignite's ``DiskSaver(atomic=True)``, which
     also makes it group/other-readable as a plain save would), and an old file is deleted only
     after its successor is complete. So a complete checkpoint is on disk at every instant.
+
+    Two more guarantees (docs/reliability.md): no checkpoint with non-finite values (NaN/Inf, a
+    diverged run) is ever written: the save raises ``FloatingPointError`` and the earlier file
+    stays; and the final checkpoint is written only when the run completes. MONAI also writes it
+    when the run raises (``exception_raised``), so a failed resume or a diverged run would replace
+    an earlier run's finished ``model_final.pt``; here a failed run keeps it and re-raises.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -269,12 +294,68 @@ class CheckpointSaver(_MonaiCheckpointSaver):
             if checkpoint is not None:
                 _save_before_remove(checkpoint.save_handler)
 
+    def exception_raised(self, engine, e: Exception) -> None:
+        """Write nothing for a failed run (the last resume checkpoint is what it leaves); re-raise."""
+        logging.getLogger(__name__).error(
+            "the run failed (%s); no final checkpoint was written, and earlier checkpoints in %s are kept",
+            type(e).__name__, self.save_dir)
+        raise e
+
+
+class StopOnNonFiniteLoss:
+    """Stop training at the first iteration whose loss is NaN or Inf, with where and a hint.
+
+    Its ``ITERATION_COMPLETED`` check runs before the epoch's checkpoint saves. In a distributed run
+    the ranks agree (an all-reduce of the flag), so all of them stop together. Raises ``FloatingPointError`` naming the
+    epoch, iteration and learning rate; the run exits non-zero and writes no checkpoint from then
+    on (:class:`CheckpointSaver`), so the last finite resume checkpoint and the earlier runs'
+    ``model.pt`` / ``model_final.pt`` stay. (ignite's ``TerminateOnNan`` ends the run as if it had
+    completed, which would save the diverged weights as final.)
+
+    Args:
+        optimizer: the trainer's optimizer, for the learning rate in the message.
+    """
+
+    def __init__(self, optimizer=None) -> None:
+        self.optimizer = optimizer
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        import math
+
+        import ignite.distributed as idist
+        import torch
+
+        output = engine.state.output
+        loss = float((output[0] if isinstance(output, (list, tuple)) else output)["loss"])
+        if idist.get_world_size() > 1:  # every rank stops together, or the others would wait forever
+            diverged = idist.all_reduce(torch.tensor(float(not math.isfinite(loss))), op="MAX")
+            loss = loss if not math.isfinite(loss) or float(diverged) == 0 else float("nan")
+        if math.isfinite(loss):
+            return
+        lr = f"learning rate {self.optimizer.param_groups[0]['lr']:g}" if self.optimizer is not None else ""
+        raise FloatingPointError(
+            f"training stopped: the loss became {loss} at epoch {engine.state.epoch}, iteration "
+            f"{engine.state.iteration} ({lr}); the run diverged. Lower --learning_rate (e.g. by 10x), or use "
+            "--optimizer_name adam; no checkpoint was written from this point, earlier ones are kept"
+        )
+
 
 def _save_before_remove(handler) -> None:
     """Make a MONAI/ignite ``DiskSaver`` atomic, and postpone its deletions until after the next save."""
 
     class SaveBeforeRemove(type(handler)):
         def __call__(self, checkpoint, filename, metadata=None) -> None:
+            bad = _non_finite(checkpoint)
+            if bad:
+                raise FloatingPointError(
+                    f"refusing to save {filename}: {len(bad)} tensor(s) hold NaN or Inf (e.g. {', '.join(bad[:3])}); "
+                    "the run diverged. Earlier checkpoints are kept; lower --learning_rate and train again"
+                )
             super().__call__(checkpoint, filename, metadata)
             written = getattr(self, "filename", None) or filename  # MONAI's saver may fix the name
             for old in self._pending:
@@ -288,3 +369,13 @@ def _save_before_remove(handler) -> None:
     handler.__class__ = SaveBeforeRemove
     handler._atomic = True
     handler._pending = []
+
+
+def _non_finite(tree, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) checkpoint dict that hold NaN or Inf."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return [prefix or "tensor"] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [name for key, value in items for name in _non_finite(value, f"{prefix}.{key}" if prefix else str(key))]

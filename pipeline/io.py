@@ -63,6 +63,14 @@ def _suffix(path: str | os.PathLike) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
+def stem(path: str | os.PathLike) -> str:
+    """The file name without its format suffix (``.nii.gz``, ``.ome.tif`` and ``.ome.zarr`` count as
+    one): the name every output of that input gets. ``vol.1.tif`` -> ``vol.1``."""
+    name = Path(path).name
+    name = name[: len(name) - len(_suffix(path))] if _suffix(path) else name
+    return name[:-4] if name.lower().endswith(".ome") else name
+
+
 def _existing_file(path: str | os.PathLike) -> Path:
     if not Path(path).is_file():
         raise FileNotFoundError(f"image file not found: {path}")
@@ -131,6 +139,39 @@ class _TiffLogCatcher(logging.Handler):
             self.messages.append(record.getMessage())
 
 
+class TiffSeriesError(ValueError):
+    """A TIFF whose series cannot be read as one image without a choice (see :func:`choose_tiff_series`)."""
+
+
+def choose_tiff_series(tif: tifffile.TiffFile, path: str | os.PathLike, series: int | None, stack: bool = True) -> int | None:
+    """Which series of an open TIFF to read: its index, or None to stack same-shape series along Z.
+
+    Args:
+        tif: the open file.
+        path: its path, for messages.
+        series: the series asked for (bundle key ``tiff_series``), or None.
+        stack: whether same-shape series may be stacked (the eager reader); a lazy reader cannot.
+
+    Raises:
+        TiffSeriesError: ``series`` is out of range, or the file holds several series and none was
+            chosen (unless ``stack`` and all have one shape and dtype); the message lists them.
+    """
+    found = tif.series
+    listing = "; ".join(f"series {i}: shape {tuple(s.shape)} {s.dtype} axes {s.axes}" for i, s in enumerate(found))
+    if series is not None:
+        if isinstance(series, bool) or not isinstance(series, int) or not 0 <= series < len(found):
+            raise TiffSeriesError(f"{path}: --tiff_series {series!r} is not a series of this file; it holds {len(found)} ({listing})")
+        return series
+    if len(found) == 1:
+        return 0
+    if stack and all(s.shape == found[0].shape and s.dtype == found[0].dtype for s in found):
+        return None
+    raise TiffSeriesError(
+        f"{path} holds {len(found)} TIFF series ({listing}); one run reads one image per file, so the others would "
+        "silently not be predicted. Choose one with --tiff_series N (0-based), or save each series as a file of its own"
+    )
+
+
 class TiffStackReader(_EagerReader):
     """Read single- and multi-page TIFF with tifffile: ``(Z, Y, X)`` stack or ``(Y, X)`` page.
 
@@ -139,25 +180,40 @@ class TiffStackReader(_EagerReader):
     comes from tifffile's JSON description (``{"spacing": [...]}``, written by :func:`write_image`) or
     ImageJ metadata (``spacing`` for Z, resolution tags for Y/X), else 1.0; plain DPI tags are ignored.
     Truncated files raise ValueError (data past end of file, or tifffile's corruption log messages).
+
+    A file holding several series of *different* shapes (an image and its thumbnail, two
+    acquisitions) is refused with a list of its series unless ``series`` chooses one: reading
+    only the first would silently leave the others unpredicted.
+
+    Args:
+        series: the 0-based series to read (the bundle key ``tiff_series``); None reads the only
+            series, or stacks same-shape series.
     """
 
     suffixes = TIFF_SUFFIXES
+
+    def __init__(self, series: int | None = None) -> None:
+        super().__init__()
+        self.series = series
 
     def _load(self, path: Path) -> LoadedImage:
         catcher, tiff_log = _TiffLogCatcher(), logging.getLogger("tifffile")
         tiff_log.addHandler(catcher)
         try:
             with tifffile.TiffFile(path) as tif:
+                chosen = choose_tiff_series(tif, path, self.series)
                 series = tif.series
-                if len(series) > 1 and all(s.shape == series[0].shape and s.dtype == series[0].dtype for s in series):
+                if chosen is None:
                     array, axes = np.stack([s.asarray() for s in series]), "Q" + series[0].axes
                 else:
-                    array, axes = series[0].asarray(), series[0].axes
+                    array, axes = series[chosen].asarray(), series[chosen].axes
                 size = path.stat().st_size
                 if any(o + n > size for p in tif.pages for o, n in zip(p.dataoffsets, p.databytecounts)):
                     raise ValueError("pixel data extends past the end of the file (truncated)")
                 known = self._spacing_by_axis(tif)
                 unit = (tif.imagej_metadata or {}).get("unit")
+        except TiffSeriesError:
+            raise
         except Exception as err:  # TiffFileError, struct.error, OSError, ... from a damaged file
             raise ValueError(
                 f"could not read {path} as TIFF: {type(err).__name__}: {err} (the file is truncated or "
@@ -265,17 +321,41 @@ def register_readers() -> None:
 register_readers()
 
 
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+def check_tiff_series(path: str | os.PathLike, tiff_series: int | None = None, stack: bool = True) -> None:
+    """Before a run: raise what :class:`TiffStackReader` would about ``path``'s series, reading only
+    the TIFF header. ``stack=False`` for lazy (streaming) reading, which cannot stack series.
+
+    Raises:
+        TiffSeriesError: as :func:`choose_tiff_series`; also ``tiff_series`` given for a file that is
+            not a TIFF.
+        ValueError: the header cannot be read.
+    """
+    if _suffix(path) not in TIFF_SUFFIXES:
+        if tiff_series is not None:
+            raise TiffSeriesError(f"--tiff_series {tiff_series} applies to TIFF files, but {path} is not one; set tiff_series null")
+        return
+    try:
+        with tifffile.TiffFile(path) as tif:
+            choose_tiff_series(tif, path, tiff_series, stack)
+    except TiffSeriesError:
+        raise
+    except Exception as err:
+        raise ValueError(f"could not read {path} as TIFF: {type(err).__name__}: {err} (the file is truncated or corrupt; copy it again)") from err
+
+
+def read_image(path: str | os.PathLike, tiff_series: int | None = None) -> tuple[np.ndarray, dict]:
     """Read an image file, or a directory of 2D PNG/TIFF slices, into ``(array, meta)``.
 
     TIFF uses :class:`TiffStackReader`, NIfTI MONAI's ``NibabelReader`` (``meta["spacing"]`` added
     from the affine), anything else :class:`SimpleITKReader`. A directory becomes a ``(Z, Y, X)``
     stack of its ``.png``/``.tif``/``.tiff`` files (hidden ones skipped) in natural order (``s2``
-    before ``s10``), with ``meta["filenames"]``.
+    before ``s10``), with ``meta["filenames"]``. ``tiff_series`` chooses a series of a TIFF file
+    (:class:`TiffStackReader`); files of several series refuse to be read without it.
 
     Raises:
         FileNotFoundError: the path does not exist (or a directory holds no slices).
         ValueError: a file cannot be decoded, or slices are not 2D images of one shape.
+        TiffSeriesError: a TIFF of several series and no (or a wrong) ``tiff_series``.
     """
     path = Path(path)
     if path.is_dir():
@@ -290,7 +370,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
         array, rank = np.asarray(array), len(meta[MetaKeys.SPATIAL_SHAPE])
         meta["spacing"] = np.sqrt((np.asarray(meta[MetaKeys.AFFINE])[:rank, :rank] ** 2).sum(0))
     else:
-        eager = TiffStackReader() if suffix in TIFF_SUFFIXES else SimpleITKReader()
+        eager = TiffStackReader(series=tiff_series) if suffix in TIFF_SUFFIXES else SimpleITKReader()
         array, meta = eager.get_data(eager.read(path))
     meta["filename_or_obj"] = str(path)
     return array, meta
@@ -483,17 +563,13 @@ def write_folder(
     return [directory / n for n in names]
 
 
-def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str = "model") -> torch.nn.Module:
-    """Load a checkpoint's weights into ``network`` strictly, with ``torch.load(weights_only=True)``.
-
-    Accepts a bare ``state_dict`` (``model.pt``, ``model_final.pt``) or a resume checkpoint holding
-    it under ``key``. Every way this can go wrong gets an error that names the file and what to do:
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: a truncated or non-PyTorch file; a file holding Python objects other than
-            tensors (refused: unpickling them could run code); a checkpoint of another architecture
-            (the mismatching parameters and their shapes are listed).
+            tensors and plain containers (refused: unpickling them could run code).
     """
     path = Path(path)
     if not path.is_file():
@@ -502,7 +578,7 @@ def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str 
             "or pass the file with --checkpoint"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(
             f"refusing to load checkpoint {str(path)!r}: it holds Python objects other than tensors and "
@@ -514,23 +590,64 @@ def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str 
             f"checkpoint {str(path)!r} cannot be read: it is truncated or not a PyTorch checkpoint "
             f"({str(err).splitlines()[0]}); copy it again or point --checkpoint at another file"
         ) from None
+
+
+def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str = "model") -> torch.nn.Module:
+    """Load a checkpoint's weights into ``network`` strictly, with ``torch.load(weights_only=True)``.
+
+    Accepts a bare ``state_dict`` (``model.pt``, ``model_final.pt``) or a resume checkpoint holding
+    it under ``key``. Every way this can go wrong gets an error that names the file and what to do
+    (:func:`read_checkpoint`, :func:`check_state_dict`):
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a truncated or non-PyTorch file; a file holding Python objects other than
+            tensors (refused: unpickling them could run code); a checkpoint of another architecture
+            (the recorded settings that differ, or the mismatching parameters and their shapes);
+            non-finite weights.
+    """
+    state = read_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get(key), dict):
         state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    check_state_dict(network, state, path)
+    network.load_state_dict(state)
+    return network
+
+
+def check_state_dict(network: torch.nn.Module, state: Any, path: str | os.PathLike) -> None:
+    """Check, without loading, that the ``state_dict`` read from ``path`` fits ``network``.
+
+    In this order: a state_dict of tensors (plus the network's ``_extra_state``); the recorded
+    architecture (:meth:`pipeline.networks.UNet.architecture_diff`: padding, norm, features, channels,
+    depth, kernels), which catches networks whose parameters have equal shapes; the parameter
+    names and shapes; finite values (a run that diverged saves NaN weights).
+
+    Raises:
+        ValueError: naming the file and what differs, or the parameters with non-finite values.
+    """
+    extra = {k: v for k, v in state.items() if k.endswith("_extra_state")} if isinstance(state, dict) else {}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for k, v in state.items() if k not in extra):
         raise ValueError(f"checkpoint {str(path)!r} holds no state_dict of tensors (found {type(state).__name__})")
-    own = network.state_dict()
+    diff = network.architecture_diff(extra["_extra_state"]) if "_extra_state" in extra and hasattr(network, "architecture_diff") else []
+    own = {k: v for k, v in network.state_dict().items() if not k.endswith("_extra_state")}
+    state = {k: v for k, v in state.items() if k not in extra}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"{k}: checkpoint {tuple(state[k].shape)}, network {tuple(own[k].shape)}" for k in mismatched[:4]]
+    if diff or missing or unexpected or mismatched:
+        lines = diff + [f"{k}: checkpoint {tuple(state[k].shape)}, network {tuple(own[k].shape)}" for k in mismatched[:4]]
         lines += [f"{k}: missing from the checkpoint" for k in missing[:3]]
         lines += [f"{k}: not in the network" for k in unexpected[:3]]
         raise ValueError(
-            f"checkpoint {str(path)!r} was trained with another architecture ({len(mismatched)} shape mismatch(es), "
-            f"{len(missing)} missing, {len(unexpected)} unexpected parameter(s)): " + "; ".join(lines)
-            + ". Use the training run's network keys: merge the same overlay (e.g. configs/quickstart.yaml) "
-            "or set --features / --padding / --norm / --loss_name as in training"
+            f"checkpoint {str(path)!r} was trained with another architecture ({len(diff)} setting(s) differ, "
+            f"{len(mismatched)} shape mismatch(es), {len(missing)} missing, {len(unexpected)} unexpected parameter(s)): "
+            + "; ".join(lines) + ". Use the training run's network keys: merge the same overlay (e.g. "
+            "configs/quickstart.yaml) or set --features / --padding / --norm / --loss_name as in training"
         )
-    network.load_state_dict(state)
-    return network
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds non-finite weights (NaN or Inf) in {len(bad)} of {len(state)} tensors, "
+            f"e.g. {', '.join(bad[:3])}: the training run diverged. Use an earlier checkpoint, or train again with a "
+            "lower --learning_rate"
+        )

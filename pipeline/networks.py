@@ -128,6 +128,45 @@ class UNet(nn.Module):
         )
         self.head = conv(features[0], out_channels, 1)
         self._init_weights()
+        #: what a checkpoint must match (dropout does not change the weights' meaning)
+        self.architecture = {
+            "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
+            "features": list(features), "padding": padding, "norm": norm,
+            "convs_per_level": convs_per_level, "kernel_size": kernel_size,
+        }
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        state_dict.setdefault(prefix + "_extra_state", None)  # a checkpoint from before the record still loads
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def get_extra_state(self) -> dict:
+        """Saved in every ``state_dict`` as ``_extra_state``: ``{"architecture": {...}}`` (plain values,
+        so ``torch.load(weights_only=True)`` reads it back)."""
+        return {"architecture": dict(self.architecture)}
+
+    def architecture_diff(self, state: dict | None) -> list[str]:
+        """The settings in which an ``_extra_state`` record differs from this network, as
+        ``"padding: checkpoint 'same', network 'valid'"``; empty for a record from before
+        architectures were saved (then only parameter shapes can be checked)."""
+        recorded = (state or {}).get("architecture")
+        if recorded is None:
+            return []
+        return [f"{k}: checkpoint {recorded.get(k)!r}, network {v!r}" for k, v in self.architecture.items() if recorded.get(k) != v]
+
+    def set_extra_state(self, state: dict | None) -> None:
+        """Check a loaded checkpoint's recorded architecture against this network's.
+
+        Raises:
+            ValueError: naming each setting that differs, since parameters of equal shapes can
+                still mean another network (``padding="same"`` vs ``"valid"``).
+        """
+        diff = self.architecture_diff(state)
+        if diff:
+            raise ValueError(
+                "the checkpoint was trained with another architecture (" + "; ".join(diff) + "); use the "
+                "training run's network keys (merge the same overlay, or set --features / --padding / --norm / "
+                "--loss_name as in training)"
+            )
 
     def _init_weights(self) -> None:
         """He-normal: std = sqrt(2 / N), N = k^d * in_channels (paper, section 3); zero biases."""

@@ -84,8 +84,8 @@ class _Source:
     (numpy, zarr, dask ...) travel as they are.
     """
 
-    def __init__(self, source: Any, spatial_dims: int, in_channels: int) -> None:
-        self.array = None
+    def __init__(self, source: Any, spatial_dims: int, in_channels: int, tiff_series: int | None = None) -> None:
+        self.array, self.tiff_series = None, tiff_series
         if isinstance(source, (str, os.PathLike)):
             self.path = os.fspath(source)
             self.kind = "tiff" if self.path.lower().endswith(TIFF_SUFFIXES) else "zarr"
@@ -118,7 +118,11 @@ class _Source:
                 if self.kind == "tiff":
                     import tifffile
 
-                    self.array = zarr.open_array(tifffile.imread(self.path, aszarr=True, series=0, level=0), mode="r")
+                    from pipeline.io import choose_tiff_series
+
+                    with tifffile.TiffFile(self.path) as tif:
+                        series = choose_tiff_series(tif, self.path, self.tiff_series, stack=False)
+                    self.array = zarr.open_array(tifffile.imread(self.path, aszarr=True, series=series, level=0), mode="r")
                 else:
                     node = zarr.open(self.path, mode="r")
                     self.array = node if hasattr(node, "shape") else _group_image(node, self.path)
@@ -134,6 +138,51 @@ class _Source:
             except Exception as err:
                 raise ValueError(f"could not open {self.path} as a {self.kind} array: {type(err).__name__}: {err}") from err
         return self.array
+
+    def missing_chunks(self) -> tuple[int, int, list[str]]:
+        """``(missing, total, names)`` of the stored chunks (shards) of a zarr source: zarr reads a
+        chunk that is not stored as the fill value, so a deleted block would be predicted from zeros.
+        ``names`` are the missing chunks' files for a local store (at most 5), else empty."""
+        array = self.open()
+        if self.kind == "tiff" or not hasattr(array, "nchunks_initialized"):  # a zarr store, or a zarr.Array passed in
+            return 0, 0, []
+        total, stored = int(array.nchunks), int(array.nchunks_initialized)
+        if stored >= total:
+            return 0, total, []
+        names, root = [], getattr(array.store, "root", None)
+        if root is not None:
+            grid = [math.ceil(n / c) for n, c in zip(array.shape, array.shards or array.chunks)]
+            for coords in itertools.product(*map(range, grid)):
+                key = array.metadata.encode_chunk_key(coords)
+                if not (Path(root) / array.path / key).exists():
+                    names.append(f"{key} (array index {coords})")
+                    if len(names) == 5:
+                        break
+        return total - stored, total, names
+
+    def check_complete(self) -> None:
+        """Raise ``ValueError`` if a zarr source has chunks missing (see :meth:`missing_chunks`)."""
+        missing, total, names = self.missing_chunks()
+        if missing:
+            raise ValueError(
+                f"{self.path or 'the zarr array'}: {missing} of {total} chunks are missing from the zarr array"
+                + (f", e.g. {', '.join(names)}" if names else "")
+                + "; zarr would read them as the fill value and the prediction there would be made from it. "
+                "Copy the dataset again, or pass --allow_missing_chunks true to predict them from the fill value"
+            )
+
+    def identity(self) -> dict | None:
+        """What the output records of its source, so that a resume never continues another input's
+        prediction: the absolute path, the TIFF series and, for a file, its size and modification time
+        (None for an in-memory array)."""
+        if self.path is None:
+            return None
+        path = Path(self.path)
+        record = {"path": str(path.absolute()) if "://" not in self.path else self.path, "tiff_series": self.tiff_series}
+        if path.is_file():
+            stat = path.stat()
+            record.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        return record
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "array": self.array if self.kind == "array" else None}
@@ -296,6 +345,9 @@ def fingerprint(network: nn.Module) -> str:
     net = _unwrap(network)
     digest = hashlib.sha1(f"{type(net).__qualname__}{net.geometry}".encode())
     for name, tensor in net.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):  # _extra_state: the architecture, already in the geometry
+            digest.update(f"{name}{tensor}".encode())
+            continue
         t = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}{t.dtype}{tuple(tensor.shape)}".encode() + t.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -321,6 +373,13 @@ def _open_output(path: Path, arrays: dict, settings: dict, overwrite: bool, stat
         old = group.attrs.asdict().get("streaming", {}).get("settings")
         if old != settings:
             diff = sorted(k for k in settings if (old or {}).get(k) != settings[k])
+            if "source" in diff and settings["source"] is not None:
+                was = ((old or {}).get("source") or {}).get("path", "an unrecorded input")
+                raise ValueError(
+                    f"output {path} holds the prediction of another input ({was}), or of this input "
+                    f"({settings['source']['path']}) before it changed; resuming would mix them. Pass overwrite=True "
+                    "(--overwrite true) to replace it, or choose another output"
+                )
             raise ValueError(f"output {path} was written with other settings ({', '.join(diff)} differ); pass overwrite=True to replace it")
         return group, True
     mean, std = stats()
@@ -391,6 +450,8 @@ def predict_zarr(
     n_workers: int = 2,
     threads_per_worker: int = 1,
     connect_timeout: float = 5.0,
+    tiff_series: int | None = None,
+    allow_missing_chunks: bool = False,
 ) -> Path:
     """Predict ``source`` block by block into the zarr group ``output`` (resumable).
 
@@ -419,6 +480,9 @@ def predict_zarr(
         n_workers, threads_per_worker: the ``LocalCluster``; ``threads_per_worker`` also sets
             ``torch.set_num_threads`` on every worker.
         connect_timeout: seconds to reach a scheduler address.
+        tiff_series: the series of a TIFF source of several (:func:`pipeline.io.choose_tiff_series`).
+        allow_missing_chunks: predict chunks missing from a zarr source from zarr's fill value;
+            by default they are an error (:meth:`_Source.check_complete`).
 
     Returns:
         The output path.
@@ -441,7 +505,9 @@ def predict_zarr(
         raise ValueError(f"need padding_mode in {PAD_MODES}, batch_size >= 1, memory_budget_mb > 0; got {padding_mode!r}, {batch_size}, {memory_budget_mb}")
     if isinstance(tile_size, str) and tile_size != "auto":
         raise ValueError(f"tile_size must be 'auto', an int or one int per axis, got {tile_size!r}")
-    src = _Source(source, net.spatial_dims, net.in_channels)
+    src = _Source(source, net.spatial_dims, net.in_channels, tiff_series)
+    if not allow_missing_chunks:
+        src.check_complete()
     shape, nd = src.spatial, net.spatial_dims
     k = len(shape) - nd
     if block_size is None:
@@ -465,6 +531,7 @@ def predict_zarr(
         "shape": list(shape), "source_dtype": str(src.dtype), "block_size": list(block), "write": sorted(write),
         "threshold": threshold, "normalize": normalize, "padding_mode": padding_mode, "context": context,
         "tile_size": tile_size if isinstance(tile_size, str) else [int(t) for t in np.atleast_1d(tile_size)], "network": token,
+        "source": src.identity(),
     }
     arrays = {"probabilities": (shape, chunks, "float32", float("nan")), "mask": (shape, chunks, "uint8", 0)}
     arrays = {name: spec for name, spec in arrays.items() if name in write}
@@ -501,6 +568,43 @@ def predict_zarr(
         for thing in owned:
             thing.close()
     return path
+
+
+def output_path(output_dir: str | os.PathLike, source: str | os.PathLike) -> Path:
+    """The zarr output of one input: ``output_dir/<input name without its suffix>.zarr``
+    (:func:`pipeline.io.stem`: ``vol.1.tif`` -> ``vol.1.zarr``)."""
+    from pipeline.io import stem
+
+    return Path(output_dir) / f"{stem(source)}.zarr"
+
+
+def check_sources(network: nn.Module, sources: Sequence[Any], tiff_series: int | None = None, allow_missing_chunks: bool = False) -> None:
+    """Open every source as :func:`predict_zarr` would, before any work: shape and channels for the
+    network, the TIFF series, and (unless ``allow_missing_chunks``) no zarr chunk missing.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`predict_zarr`, naming the source.
+    """
+    net = _unwrap(network)
+    for source in sources:
+        src = _Source(source, net.spatial_dims, net.in_channels, tiff_series)
+        if not allow_missing_chunks:
+            src.check_complete()
+
+
+def predict_files(network: nn.Module, sources: Sequence[str | os.PathLike], output_dir: str | os.PathLike, **kwargs: Any) -> list[Path]:
+    """:func:`predict_zarr` for each input into its :func:`output_path`, after checking that no
+    output replaces an input or another input's output (:func:`pipeline.config.check_outputs`) and
+    that every source opens (series, missing chunks) before the first block is predicted.
+
+    Returns:
+        The output paths, in input order.
+    """
+    from pipeline.config import check_outputs
+
+    check_outputs({str(s): [output_path(output_dir, s)] for s in sources})
+    check_sources(network, sources, kwargs.get("tiff_series"), kwargs.get("allow_missing_chunks", False))
+    return [predict_zarr(network, s, output_path(output_dir, s), **kwargs) for s in sources]
 
 
 def _progress(items: Any, progress: bool, total: int | None = None) -> Any:

@@ -297,6 +297,46 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
+OWNER_FILE = ".pipeline-synthetic"  # marks a folder that this module created and may rewrite
+
+
+def claim_folder(directory: str | os.PathLike) -> Path:
+    """Make sure the synthetic writers may write into ``directory``, and mark it as theirs.
+
+    They rewrite and delete files there (``img_NNN.tif`` of an earlier, larger dataset), so they
+    only use a folder they created: one that does not exist yet or is empty (it is then created and
+    marked with ``OWNER_FILE``), or one already marked (or holding a ``manifest.json`` of this
+    module, from before the mark existed).
+
+    Raises:
+        FileExistsError: the folder holds anything else, naming it, some of its entries and the key.
+        NotADirectoryError: the path is a file.
+    """
+    root = Path(directory)
+    if (root / OWNER_FILE).is_file():
+        return root
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"--data_cache_dir {str(root)!r} is a file; give a folder for the synthetic data")
+    entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    if entries and not _own_manifest(root / "manifest.json"):
+        raise FileExistsError(
+            f"--data_cache_dir {str(root)!r} holds files that the synthetic-data writer did not make ({', '.join(entries[:5])}"
+            f"{', ...' if len(entries) > 5 else ''}); it writes only into an empty or new folder, or one it made, "
+            "because it replaces and deletes files there. Nothing was changed. Choose another --data_cache_dir "
+            "(to train on your own images, set train_datalist / val_datalist, e.g. with configs/isbi2012.yaml)"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    replace_atomically(root / OWNER_FILE, lambda tmp: tmp.write_text("written by pipeline.synthetic; it may rewrite this folder\n"))
+    return root
+
+
+def _own_manifest(path: Path) -> bool:
+    try:
+        return "generator_version" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def write_dataset(
     directory: str | os.PathLike,
     n_images: int = 40,
@@ -310,7 +350,8 @@ def write_dataset(
     stored as ``directory/images/img_{i:03d}.tif`` (uint8, :func:`to_uint8`) and its
     label as ``directory/labels/img_{i:03d}.tif`` (uint8, 0 = membrane, 255 = interior).
     ``directory/manifest.json`` is written last; a call whose arguments and
-    :data:`GENERATOR_VERSION` match it, with all files present, writes nothing.
+    :data:`GENERATOR_VERSION` match it, with all files present, writes nothing. Only a folder
+    that this module made is written to (:func:`claim_folder`).
 
     Args:
         directory: output folder (created if needed).
@@ -324,6 +365,7 @@ def write_dataset(
 
     Raises:
         ValueError: ``n_images`` is not a positive int, or ``shape`` or a parameter is invalid.
+        FileExistsError: ``directory`` holds files that this module did not write.
     """
     if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
         raise ValueError(f"n_images must be a positive int, got {n_images!r}")
@@ -333,6 +375,7 @@ def write_dataset(
     manifest = json.dumps({"generator_version": GENERATOR_VERSION, "n_images": int(n_images),
                            "shape": list(shape), "seed": int(seed), "params": params}, indent=2, sort_keys=True)
     manifest_path = root / "manifest.json"
+    claim_folder(root)
     if manifest_path.is_file() and manifest_path.read_text() == manifest:
         if all(os.path.exists(p) for entry in datalist for p in entry.values()):
             logger.debug("synthetic dataset in %s is up to date (%d images)", root, n_images)
@@ -356,13 +399,13 @@ def write_default_stack(directory: str | os.PathLike, shape: tuple[int, int, int
     """Write the default input of the inference bundle, a synthetic EM stack, as a uint8 TIFF.
 
     Returns the file's path; the name holds the shape, seed and generator version, so an
-    existing file is reused as it is.
+    existing file is reused as it is. Only a folder that this module made is written to
+    (:func:`claim_folder`, which raises ``FileExistsError`` otherwise).
     """
     shape = _check_shape(shape, 3, "write_default_stack")
     root = Path(directory)
-    path = root / f"stack_{'x'.join(map(str, shape))}_seed{seed}_v{GENERATOR_VERSION}.tif"
+    path = claim_folder(root) / f"stack_{'x'.join(map(str, shape))}_seed{seed}_v{GENERATOR_VERSION}.tif"
     if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
         image, _ = make_stack(shape, seed=seed)
         replace_atomically(path, lambda tmp: tifffile.imwrite(tmp, to_uint8(image)))
     return str(path)

@@ -296,10 +296,10 @@ class WritePredictiond(MapTransform):
 
     def targets(self, source: str) -> dict[str, Path]:
         """The output file of each ``write`` entry for the input file ``source``."""
-        from pipeline.io import _suffix
+        from pipeline.io import _suffix, stem
 
         src = Path(str(source))
-        name = src.name[: len(src.name) - len(_suffix(src))]
+        name = stem(src)
         ext = self.output_ext or _suffix(src)
         suffixes = {"probabilities": ".tif" if ext == ".png" else ext, "mask": ext}  # PNG cannot hold float32
         folders = {"probabilities": "probabilities", "mask": "masks"}

@@ -55,7 +55,7 @@ def test_overlay_keeps_writers_on_rank_0():
     """The overlay names rank-0-only handlers by position: check them against train.yaml's lists."""
     parser = ConfigParser()
     parser.read_config([TRAIN, MULTI])
-    every_rank = {"ValidationHandler", "LrScheduleHandler"}  # the others log or write files
+    every_rank = {"ValidationHandler", "LrScheduleHandler", "pipeline.handlers.StopOnNonFiniteLoss"}  # the others log or write files
     for handler in parser["train#handlers"]:
         expected = None if handler["_target_"] in every_rank else RANK0_ONLY
         assert handler.get("_disabled_") == expected, handler["_target_"]
@@ -70,7 +70,7 @@ def test_overlay_keeps_writers_on_rank_0():
     base.read_config(TRAIN)
     assert base["training"] == [
         "$@checkpointing#saver.attach(@train#trainer)",
-        "$@checkpointing#loader.attach(@train#trainer) if @resume else None",
+        "$@checkpointing#loader.attach(@train#trainer) if @flags['resume'] else None",
         "$@train#trainer.run()",
         "$@summary_writer.close()",
     ], "train.yaml's training steps changed: update the copy in multi_gpu_train.yaml"
@@ -79,7 +79,9 @@ def test_overlay_keeps_writers_on_rank_0():
     ], (
         "train.yaml's initialize changed: update the copy in multi_gpu_train.yaml"
     )
-    assert parser["initialize"][0] == "@checks"  # the overlay's: the same checks, first, on every rank
+    steps = parser["initialize"]  # the overlay's: the same checks on every rank, before anything is written
+    assert steps.index("@checks") == steps.index("$ignite.distributed.sync()") + 1 < steps.index(
+        "$monai.utils.set_determinism(seed=@seed + @rank)")
     assert base["run"] == "@training"
     assert base["datalist"] == (  # the overlay calls it on rank 0 first, then on the others
         "$pipeline.synthetic.write_dataset(@data_cache_dir, n_images=@num_images, shape=@image_size, seed=@seed)"

@@ -345,6 +345,215 @@ def _(tmp):
     return infer(tmp, "--images", str(tmp / "stack.tif"), "--labels", str(tmp / "lab.tif"), config_file=EVALUATE)
 
 
+# ------------------------------------------------------------------ issue 14: data loss and silent results
+@row("cli-boolean-not-strict", BundleError, r"not a boolean: --overwrite 'yes'; valid values are true or false \(also True, False, 1, 0\)")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    sections(tmp)
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"), "--overwrite", "yes")
+
+
+@row("cli-overwrite-false-lowercase", BundleError, r"2 output file\(s\) exist already.*nothing was written")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    sections(tmp)
+    for folder in ("masks", "probabilities"):  # an earlier run's predictions
+        write_image(np.zeros((2, 40, 44), np.uint8), tmp / "out" / folder / "stack.tif")
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"), "--overwrite", "false")
+
+
+@row("cli-output-is-the-input", BundleError, r"output .*X/masks/stack.tif is the input .*X/masks/stack.tif: predicting would destroy the input.*overwrite or not.*--output_dir")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    (tmp / "X" / "masks").mkdir(parents=True)
+    sections(tmp).rename(tmp / "X" / "masks" / "stack.tif")
+    return lambda: bundle(
+        "run", "--config_file", INFER, "--features", str(FEATURES).replace(" ", ""), "--checkpoint", str(tmp / "model.pt"),
+        "--input_path", str(tmp / "X" / "masks" / "stack.tif"), "--output_dir", str(tmp / "X"), "--overwrite", "true")
+
+
+@row("cli-output-is-the-input-through-a-link", BundleError, r"output .*out/masks/stack.tif is the input .*data/stack.tif \(through a link\)")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    (tmp / "data").mkdir()
+    sections(tmp).rename(tmp / "data" / "stack.tif")
+    (tmp / "out").mkdir()
+    (tmp / "out" / "masks").symlink_to(tmp / "data")  # the masks folder is the data folder
+    return infer(tmp, "--input_path", str(tmp / "data" / "stack.tif"), "--overwrite", "true")
+
+
+@row("cli-streaming-output-is-the-input", BundleError, r"output .*vol.zarr is the input .*vol.zarr")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    zarr.create_array(str(tmp / "out" / "vol.zarr"), shape=(2, 40, 44), chunks=(1, 40, 44), dtype="uint8")[...] = 7
+    return infer(tmp, "--input_path", str(tmp / "out" / "vol.zarr"), "--streaming", "true", "--overwrite", "true")
+
+
+@row("cli-train-cache-dir-holds-user-files", BundleError, r"--data_cache_dir .*images' holds files that the synthetic-data writer did not make \(img_000.tif, img_001.tif\).*Nothing was changed")
+def _(tmp):
+    (tmp / "images").mkdir()
+    for i in range(2):  # the user's own images, named as the synthetic writer names its files
+        tifffile.imwrite(tmp / "images" / f"img_{i:03d}.tif", np.full((20, 20), i, np.uint8))
+    return train(tmp, "--data_cache_dir", str(tmp / "images"))
+
+
+@row("cli-inference-cache-dir-holds-user-files", BundleError, r"--data_cache_dir .*mine' holds files that the synthetic-data writer did not make \(notes.txt\)")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "notes.txt").write_text("mine")
+    return infer(tmp, "--data_cache_dir", str(tmp / "mine"))
+
+
+@row("cli-colliding-output-names", BundleError, r"1 output\(s\) would be written by more than one input, e.g. .*probabilities/a.tif by .*a.png and .*a.tif; nothing was written")
+def _(tmp):
+    image = to_uint8(make_image((40, 44), seed=0)[0])
+    write_image(image, tmp / "in" / "a.png")
+    write_image(image, tmp / "in" / "a.tif")
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "in"), "--overwrite", "true")
+
+
+@row("cli-streaming-colliding-output-names", BundleError, r"would be written by more than one input, e.g. .*vol.zarr by .*vol.tif and .*vol.tiff")
+def _(tmp):
+    (tmp / "in").mkdir()
+    sections(tmp).rename(tmp / "in" / "vol.tif")
+    sections(tmp).rename(tmp / "in" / "vol.tiff")
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "in"), "--streaming", "true")
+
+
+@row("streaming-resume-from-another-input", ValueError, r"output .*vol.zarr holds the prediction of another input \(.*a.zarr\), or of this input \(.*b.zarr\) before it changed")
+def _(tmp):
+    for name, seed in (("a", 0), ("b", 1)):
+        zarr.create_array(str(tmp / f"{name}.zarr"), shape=(2, 40, 44), chunks=(1, 40, 44), dtype="float32")[...] = np.random.default_rng(seed).random((2, 40, 44))
+    predict_zarr(net(), str(tmp / "a.zarr"), tmp / "vol.zarr", block_size=(1, 32, 32))
+    return lambda: predict_zarr(net(), str(tmp / "b.zarr"), tmp / "vol.zarr", block_size=(1, 32, 32))
+
+
+@row("cli-checkpoint-same-padding-into-valid", BundleError, r"trained with another architecture \(1 setting\(s\) differ, 0 shape mismatch.*padding: checkpoint 'same', network 'valid'")
+def _(tmp):
+    torch.manual_seed(0)
+    torch.save(UNet(features=FEATURES, padding="same").state_dict(), tmp / "model.pt")  # the same parameter shapes
+    sections(tmp)
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"))
+
+
+@row("checkpoint-non-finite-weights", ValueError, r"model.pt' holds non-finite weights \(NaN or Inf\) in 1 of .* tensors, e.g. head.bias: the training run diverged")
+def _(tmp):
+    model = net()
+    model.head.bias.data[0] = float("nan")
+    torch.save(model.state_dict(), tmp / "model.pt")
+    return lambda: load_checkpoint(net(), tmp / "model.pt")
+
+
+@row("cli-checkpoint-non-finite-weights", BundleError, r"holds non-finite weights \(NaN or Inf\)")
+def _(tmp):
+    model = net()
+    model.encoder[0][0].weight.data[:] = float("inf")
+    torch.save(model.state_dict(), tmp / "model.pt")
+    sections(tmp)
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"))
+
+
+@row("cli-tiff-several-series", BundleError, r"two.tif holds 2 TIFF series \(series 0: shape \(4, 96, 96\) uint8 .*series 1: shape \(2, 64, 64\) uint8.*Choose one with --tiff_series N")
+def _(tmp):
+    two_series(tmp / "two.tif")
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "two.tif"))
+
+
+@row("cli-streaming-tiff-several-series", BundleError, r"two.tif holds 2 TIFF series .*Choose one with --tiff_series N")
+def _(tmp):
+    two_series(tmp / "two.tif")
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "two.tif"), "--streaming", "true")
+
+
+@row("tiff-several-series-read", ValueError, r"two.tif holds 2 TIFF series .*--tiff_series")
+def _(tmp):
+    two_series(tmp / "two.tif")
+    return lambda: read_image(tmp / "two.tif")
+
+
+@row("cli-tiff-series-out-of-range", BundleError, r"two.tif: --tiff_series 2 is not a series of this file; it holds 2")
+def _(tmp):
+    two_series(tmp / "two.tif")
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "two.tif"), "--tiff_series", "2")
+
+
+@row("cli-zarr-missing-chunks", BundleError, r"vol.zarr: 1 of 8 chunks are missing from the zarr array, e.g. c/1/0/1 \(array index \(1, 0, 1\)\).*--allow_missing_chunks true")
+def _(tmp):
+    holey_zarr(tmp / "vol.zarr")
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "vol.zarr"), "--streaming", "true")
+
+
+@row("zarr-missing-chunks", ValueError, r"1 of 8 chunks are missing")
+def _(tmp):
+    holey_zarr(tmp / "vol.zarr")
+    return lambda: predict_zarr(net(), str(tmp / "vol.zarr"), tmp / "out.zarr", block_size=(1, 32, 32))
+
+
+@row("cli-zarr-without-streaming", BundleError, r"vol.zarr is a zarr store, which only block-by-block prediction reads; pass --streaming true")
+def _(tmp):
+    holey_zarr(tmp / "vol.zarr")
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "vol.zarr"))
+
+
+@row("cli-path-with-hash", BundleError, r"--ckpt_dir '.*exp::2/models'.*contain '::': MONAI's bundle parser rewrites '#' in config values to '::'")
+def _(tmp):
+    return train(tmp, "--ckpt_dir", str(tmp / "exp#2" / "models"))
+
+
+@row("cli-resume-other-architecture", BundleError, r"checkpoint_epoch=1.pt' was trained with another architecture \(1 setting\(s\) differ.*features: checkpoint \[4, 8, 16, 32, 64\], network \[8, 16, 32, 64, 128\]")
+def _(tmp):
+    trained(tmp)
+    return train(tmp, "--resume", "true", "--features", "[8,16,32,64,128]")
+
+
+@row("cli-resume-other-loss", BundleError, r"out_channels: checkpoint 2, network 1")
+def _(tmp):
+    trained(tmp)
+    return train(tmp, "--resume", "true", "--loss_name", "bce")
+
+
+@row("cli-resume-other-optimizer", BundleError, r"checkpoint .*checkpoint_epoch=1.pt was trained with the adam optimizer, but this run builds sgd; resume with --optimizer_name adam")
+def _(tmp):
+    trained(tmp)
+    return train(tmp, "--resume", "true", "--optimizer_name", "sgd")
+
+
+def two_series(path):
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.zeros((4, 96, 96), np.uint8), photometric="minisblack")
+        tif.write(np.ones((2, 64, 64), np.uint8), photometric="minisblack")
+
+
+def holey_zarr(path):
+    zarr.create_array(str(path), shape=(2, 40, 44), chunks=(1, 20, 22), dtype="float32")[...] = 1.0
+    (path / "c" / "1" / "0" / "1").unlink()
+
+
+TRAINED: dict = {}
+
+
+def trained(tmp):
+    """A finished 1-epoch run's models folder (adam, widths 4..64), copied into ``tmp/models``."""
+    import shutil
+
+    if "models" not in TRAINED:
+        import tempfile
+
+        base = Path(tempfile.mkdtemp(prefix="trained-"))
+        train(base, "--image_size", "[96,96]", "--num_images", "3", "--num_val", "1", "--patch_size", "[220,220]",
+              "--optimizer_name", "adam", "--val_interval", "1")()
+        TRAINED["models"] = base / "models"
+    shutil.copytree(TRAINED["models"], tmp / "models")
+
+
 def snapshot(folder: Path) -> dict:
     """Every path under ``folder``: files by size and modification time, folders by existence."""
     return {
