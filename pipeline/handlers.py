@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -305,12 +306,12 @@ class CheckpointSaver(_MonaiCheckpointSaver):
 class StopOnNonFiniteLoss:
     """Stop training at the first iteration whose loss is NaN or Inf, with where and a hint.
 
-    Its ``ITERATION_COMPLETED`` check runs before the epoch's checkpoint saves. In a distributed run
-    the ranks agree (an all-reduce of the flag), so all of them stop together. Raises ``FloatingPointError`` naming the
-    epoch, iteration and learning rate; the run exits non-zero and writes no checkpoint from then
+    Its ``ITERATION_COMPLETED`` check runs before the epoch's checkpoint saves. In a distributed
+    run the ranks agree (an all-reduce of the flag), so all of them stop together. Raises
+    ``FloatingPointError`` naming the epoch, iteration and learning rate; the run exits non-zero and writes no checkpoint from then
     on (:class:`CheckpointSaver`), so the last finite resume checkpoint and the earlier runs'
     ``model.pt`` / ``model_final.pt`` stay. (ignite's ``TerminateOnNan`` ends the run as if it had
-    completed, which would save the diverged weights as final.)
+    completed, with exit code 0.)
 
     Args:
         optimizer: the trainer's optimizer, for the learning rate in the message.
@@ -325,16 +326,14 @@ class StopOnNonFiniteLoss:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        import math
-
         import ignite.distributed as idist
         import torch
 
         output = engine.state.output
         loss = float((output[0] if isinstance(output, (list, tuple)) else output)["loss"])
         if idist.get_world_size() > 1:  # every rank stops together, or the others would wait forever
-            diverged = idist.all_reduce(torch.tensor(float(not math.isfinite(loss))), op="MAX")
-            loss = loss if not math.isfinite(loss) or float(diverged) == 0 else float("nan")
+            elsewhere = float(idist.all_reduce(torch.tensor(0.0 if math.isfinite(loss) else 1.0), op="MAX"))
+            loss = float("nan") if elsewhere and math.isfinite(loss) else loss
         if math.isfinite(loss):
             return
         lr = f"learning rate {self.optimizer.param_groups[0]['lr']:g}" if self.optimizer is not None else ""
