@@ -251,7 +251,6 @@ class EvaluationReport:
         keys = list(self.rows[0])
         scores = [k for k in keys if k not in ("file", "slice") and isinstance(self.rows[0][k], (int, float))]
         mean = {k: float(np.nanmean([r[k] for r in self.rows])) for k in scores}
-        out = Path(self.output_dir)
 
         def write_csv(path):
             with open(path, "w", newline="") as f:

@@ -1,47 +1,27 @@
 """End-to-end: the real bundle CLI trains, writes a checkpoint and TensorBoard events."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.networks import UNet
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "bundles/em_unet/configs/train.yaml")
+from conftest import TINY_TRAIN, bundle, train_args
 
-
-def run_bundle(tmp_path, *overrides, run_id="training", configs=(TRAIN,), check=True):
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", run_id,
-        "--config_file", str(list(configs)),
-        "--ckpt_dir", str(tmp_path / "models"),
-        "--output_dir", str(tmp_path / "eval"),
-        "--data_cache_dir", str(tmp_path / "data"),
-        *overrides,
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def run_bundle(tmp_path, *overrides, run_id="training", check=True):
+    proc = bundle(*train_args(tmp_path, *TINY, *overrides, run_id=run_id))
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-TINY = [
-    "--features", "[4,8,16,32,64]", "--patch_size", "[220,220]", "--image_size", "[96,96]",
-    "--num_images", "5", "--num_val", "2", "--num_epochs", "2", "--val_interval", "1",
-    "--optimizer_name", "adam", "--learning_rate", "0.001",
-]
+TINY = [*TINY_TRAIN, "--num_epochs", "2", "--val_interval", "1"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_name, channels", [("dice_ce", 2), ("bce", 1)])
 def test_train_bundle_end_to_end(tmp_path, loss_name, channels):
-    run_bundle(tmp_path, *TINY, "--loss_name", loss_name)
+    run_bundle(tmp_path, "--loss_name", loss_name)
     best, final = tmp_path / "models/model.pt", tmp_path / "models/model_final.pt"
     assert best.is_file() and final.is_file()
 
@@ -68,26 +48,22 @@ def test_train_bundle_end_to_end(tmp_path, loss_name, channels):
 
 @pytest.mark.slow
 def test_run_id_run_and_bad_patch_size(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", TRAIN, "--ckpt_dir", str(tmp_path / "m"),
-         "--output_dir", str(tmp_path / "e"), "--data_cache_dir", str(tmp_path / "d"), *TINY, "--patch_size", "[221,220]"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
+    proc = run_bundle(tmp_path / "bad", "--patch_size", "[221,220]", run_id="run", check=False)
     assert proc.returncode != 0
     assert "axis 0: 221 (nearest valid: 220 or 236)" in proc.stderr
-    run_bundle(tmp_path, *TINY, "--num_epochs", "1", run_id="run")
+    run_bundle(tmp_path, "--num_epochs", "1", run_id="run")
     assert (tmp_path / "models/model_final.pt").is_file()
 
 
 @pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(tmp_path):
-    run_bundle(tmp_path, *TINY, "--weight_w0", "10", "--loss_name", "weighted_ce")
+    run_bundle(tmp_path, "--weight_w0", "10", "--loss_name", "weighted_ce")
     assert (tmp_path / "models/checkpoint_epoch=2.pt").is_file()
     ckpt = torch.load(tmp_path / "models/checkpoint_epoch=2.pt", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(ckpt) and ckpt["trainer"]["iteration"] == 2 * 3
-    second = run_bundle(tmp_path, *TINY, "--loss_name", "weighted_ce", "--num_epochs", "3", "--resume", "true")
+    second = run_bundle(tmp_path, "--loss_name", "weighted_ce", "--num_epochs", "3", "--resume", "true")
     log = second.stdout + second.stderr
     assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log and "Epoch: 2/3" not in log
     assert (tmp_path / "models/checkpoint_epoch=3.pt").is_file()  # the newest is what a next resume reads
-    fresh = run_bundle(tmp_path / "other", *TINY, "--resume", "true", check=False)
+    fresh = run_bundle(tmp_path / "other", "--resume", "true", check=False)
     assert fresh.returncode != 0 and "holds no checkpoint_epoch=<N>.pt" in fresh.stderr

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,16 +15,10 @@ from monai.bundle import ConfigParser
 
 from pipeline.networks import UNet
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "bundles/em_unet/configs/train.yaml")
-MULTI = str(ROOT / "bundles/em_unet/configs/multi_gpu_train.yaml")
+from conftest import MULTI, ROOT, TINY_TRAIN, TRAIN
 
-# as tests/test_bundle.py's TINY: 5 images, 2 of them for validation -> 3 training images
-TINY = [
-    "--features", "[4,8,16,32,64]", "--patch_size", "[220,220]", "--image_size", "[96,96]",
-    "--num_images", "5", "--num_val", "2", "--num_epochs", "2", "--val_interval", "1",
-    "--optimizer_name", "adam", "--learning_rate", "0.001",
-]
+# 5 images, 2 of them for validation -> 3 training images
+TINY = [*TINY_TRAIN, "--num_epochs", "2", "--val_interval", "1"]
 N_TRAIN, NPROC = 3, 2
 RANK0_ONLY = "$@rank > 0"  # the overlay's _disabled_ value of a rank-0-only handler
 

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,20 +17,14 @@ from pipeline.io import read_image
 from pipeline.networks import UNet
 from pipeline.synthetic import make_stack, to_uint8
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "bundles/em_unet/configs/train.yaml")
-INFER = str(ROOT / "bundles/em_unet/configs/inference.yaml")
-FEATURES = "[4,8,16,32,64]"
+from conftest import FEATURES, FEATURES_ARG, INFER, ROOT, TINY_TRAIN, train_args
+
 # 5 synthetic images, 2 for validation -> 3 iterations per epoch; 4 epochs; a checkpoint per epoch
-TINY = ["--features", FEATURES, "--patch_size", "[220,220]", "--image_size", "[96,96]", "--num_images", "5",
-        "--num_val", "2", "--num_epochs", "4", "--val_interval", "2", "--optimizer_name", "adam",
-        "--learning_rate", "0.001", "--ckpt_interval", "1"]
+TINY = [*TINY_TRAIN, "--num_epochs", "4", "--val_interval", "2", "--ckpt_interval", "1"]
 
 
 def train_cmd(tmp, *extra):
-    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN,
-            "--ckpt_dir", str(tmp / "models"), "--output_dir", str(tmp / "eval"),
-            "--data_cache_dir", str(tmp / "data"), *TINY, *extra]
+    return [sys.executable, "-m", "monai.bundle", *train_args(tmp, *TINY, *extra)]
 
 
 def start(cmd, log):
@@ -70,7 +63,7 @@ def test_kill_9_during_training_then_resume(tmp_path):
     assert f"Epoch: {first_epoch}/4" in out and f"Epoch: {first_epoch - 1}/4," not in out  # at most one interval redone
     final = torch.load(tmp_path / "models/checkpoint_epoch=4.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 4 * 3  # the same total as an uninterrupted run
-    net = UNet(features=[4, 8, 16, 32, 64])
+    net = UNet(features=FEATURES)
     net.load_state_dict(torch.load(tmp_path / "models/model_final.pt", weights_only=True))  # complete and loadable
     own = net.state_dict()
     assert own.pop("_extra_state") == final["model"].pop("_extra_state")  # the architecture record
@@ -84,13 +77,13 @@ def test_kill_9_during_training_then_resume(tmp_path):
 @pytest.mark.slow
 def test_kill_9_during_inference_leaves_no_corrupt_output(tmp_path):
     torch.manual_seed(0)
-    torch.save(UNet(features=[4, 8, 16, 32, 64]).state_dict(), tmp_path / "model.pt")
+    torch.save(UNet(features=FEATURES).state_dict(), tmp_path / "model.pt")
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for i in range(12):
         tifffile.imwrite(inputs / f"s{i:02d}.tif", to_uint8(make_stack((2, 300, 300), seed=i)[0]), photometric="minisblack")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFER, "--features", FEATURES,
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFER, "--features", FEATURES_ARG,
            "--checkpoint", str(tmp_path / "model.pt"), "--input_path", str(inputs), "--output_dir", str(out),
            "--write", "['probabilities']"]
     log = open(tmp_path / "infer.log", "w")
@@ -112,7 +105,7 @@ def test_kill_9_during_inference_leaves_no_corrupt_output(tmp_path):
 
 def test_checkpoint_saver_is_atomic(tmp_path):
     """A save that fails half-way leaves the previous checkpoint byte-identical and no temporary file."""
-    net = UNet(features=[4, 8, 16, 32, 64])
+    net = UNet(features=FEATURES)
     saver = CheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_final=True, final_filename="model_final.pt")
     engine = Engine(lambda e, b: None)
     saver.attach(engine)

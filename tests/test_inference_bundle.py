@@ -1,9 +1,6 @@
 """The inference bundle predicts TIFF stacks, PNG sections and NIfTI volumes exactly as the
 inferer does in Python, keeps shape/spacing/affine, and TorchScript export matches eager."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,21 +14,12 @@ from pipeline.io import read_image, write_image
 from pipeline.networks import UNet
 from pipeline.synthetic import make_stack, to_uint8
 
-ROOT = Path(__file__).resolve().parents[1]
-INFER = str(ROOT / "bundles/em_unet/configs/inference.yaml")
-FEATURES = [4, 8, 16, 32, 64]
-
-
-def bundle(*args):
-    """``python -m monai.bundle *args`` from the repository root."""
-    cmd = [sys.executable, "-m", "monai.bundle", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
+from conftest import CONFIGS, EVALUATE, FEATURES, FEATURES_ARG, INFER, bundle
 
 def infer(tmp_path, input_path, out, *extra):
     return bundle(
         "run", "--config_file", INFER, "--checkpoint", str(tmp_path / "model.pt"), "--input_path", str(input_path),
-        "--output_dir", str(out), "--features", str(FEATURES).replace(" ", ""), *extra,
+        "--output_dir", str(out), "--features", FEATURES_ARG, *extra,
     )
 
 
@@ -118,8 +106,8 @@ def test_torchscript_export_matches_eager(setup):
     ts = tmp / "model.ts"
     proc = bundle(
         "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(tmp / "model.pt"), "--config_file", INFER,
-        "--meta_file", str(ROOT / "bundles/em_unet/configs/metadata.json"),
-        "--features", str(FEATURES).replace(" ", ""),
+        "--meta_file", str(CONFIGS / "metadata.json"),
+        "--features", FEATURES_ARG,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     scripted = torch.jit.load(str(ts))
@@ -139,9 +127,9 @@ def test_evaluate_bundle_report_and_overlays(setup, tmp_path):
     labels = (make_stack((3, 70, 90), seed=3)[1]).astype(np.uint8)
     write_image(labels, tmp_path / "labels.tif")
     proc = bundle(
-        "run", "--config_file", str(ROOT / "bundles/em_unet/configs/evaluate.yaml"), "--checkpoint", str(tmp / "model.pt"),
+        "run", "--config_file", EVALUATE, "--checkpoint", str(tmp / "model.pt"),
         "--images", str(tmp / "inputs/stack.tif"), "--labels", str(tmp_path / "labels.tif"), "--eval_slices", "[1,3]",
-        "--output_dir", str(tmp_path / "ev"), "--features", str(FEATURES).replace(" ", ""), "--key_metric_name", "pixel_error",
+        "--output_dir", str(tmp_path / "ev"), "--features", FEATURES_ARG, "--key_metric_name", "pixel_error",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "ev/report.csv")))

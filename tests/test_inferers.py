@@ -10,22 +10,7 @@ from pipeline.geometry import UNetGeometry
 from pipeline.inferers import OverlapTileInferer, auto_tile_size, mirror_pad, plan_tiles
 from pipeline.networks import UNet
 
-
-class CentreCrop(nn.Module):
-    """An 'identity' valid network: returns its input's centre, shrunk by the margin."""
-
-    def __init__(self, spatial_dims=2, depth=2):
-        super().__init__()
-        self.geometry = UNetGeometry(depth=depth)
-        self.spatial_dims, self.in_channels, self.features = spatial_dims, 1, (1,)
-        self.dummy = nn.Parameter(torch.zeros(()))
-        self.calls = 0
-
-    def forward(self, x):
-        self.geometry.check_input_size(x.shape[2:])
-        self.calls += 1
-        m = self.geometry.margin
-        return x[(..., *[slice(m, s - m) for s in x.shape[2:]])] * 2.0
+from conftest import CentreCrop
 
 
 def whole_pass(net, x):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_bundle import ROOT, TRAIN, run_bundle
+from conftest import ROOT, TRAIN, bundle, train_args
 
 DATA = Path(os.environ.get("EM_DATA_DIR", ROOT.parent / "shared" / "data")) / "isbi2012"
 pytestmark = pytest.mark.skipif(
@@ -19,10 +19,11 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.slow
 def test_paper_recipe_loss_falls_on_isbi(tmp_path):
     configs = (TRAIN, str(ROOT / "configs/isbi2012.yaml"), str(ROOT / "configs/isbi2012_cpu.yaml"))
-    proc = run_bundle(
+    proc = bundle(*train_args(
         tmp_path, "--dataset_dir", str(DATA),  # the CPU config as it is: widths 16..256, 572 tiles
         "--num_epochs", "3", "--val_interval", "3", "--log_interval", "1", configs=configs,
-    )
+    ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [float(v) for v in re.findall(r"train_loss: ([0-9.]+)", proc.stdout + proc.stderr)]
     assert len(losses) == 3 * 20  # 20 training sections (0-19), batch 1
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])

@@ -103,4 +103,5 @@ def test_prepare_batch_joins_weight():
     assert target.shape == (1, 2, 2, 2) and target[:, 1].unique().item() == 2.0
     _, plain = prepare_batch("dice_ce")(batch, torch.device("cpu"))
     assert plain.shape == (1, 1, 2, 2)
-    assert isinstance(WeightedCrossEntropy(), torch.nn.Module)
+    logits = torch.zeros(1, 2, 2, 2)  # equal logits: -log p = log 2 at every pixel, weighted by 2
+    assert WeightedCrossEntropy()(logits, target).item() == pytest.approx(2.0 * math.log(2.0), rel=1e-6)

@@ -8,9 +8,6 @@ the earlier checkpoints.
 
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,31 +17,23 @@ import yaml
 import zarr
 
 from pipeline import config
-from pipeline.io import load_checkpoint, read_image, write_image
+from pipeline.io import load_checkpoint, read_image
 from pipeline.losses import PolynomialDecay
 from pipeline.networks import UNet
 from pipeline.streaming import predict_zarr
 from pipeline.synthetic import OWNER_FILE, make_stack, to_uint8, write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "bundles/em_unet/configs"
-TRAIN, INFER = str(CONFIGS / "train.yaml"), str(CONFIGS / "inference.yaml")
-FEATURES = [4, 8, 16, 32, 64]
-TINY = ["--features", "[4,8,16,32,64]", "--patch_size", "[220,220]", "--image_size", "[96,96]", "--num_images", "5",
-        "--num_val", "2", "--val_interval", "2", "--optimizer_name", "adam", "--learning_rate", "0.001"]
+from conftest import CONFIGS, FEATURES, FEATURES_ARG, INFER, ROOT, TINY_TRAIN, bundle, train_args
 
-
-def bundle(*args):
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+TINY = [*TINY_TRAIN, "--val_interval", "2"]
 
 
 def train(tmp, *extra):
-    return bundle("run", "training", "--config_file", TRAIN, "--ckpt_dir", str(tmp / "models"), "--output_dir",
-                  str(tmp / "eval"), "--data_cache_dir", str(tmp / "data"), *TINY, *extra)
+    return bundle(*train_args(tmp, *TINY, *extra))
 
 
 def infer(tmp, *extra):
-    return bundle("run", "--config_file", INFER, "--features", "[4,8,16,32,64]", "--checkpoint", str(tmp / "model.pt"),
+    return bundle("run", "--config_file", INFER, "--features", FEATURES_ARG, "--checkpoint", str(tmp / "model.pt"),
                   "--output_dir", str(tmp / "out"), *extra)
 
 

@@ -7,8 +7,6 @@ real ``python -m monai.bundle`` CLI; their error is the process's stderr.
 """
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -28,12 +26,9 @@ from pipeline.streaming import predict_zarr
 from pipeline.synthetic import make_image, to_uint8
 from pipeline.transforms import BinarizeMask
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import EVALUATE, FEATURES, FEATURES_ARG, INFER, ROOT, TRAIN, bundle, train_args
+
 DOC = ROOT / "docs" / "reliability.md"
-TRAIN = "bundles/em_unet/configs/train.yaml"
-INFER = "bundles/em_unet/configs/inference.yaml"
-EVALUATE = "bundles/em_unet/configs/evaluate.yaml"
-FEATURES = [4, 8, 16, 32, 64]
 ROWS: dict = {}
 
 
@@ -54,19 +49,16 @@ def net():
     return UNet(features=FEATURES).eval()
 
 
-def bundle(*args, cwd=ROOT):
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def run(*args):
+    """A bundle command that must fail: raise its stderr as :class:`BundleError`."""
+    proc = bundle(*args, timeout=300)
     if proc.returncode != 0:
         raise BundleError(proc.stderr)
     return proc
 
 
 def train(tmp, *extra):
-    return lambda: bundle(
-        "run", "training", "--config_file", TRAIN, "--features", str(FEATURES).replace(" ", ""),
-        "--ckpt_dir", str(tmp / "models"), "--output_dir", str(tmp / "eval"), "--data_cache_dir", str(tmp / "cache"),
-        "--num_epochs", "1", *extra,
-    )
+    return lambda: run(*train_args(tmp, "--features", FEATURES_ARG, "--data_cache_dir", str(tmp / "cache"), "--num_epochs", "1", *extra))
 
 
 def tiny_checkpoint(tmp, features=FEATURES):
@@ -76,8 +68,8 @@ def tiny_checkpoint(tmp, features=FEATURES):
 
 
 def infer(tmp, *extra, config_file=INFER):
-    return lambda: bundle(
-        "run", "--config_file", config_file, "--features", str(FEATURES).replace(" ", ""),
+    return lambda: run(
+        "run", "--config_file", config_file, "--features", FEATURES_ARG,
         "--checkpoint", str(tmp / "model.pt"), "--output_dir", str(tmp / "out"), *extra,
     )
 
@@ -367,8 +359,8 @@ def _(tmp):
     tiny_checkpoint(tmp)
     (tmp / "X" / "masks").mkdir(parents=True)
     sections(tmp).rename(tmp / "X" / "masks" / "stack.tif")
-    return lambda: bundle(
-        "run", "--config_file", INFER, "--features", str(FEATURES).replace(" ", ""), "--checkpoint", str(tmp / "model.pt"),
+    return lambda: run(
+        "run", "--config_file", INFER, "--features", FEATURES_ARG, "--checkpoint", str(tmp / "model.pt"),
         "--input_path", str(tmp / "X" / "masks" / "stack.tif"), "--output_dir", str(tmp / "X"), "--overwrite", "true")
 
 

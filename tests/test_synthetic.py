@@ -11,7 +11,6 @@ seed: 0.63, 0.13).
 
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -90,13 +89,6 @@ def test_parameters_change_the_output():
     _, default = make_image((256, 256), seed=2)
     assert np.mean(big == 0) < np.mean(default == 0)
     assert np.mean(thin == 0) < np.mean(default == 0)
-
-
-def test_generation_is_fast():
-    make_image((256, 256), seed=0)  # warm up
-    start = time.perf_counter()
-    make_image((256, 256), seed=1)
-    assert time.perf_counter() - start < 0.5  # measured ~0.04 s (512 x 512: ~0.18 s)
 
 
 def test_stack_dtypes_determinism_and_coherence():

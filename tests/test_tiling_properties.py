@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from pipeline.geometry import UNetGeometry
 from pipeline.inferers import OverlapTileInferer, plan_tiles, tile_regions
 
+from conftest import CentreCrop
+
 geometries = st.builds(
     UNetGeometry,
     depth=st.integers(0, 4),
@@ -43,25 +45,11 @@ def test_every_output_pixel_written_exactly_once(plan):
     assert (count == 1).all()
 
 
-class CentreCrop(torch.nn.Module):
-    """A valid 'network' that returns its input's centre (shrunk by the geometry's margin)."""
-
-    def __init__(self, geometry):
-        super().__init__()
-        self.geometry, self.spatial_dims, self.in_channels, self.features = geometry, 2, 1, (1,)
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        self.geometry.check_input_size(x.shape[2:])
-        m = self.geometry.margin
-        return x[..., m : x.shape[-2] - m, m : x.shape[-1] - m]
-
-
 @settings(max_examples=60, deadline=None)
 @given(geometries.filter(lambda g: g.margin <= 60 and g.depth <= 3), st.integers(1, 90), st.integers(1, 90),
        st.integers(0, 3), st.sampled_from(["reflect", "symmetric", "replicate", "constant"]))
 def test_inference_keeps_shape_and_identity(g, h, w, extra, mode):
-    net = CentreCrop(g)
+    net = CentreCrop(g, scale=1.0)
     first = g.min_input_size - 2 * g.margin
     first += max(0, -(-(g.step - first) // g.step)) * g.step
     x = torch.arange(h * w, dtype=torch.float32).reshape(1, 1, h, w)

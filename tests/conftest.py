@@ -1,0 +1,64 @@
+"""Helpers shared by the tests: paths, the tiny training settings, bundle runners, a test network.
+
+Test modules import them by name (``from conftest import ROOT, bundle``): pytest puts this folder
+on ``sys.path`` before it imports the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.geometry import UNetGeometry
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundles/em_unet/configs"
+TRAIN, INFER, EVALUATE, MULTI = (str(CONFIGS / f"{name}.yaml") for name in ("train", "inference", "evaluate", "multi_gpu_train"))
+
+#: the narrow network of the fast tests (the paper's widths divided by 16)
+FEATURES = [4, 8, 16, 32, 64]
+FEATURES_ARG = "[4,8,16,32,64]"
+#: a tiny training run: 5 synthetic 96 x 96 images, 2 of them for validation -> 3 iterations per epoch
+TINY_TRAIN = [
+    "--features", FEATURES_ARG, "--patch_size", "[220,220]", "--image_size", "[96,96]",
+    "--num_images", "5", "--num_val", "2", "--optimizer_name", "adam", "--learning_rate", "0.001",
+]
+
+
+def bundle(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle *args`` from the repository root, output captured (unbuffered)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_args(tmp: Path, *extra: str, run_id: str = "training", configs: tuple[str, ...] = (TRAIN,)) -> list[str]:
+    """The arguments of ``run <run_id>`` of the training config into ``tmp/models``, ``tmp/eval``
+    and ``tmp/data``."""
+    return ["run", run_id, "--config_file", str(list(configs)), "--ckpt_dir", str(tmp / "models"),
+            "--output_dir", str(tmp / "eval"), "--data_cache_dir", str(tmp / "data"), *extra]
+
+
+class CentreCrop(nn.Module):
+    """An 'identity' valid network: returns its input's centre, shrunk by the margin, times ``scale``.
+
+    It has the attributes the inferer reads (``geometry``, ``spatial_dims``, ``in_channels``,
+    ``features``) and counts its calls.
+    """
+
+    def __init__(self, geometry: UNetGeometry | None = None, spatial_dims: int = 2, scale: float = 2.0) -> None:
+        super().__init__()
+        self.geometry = geometry or UNetGeometry(depth=2)
+        self.spatial_dims, self.in_channels, self.features, self.scale = spatial_dims, 1, (1,), scale
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.geometry.check_input_size(x.shape[2:])
+        self.calls += 1
+        m = self.geometry.margin
+        return x[(..., *[slice(m, s - m) for s in x.shape[2:]])] * self.scale
