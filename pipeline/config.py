@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import yaml
 
 #: options of ``python -m monai.bundle run`` itself, not config keys
@@ -94,6 +95,7 @@ def check_cli_keys(argv: Sequence[str] | None = None) -> None:
         if "monai" not in sys.argv[0] or "bundle" not in sys.argv[0]:
             return
         argv = sys.argv[1:]
+        end_errors_with_their_cause()
     overrides = cli_overrides(argv)
     if "args_file" in overrides:
         overrides = {**_read_config(overrides["args_file"]), **overrides}
@@ -114,6 +116,31 @@ def check_cli_keys(argv: Sequence[str] | None = None) -> None:
             f"({', '.join(files) or 'none given'}); nested entries are written with '#', e.g. "
             "--train#dataloader#num_workers 2. To add a new key on purpose, put it in an overlay file."
         )
+
+
+def end_errors_with_their_cause() -> None:
+    """Make a failed ``python -m monai.bundle`` run print its cause as the last line.
+
+    MONAI wraps every error of a config expression in ``RuntimeError: Failed to evaluate
+    ConfigExpression ...`` followed by the expression, so the traceback's last lines hide the
+    message that says what to fix. This wraps ``sys.excepthook`` (once): the traceback is printed as
+    before, then ``error: <type>: <message>`` of the innermost cause. :func:`check_cli_keys`, the
+    first check of every bundle config, calls it when this process is the bundle CLI.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "ends_with_cause", False):
+        return
+
+    def hook(kind, value, traceback) -> None:
+        previous(kind, value, traceback)
+        cause = value
+        while cause.__cause__ is not None or (cause.__context__ is not None and not cause.__suppress_context__):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not value:
+            print(f"\nerror: {type(cause).__name__}: {cause}", file=sys.stderr)
+
+    hook.ends_with_cause = True
+    sys.excepthook = hook
 
 
 def _check(name: str, value: Any, low: float | None, high: float | None, low_open: bool, high_open: bool, integer: bool) -> str | None:
@@ -270,7 +297,7 @@ def check_paths(**paths: Any) -> None:
         raise ValueError(
             f"path(s) {', '.join(bad)} contain '::': MONAI's bundle parser rewrites '#' in config values to "
             "'::' (its id separator), so a path typed with '#' would silently become another path. Use paths "
-            "without '#' (or '::'), e.g. rename exp#2 to exp-2"
+            "without '#' (or '::'): rename the folder or file, e.g. with '-' in place of '#'"
         )
 
 
@@ -341,11 +368,13 @@ def check_datalists(**datalists: Any) -> None:
     dataset or a foreign ``--data_cache_dir`` fails before checkpoints or TensorBoard files exist.
 
     Raises:
-        ValueError: a datalist that is not a list of items, or an empty ``train`` list.
+        ValueError: a datalist that is not a list of items, one whose paths hold ``::`` (a ``#`` that
+            MONAI rewrote, :func:`check_paths`; e.g. ``--dataset_dir d#1``), or an empty ``train`` list.
     """
     for name, items in datalists.items():
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, dict) for i in items):
             raise ValueError(f"{name}_datalist must be a list of {{'image': ..., 'label': ...}} items, got {type(items).__name__}")
+        check_paths(**{f"{name}_datalist (a {key} path)": path for item in items[:1] for key, path in item.items() if isinstance(path, str)})
     if "train" in datalists and not datalists["train"]:
         raise ValueError("train_datalist is empty: there is nothing to train on; check --num_images / --num_val or the dataset keys")
 
@@ -402,10 +431,12 @@ def check_inference(
     """The inference bundle's checks on its inputs and outputs, before the first prediction.
 
     Outputs: none replaces an input or another input's output (:func:`check_outputs`); in memory,
-    none exists already unless ``overwrite`` (``writer.check_free``). Inputs: zarr stores only with
-    ``streaming``; TIFF series (:func:`pipeline.io.check_tiff_series`); when streaming, every source
-    opens with the network's dimensions and has no missing chunks
-    (:func:`pipeline.streaming.check_sources`).
+    none exists already unless ``overwrite`` (``writer.check_free``). Inputs, every one before the
+    first is predicted: zarr stores only with ``streaming``; from the header (:func:`pipeline.io.probe_image`),
+    the TIFF series and the channels the network takes; floating-point files are read once and
+    refused if they hold NaN or Inf. When streaming, every source opens with the network's
+    dimensions and channels and has no missing chunks (:func:`pipeline.streaming.check_sources`),
+    and non-finite pixels are found by the statistics pass before the output is created.
 
     Args:
         datalist: the ``{"image": path}`` items to predict.
@@ -429,6 +460,16 @@ def check_inference(
     if stores:
         raise ValueError(f"{stores[0]} is a zarr store, which only block-by-block prediction reads; pass --streaming true")
     check_outputs({s: list(writer.targets(s).values()) for s in sources})
+    in_channels = getattr(network, "in_channels", 1)
     for source in sources:
-        io.check_tiff_series(source, tiff_series)
+        info = io.probe_image(source, tiff_series)
+        io.check_channels(source, info, in_channels)
+        if info.dtype.kind == "f":  # NaN/Inf are possible: scan the file now, not after other outputs exist
+            array, _ = io.read_image(source, tiff_series)
+            bad = np.argwhere(~np.isfinite(array))
+            if len(bad):
+                raise ValueError(
+                    f"{source} has {len(bad)} non-finite pixel(s) (NaN or Inf) of {array.size}, the first at array index "
+                    f"{tuple(int(i) for i in bad[0])}; replace them (e.g. with 0) and save the file again"
+                )
     writer.check_free(sources)

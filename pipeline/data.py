@@ -44,6 +44,11 @@ def read_cached(path: str | Path) -> tuple[np.ndarray, dict]:
     return _read_cached(str(p), p.stat().st_mtime)
 
 
+def _hash_hint(path: Path) -> str:
+    """A note for a path that MONAI's bundle parser changed ('#' typed, '::' read)."""
+    return "; it holds '::', which is how MONAI's bundle parser rewrites a '#' typed in a config value" if "::" in str(path) else ""
+
+
 def _is_zarr(path: Path) -> bool:
     return path.is_dir() and path.name.lower().endswith(".zarr")
 
@@ -57,7 +62,7 @@ def _image_files(path: str | Path, what: str) -> list[Path]:
             raise ValueError(f"{what} {p}: unsupported format {_suffix(p)!r}; supported: {', '.join(IMAGE_SUFFIXES)}")
         return [p]
     if not p.is_dir():
-        raise FileNotFoundError(f"{what} path not found: {p} (give an image file or a folder of images)")
+        raise FileNotFoundError(f"{what} path not found: {p} (give an image file or a folder of images)" + _hash_hint(p))
     files = sorted(
         f for f in p.iterdir()
         if not f.name.startswith(".") and ((f.is_file() and _suffix(f) in IMAGE_SUFFIXES) or (what == "input" and _is_zarr(f)))

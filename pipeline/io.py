@@ -25,6 +25,7 @@ the error use :func:`read_image`, a plain ``LoadImage()`` or ``LoadImage()(path,
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import re
@@ -321,26 +322,76 @@ def register_readers() -> None:
 register_readers()
 
 
-def check_tiff_series(path: str | os.PathLike, tiff_series: int | None = None, stack: bool = True) -> None:
-    """Before a run: raise what :class:`TiffStackReader` would about ``path``'s series, reading only
-    the TIFF header. ``stack=False`` for lazy (streaming) reading, which cannot stack series.
+@dataclass
+class ImageInfo:
+    """What a file holds, read from its header only (:func:`probe_image`).
+
+    Attributes:
+        shape: the array shape as read, channels included (TIFF: the chosen series).
+        channels: the size of the channel axis (TIFF samples ``S`` or ``C``, vector pixels); 1 without one.
+        dtype: the pixel type.
+        axes: the axes as the format names them (TIFF, e.g. ``"SYX"``; else ``""``).
+    """
+
+    shape: tuple[int, ...]
+    channels: int
+    dtype: np.dtype
+    axes: str = ""
+
+
+def probe_image(path: str | os.PathLike, tiff_series: int | None = None) -> ImageInfo:
+    """Read only the header of an image file: shape, channels, dtype (and TIFF axes).
 
     Raises:
-        TiffSeriesError: as :func:`choose_tiff_series`; also ``tiff_series`` given for a file that is
-            not a TIFF.
+        TiffSeriesError: as :func:`choose_tiff_series`; also ``tiff_series`` given for a file that
+            is not a TIFF.
         ValueError: the header cannot be read.
     """
-    if _suffix(path) not in TIFF_SUFFIXES:
-        if tiff_series is not None:
-            raise TiffSeriesError(f"--tiff_series {tiff_series} applies to TIFF files, but {path} is not one; set tiff_series null")
-        return
+    path, suffix = Path(path), _suffix(path)
+    if tiff_series is not None and suffix not in TIFF_SUFFIXES:
+        raise TiffSeriesError(f"--tiff_series {tiff_series} applies to TIFF files, but {path} is not one; set tiff_series null")
     try:
-        with tifffile.TiffFile(path) as tif:
-            choose_tiff_series(tif, path, tiff_series, stack)
+        if suffix in TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tif:
+                chosen = choose_tiff_series(tif, path, tiff_series)
+                series = tif.series[0 if chosen is None else chosen]
+                shape = ((len(tif.series),) if chosen is None else ()) + tuple(series.shape)
+                channels = math.prod(n for a, n in zip(series.axes, series.shape) if a in "SC")
+                return ImageInfo(shape, channels, np.dtype(series.dtype), ("Q" if chosen is None else "") + series.axes)
+        if suffix in NIFTI_SUFFIXES:
+            header = nib.load(str(path)).header
+            shape = tuple(int(n) for n in header.get_data_shape())
+            return ImageInfo(shape, math.prod(shape[3:]), np.dtype(header.get_data_dtype()))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        channels = reader.GetNumberOfComponents()
+        shape = tuple(reversed(reader.GetSize())) + ((channels,) if channels > 1 else ())
+        dtype = sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())).dtype
+        return ImageInfo(shape, channels, np.dtype(dtype))
     except TiffSeriesError:
         raise
     except Exception as err:
-        raise ValueError(f"could not read {path} as TIFF: {type(err).__name__}: {err} (the file is truncated or corrupt; copy it again)") from err
+        raise ValueError(f"could not read the header of {path}: {type(err).__name__}: {err} (the file is truncated or corrupt?)") from err
+
+
+def check_channels(path: str | os.PathLike, info: ImageInfo, in_channels: int) -> None:
+    """Refuse a file whose channels (:func:`probe_image`) are not the network's ``in_channels``.
+
+    Raises:
+        ValueError: naming the file, its shape and axes, and what to do.
+    """
+    if info.channels == in_channels:
+        return
+    hint = "convert it to the network's channels (e.g. colour to grey)"
+    if "S" in info.axes and in_channels == 1:
+        hint = ("tifffile stores a (3 or 4, Y, X) uint8 array written without photometric='minisblack' as one RGB(A) "
+                "page; if these are sections, save it again with tifffile.imwrite(path, array, photometric='minisblack'), "
+                "else convert it to grey")
+    raise ValueError(
+        f"{path} has {info.channels} channel(s) (shape {info.shape}{', TIFF axes ' + info.axes if info.axes else ''}), "
+        f"but the network takes {in_channels}; {hint}"
+    )
 
 
 def read_image(path: str | os.PathLike, tiff_series: int | None = None) -> tuple[np.ndarray, dict]:

@@ -94,6 +94,10 @@ class _Source:
         else:
             self.path, self.kind = None, "array"
             self.array = source if hasattr(source, "shape") and hasattr(source, "__getitem__") else np.asarray(source)
+        if self.kind == "tiff":  # the same reading of samples/channels as in-memory prediction
+            from pipeline.io import check_channels, probe_image
+
+            check_channels(self.path, probe_image(self.path, tiff_series), in_channels)
         shape = tuple(int(s) for s in self.open().shape)
         name = self.path or f"{type(self.array).__name__} source"
         channel = in_channels > 1
@@ -167,8 +171,10 @@ class _Source:
             raise ValueError(
                 f"{self.path or 'the zarr array'}: {missing} of {total} chunks are missing from the zarr array"
                 + (f", e.g. {', '.join(names)}" if names else "")
-                + "; zarr would read them as the fill value and the prediction there would be made from it. "
-                "Copy the dataset again, or pass --allow_missing_chunks true to predict them from the fill value"
+                + f"; zarr reads a chunk that is not stored as the fill value ({array_fill(self.open())}). A chunk is "
+                "missing when it was deleted or lost in a copy, but zarr also skips writing chunks that equal the fill "
+                "value (blank regions) unless told otherwise. If the dataset is complete, pass --allow_missing_chunks "
+                "true to predict those regions from the fill value; else copy the dataset again"
             )
 
     def identity(self) -> dict | None:
@@ -192,6 +198,11 @@ class _Source:
         prefix = (0,) * self.lead + ((slice(None),) if self.channel else ())
         out = np.asarray(self.open()[prefix + tuple(index)])
         return out if self.channel else out[None]
+
+
+def array_fill(array: Any) -> Any:
+    """The fill value of a zarr array (what zarr returns for a chunk that is not stored)."""
+    return getattr(getattr(array, "metadata", None), "fill_value", getattr(array, "fill_value", None))
 
 
 def _group_image(group: Any, path: str) -> Any:
@@ -229,7 +240,10 @@ def section_stats(source: _Source) -> tuple[np.ndarray, np.ndarray]:
     std = np.sqrt(m2 / count)
     bad = np.argwhere(~np.isfinite(mean) | ~np.isfinite(std))
     if len(bad):
-        raise ValueError(f"source has non-finite pixels (NaN or Inf) in (channel, section) {bad[:5].tolist()}; replace them first")
+        raise ValueError(
+            f"{source.path or 'the source'} has non-finite pixels (NaN or Inf) in (channel, section) {bad[:5].tolist()}; "
+            "replace them (e.g. with 0) and save it again"
+        )
     return mean, std
 
 

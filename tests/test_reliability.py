@@ -518,6 +518,47 @@ def _(tmp):
     return train(tmp, "--resume", "true", "--optimizer_name", "sgd")
 
 
+@row("cli-folder-one-input-wrong-channels", BundleError, r"b_rgb.png has 3 channel\(s\) \(shape \(40, 44, 3\)\), but the network takes 1; convert it")
+def _(tmp):
+    image = to_uint8(make_image((40, 44), seed=0)[0])
+    write_image(image, tmp / "in" / "a.png")  # predicted first if nothing were checked before
+    write_image(np.stack([image] * 3, -1), tmp / "in" / "b_rgb.png", meta={"spatial_shape": (40, 44)})
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "in"))
+
+
+@row("cli-folder-one-input-non-finite", BundleError, r"b_nan.tif has 1 non-finite pixel\(s\) \(NaN or Inf\) of 1760, the first at array index \(3, 4\)")
+def _(tmp):
+    image = make_image((40, 44), seed=0)[0].astype(np.float32)
+    write_image(image, tmp / "in" / "a.tif")
+    image[3, 4] = np.nan
+    write_image(image, tmp / "in" / "b_nan.tif")
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "in"))
+
+
+@row("cli-tiff-rgb-samples", BundleError, r"stack3.tif has 3 channel\(s\) \(shape \(3, 40, 44\), TIFF axes SYX\), but the network takes 1; .*photometric='minisblack'")
+def _(tmp):
+    tifffile.imwrite(tmp / "stack3.tif", np.zeros((3, 40, 44), np.uint8))  # tifffile: one planar RGB page
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "stack3.tif"))
+
+
+@row("cli-streaming-tiff-rgb-samples", BundleError, r"stack3.tif has 3 channel\(s\) .*TIFF axes SYX.*photometric='minisblack'")
+def _(tmp):
+    tifffile.imwrite(tmp / "stack3.tif", np.zeros((3, 40, 44), np.uint8))
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "stack3.tif"), "--streaming", "true")
+
+
+@row("streaming-source-non-finite", ValueError, r"a.zarr has non-finite pixels \(NaN or Inf\) in \(channel, section\) \[\[0, 1\]\]")
+def _(tmp):
+    volume = np.ones((2, 40, 44), np.float32)
+    volume[1, 5, 6] = np.inf
+    zarr.create_array(str(tmp / "a.zarr"), shape=volume.shape, chunks=(1, 40, 44), dtype="float32")[...] = volume
+    return lambda: predict_zarr(net(), str(tmp / "a.zarr"), tmp / "out.zarr")
+
+
 def two_series(path):
     with tifffile.TiffWriter(path) as tif:
         tif.write(np.zeros((4, 96, 96), np.uint8), photometric="minisblack")
