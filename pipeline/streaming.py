@@ -65,12 +65,12 @@ import zarr
 from torch import nn
 
 from pipeline.inferers import PAD_MODES, _mirror_index, _unwrap, auto_tile_size, plan_tiles
+from pipeline.io import TIFF_SUFFIXES
+from pipeline.transforms import OUTPUTS, check_output_settings, encode_prediction, foreground_probability
 
 logger = logging.getLogger(__name__)
 
-OUTPUTS = ("probabilities", "mask")
 MARKERS = "blocks_done"
-TIFF_SUFFIXES = (".tif", ".tiff")
 STATS_BAND = 2**22  # pixels read at once by the statistics pass
 _CACHE: dict[Any, nn.Module] = {}  # per worker process: network copies by (fingerprint, device)
 _CACHE_LOCK = threading.Lock()
@@ -226,18 +226,19 @@ def section_stats(source: _Source) -> tuple[np.ndarray, np.ndarray]:
     rows = y_size if plane <= STATS_BAND else max(1, STATS_BAND // x_size)
     c = source.channels
     count, mean, m2 = (np.zeros((c, z_size)) for _ in range(3))
-    for z0, y0 in itertools.product(range(0, z_size, zs), range(0, y_size, rows)):
-        index = ((slice(z0, z0 + zs),) if three else ()) + (slice(y0, y0 + rows), slice(None))
-        piece = source.read(index).astype(np.float64)
-        piece = piece.reshape(c, piece.shape[1] if three else 1, -1)
-        z = slice(z0, z0 + piece.shape[1])
-        n, pm = piece.shape[-1], piece.mean(-1)
-        pm2 = ((piece - pm[..., None]) ** 2).sum(-1)
-        total, delta = count[:, z] + n, pm - mean[:, z]
-        m2[:, z] += pm2 + delta**2 * count[:, z] * n / total
-        mean[:, z] += delta * n / total
-        count[:, z] = total
-    std = np.sqrt(m2 / count)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels are reported below
+        for z0, y0 in itertools.product(range(0, z_size, zs), range(0, y_size, rows)):
+            index = ((slice(z0, z0 + zs),) if three else ()) + (slice(y0, y0 + rows), slice(None))
+            piece = source.read(index).astype(np.float64)
+            piece = piece.reshape(c, piece.shape[1] if three else 1, -1)
+            z = slice(z0, z0 + piece.shape[1])
+            n, pm = piece.shape[-1], piece.mean(-1)
+            pm2 = ((piece - pm[..., None]) ** 2).sum(-1)
+            total, delta = count[:, z] + n, pm - mean[:, z]
+            m2[:, z] += pm2 + delta**2 * count[:, z] * n / total
+            mean[:, z] += delta * n / total
+            count[:, z] = total
+        std = np.sqrt(m2 / count)
     bad = np.argwhere(~np.isfinite(mean) | ~np.isfinite(std))
     if len(bad):
         raise ValueError(
@@ -326,13 +327,11 @@ def _predict_block(network: nn.Module, source: _Source, plan: _Plan, index: tupl
             for (i, pos), out in zip(chunk, pred.float().cpu()):
                 logits[(i, slice(None)) + tuple(slice(p, p + t) for p, t in zip(pos, tile))] = out
     logits = logits[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
-    prob = torch.softmax(logits, 1)[:, 1] if logits.shape[1] > 1 else torch.sigmoid(logits[:, 0])
-    prob = (prob if k else prob[0]).numpy()
+    prob = foreground_probability(logits, dim=1)
     group = zarr.open_group(plan.output, mode="r+")
     region = tuple(slice(s, h) for s, h in zip(lo, hi))
-    results = {"probabilities": prob.astype(np.float32), "mask": (prob > plan.threshold).astype(np.uint8) * 255}
-    for name in plan.write:
-        group[name][region] = results[name]
+    for name, values in encode_prediction(prob if k else prob[0], plan.threshold, plan.write).items():
+        group[name][region] = values
     group[MARKERS][tuple(index)] = 1  # after the data: a marked block is complete
     logger.debug("block %s (pixels %s..%s) written", index, lo, hi)
 
@@ -510,11 +509,7 @@ def predict_zarr(
     geometry = getattr(net, "geometry", None)
     if geometry is None:
         raise ValueError(f"network {type(net).__name__} has no `geometry`; use pipeline.networks.UNet")
-    unknown = set(write) - set(OUTPUTS)
-    if unknown or not write:
-        raise ValueError(f"write must list some of {OUTPUTS}, got {list(write)}")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    write = check_output_settings(write, threshold)
     if padding_mode not in PAD_MODES or batch_size < 1 or memory_budget_mb <= 0:
         raise ValueError(f"need padding_mode in {PAD_MODES}, batch_size >= 1, memory_budget_mb > 0; got {padding_mode!r}, {batch_size}, {memory_budget_mb}")
     if isinstance(tile_size, str) and tile_size != "auto":

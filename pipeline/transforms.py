@@ -237,10 +237,39 @@ class StackAxisFirstd(MapTransform):
         return d
 
 
-def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
-    """Foreground probability ``(*spatial)`` of logits ``(C, *spatial)``: soft-max channel 1, or sigmoid of one channel."""
+#: what the prediction writers (:class:`WritePredictiond`, :func:`pipeline.streaming.predict_zarr`) write
+OUTPUTS = ("probabilities", "mask")
+
+
+def foreground_probability(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Foreground probability of logits whose channel axis is ``dim`` (removed): soft-max channel 1,
+    or the sigmoid of a single channel. ``(C, *spatial) -> (*spatial)`` with ``dim=0``."""
     logits = logits.detach().float()
-    return torch.softmax(logits, 0)[1] if logits.shape[0] > 1 else torch.sigmoid(logits[0])
+    if logits.shape[dim] > 1:
+        return torch.softmax(logits, dim).select(dim, 1)
+    return torch.sigmoid(logits.select(dim, 0))
+
+
+def check_output_settings(write: Sequence[str], threshold: float) -> tuple[str, ...]:
+    """The writers' one rule: ``write`` lists some of :data:`OUTPUTS`; ``threshold`` in [0, 1].
+
+    Raises:
+        ValueError: naming the bad value and the valid ones.
+    """
+    from pipeline.config import check_hyperparameters
+
+    if not write or set(write) - set(OUTPUTS):
+        raise ValueError(f"write must list some of {OUTPUTS}, got {list(write)}")
+    check_hyperparameters(threshold=threshold)
+    return tuple(write)
+
+
+def encode_prediction(probability: torch.Tensor, threshold: float, write: Sequence[str] = OUTPUTS) -> dict[str, np.ndarray]:
+    """The files' contents from a foreground probability: ``probabilities`` as float32, ``mask`` as
+    uint8 0/255 (foreground where ``probability > threshold``), for each name in ``write``."""
+    prob = probability.detach().float().cpu().numpy()
+    encode = {"probabilities": lambda: prob.astype(np.float32, copy=False), "mask": lambda: (prob > threshold).astype(np.uint8) * 255}
+    return {name: encode[name]() for name in write}
 
 
 class ForegroundProbabilityd(MapTransform):
@@ -273,8 +302,6 @@ class WritePredictiond(MapTransform):
         overwrite: replace existing outputs.
     """
 
-    OUTPUTS = ("probabilities", "mask")
-
     def __init__(
         self,
         keys: KeysCollection,
@@ -286,12 +313,7 @@ class WritePredictiond(MapTransform):
         overwrite: bool = False,
     ) -> None:
         super().__init__(keys)
-        unknown = set(write) - set(self.OUTPUTS)
-        if unknown or not write:
-            raise ValueError(f"write must list some of {self.OUTPUTS}, got {list(write)}")
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        self.output_dir, self.image_key, self.write = output_dir, image_key, tuple(write)
+        self.output_dir, self.image_key, self.write = output_dir, image_key, check_output_settings(write, threshold)
         self.output_ext, self.threshold, self.overwrite = output_ext, threshold, overwrite
 
     def targets(self, source: str) -> dict[str, Path]:
@@ -329,13 +351,10 @@ class WritePredictiond(MapTransform):
         targets = self.targets(meta.get("filename_or_obj", "prediction.tif"))
         meta.pop("filename_or_obj", None)
         for key in self.key_iterator(d):
-            prob = foreground_probability(d[key]).cpu()
+            prob = foreground_probability(d[key])
             if meta.get("stack_axis_reversed"):
                 prob = prob.permute(*reversed(range(prob.ndim)))
-            outputs = {
-                "probabilities": prob.numpy().astype(np.float32),
-                "mask": (prob > self.threshold).numpy().astype(np.uint8) * 255,
-            }
+            outputs = encode_prediction(prob, self.threshold, self.write)
             for what, path in targets.items():
                 write_image(outputs[what], path, meta=meta, overwrite=self.overwrite)
         return d
