@@ -379,45 +379,6 @@ def check_datalists(**datalists: Any) -> None:
         raise ValueError("train_datalist is empty: there is nothing to train on; check --num_images / --num_val or the dataset keys")
 
 
-def _optimizer_kind(param_group: dict) -> str:
-    return "sgd" if "momentum" in param_group and "betas" not in param_group else "adam" if "betas" in param_group else "unknown"
-
-
-def check_resume(ckpt_dir: str | os.PathLike, network: Any, optimizer_name: str) -> str:
-    """Before ``resume: true`` touches anything: the checkpoint it will read must fit this run.
-
-    Reads the newest ``checkpoint_epoch=<N>.pt`` (:func:`pipeline.handlers.latest_checkpoint`) with
-    ``weights_only=True`` and checks the network's recorded architecture, parameter shapes and finite
-    weights (:func:`pipeline.io.check_state_dict`), and that its optimizer is ``optimizer_name``
-    (``sgd`` | ``adam``, told apart by their settings: ``momentum`` or ``betas``).
-
-    Returns:
-        The checkpoint's path.
-
-    Raises:
-        FileNotFoundError: no resume checkpoint in ``ckpt_dir``.
-        ValueError: naming the file and what differs (network settings, shapes, optimizer), with
-            the keys to set; nothing is loaded or written.
-    """
-    from pipeline.handlers import latest_checkpoint
-    from pipeline.io import check_state_dict, read_checkpoint
-
-    path = latest_checkpoint(ckpt_dir)
-    state = read_checkpoint(path)
-    missing = [k for k in ("model", "optimizer", "trainer") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise ValueError(f"{path} is not a resume checkpoint (it holds no {', '.join(missing)}); resume reads checkpoint_epoch=<N>.pt files written by training")
-    check_state_dict(getattr(network, "module", network), state["model"], path)
-    saved = _optimizer_kind(state["optimizer"]["param_groups"][0])
-    own = str(optimizer_name)
-    if saved != own:
-        raise ValueError(
-            f"checkpoint {path} was trained with the {saved} optimizer, but this run builds {own}; resume with "
-            f"--optimizer_name {saved} (as that run), or start a new run in another --ckpt_dir"
-        )
-    return str(path)
-
-
 def check_inference(
     datalist: Sequence[dict],
     writer: Any,

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import math
-import re
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from ignite.metrics import Metric
-from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
 from monai.handlers import from_engine
 from torch.utils.tensorboard import SummaryWriter
 
@@ -29,36 +26,6 @@ def select_channel(keys: Sequence[str], channel: int) -> Callable:
         return tuple([item[channel : channel + 1] for item in items] for items in get(output))
 
     return transform
-
-
-def latest_checkpoint(ckpt_dir: str) -> str:
-    """The most recently written resume checkpoint ``checkpoint_epoch=<N>.pt`` (or ``_iteration=<N>``).
-
-    "Most recent" is by modification time, then by N. The largest N alone would be wrong when a
-    fresh (non-resume) run trains into a folder that still holds an earlier, longer run's
-    checkpoint: ``checkpoint_epoch=16.pt`` of the old run would win over the new run's
-    ``checkpoint_epoch=4.pt``. A higher-numbered checkpoint passed over is logged.
-
-    Raises:
-        FileNotFoundError: there is none, saying what to do.
-    """
-    found = []
-    for path in Path(ckpt_dir).glob("checkpoint_*=*.pt"):
-        match = re.fullmatch(r"checkpoint_(epoch|iteration)=(\d+)\.pt", path.name)
-        if match:
-            found.append((path.stat().st_mtime_ns, int(match.group(2)), str(path)))
-    if not found:
-        raise FileNotFoundError(
-            f"resume=true but {ckpt_dir} holds no checkpoint_epoch=<N>.pt; train once without resume "
-            "(checkpoints are written every ckpt_interval epochs) or point ckpt_dir at that run's models folder"
-        )
-    _, number, chosen = max(found)
-    older = sorted(p for _, n, p in found if n > number)
-    if older:
-        logging.getLogger(__name__).warning(
-            "resuming from %s, the most recently written checkpoint; %s written earlier (by another run) "
-            "has a higher number and is not used", chosen, ", ".join(older))
-    return chosen
 
 
 class LearningRateLogger:
@@ -271,44 +238,13 @@ def _save_png(path, rgb) -> None:
     Image.fromarray(rgb).save(path, format="PNG")
 
 
-class CheckpointSaver(_MonaiCheckpointSaver):
-    """MONAI's ``CheckpointSaver``, made safe against a kill at any moment: same arguments.
-
-    MONAI writes checkpoints in place (``atomic=False``), and ignite deletes the old checkpoint
-    *before* writing the new one (``n_saved``, and MONAI's final checkpoint). A run killed at the
-    wrong moment is then left with a truncated file, or with none at all. Here every file is written
-    to a temporary name in the same folder and renamed (ignite's ``DiskSaver(atomic=True)``, which
-    also makes it group/other-readable as a plain save would), and an old file is deleted only
-    after its successor is complete. So a complete checkpoint is on disk at every instant.
-
-    Two more guarantees (docs/reliability.md): no checkpoint with non-finite values (NaN/Inf, a
-    diverged run) is ever written: the save raises ``FloatingPointError`` and the earlier file
-    stays; and the final checkpoint is written only when the run completes. MONAI also writes it
-    when the run raises (``exception_raised``), so a failed resume or a diverged run would replace
-    an earlier run's finished ``model_final.pt``; here a failed run keeps it and re-raises.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if checkpoint is not None:
-                _save_before_remove(checkpoint.save_handler)
-
-    def exception_raised(self, engine, e: Exception) -> None:
-        """Write nothing for a failed run (the last resume checkpoint is what it leaves); re-raise."""
-        logging.getLogger(__name__).error(
-            "the run failed (%s); no final checkpoint was written, and earlier checkpoints in %s are kept",
-            type(e).__name__, self.save_dir)
-        raise e
-
-
 class StopOnNonFiniteLoss:
     """Stop training at the first iteration whose loss is NaN or Inf, with where and a hint.
 
     Its ``ITERATION_COMPLETED`` check runs before the epoch's checkpoint saves. In a distributed
     run the ranks agree (an all-reduce of the flag), so all of them stop together. Raises
     ``FloatingPointError`` naming the epoch, iteration and learning rate; the run exits non-zero and writes no checkpoint from then
-    on (:class:`CheckpointSaver`), so the last finite resume checkpoint and the earlier runs'
+    on (:class:`pipeline.checkpoints.CheckpointSaver`), so the last finite resume checkpoint and the earlier runs'
     ``model.pt`` / ``model_final.pt`` stay. (ignite's ``TerminateOnNan`` ends the run as if it had
     completed, with exit code 0.)
 
@@ -343,37 +279,3 @@ class StopOnNonFiniteLoss:
         )
 
 
-def _save_before_remove(handler) -> None:
-    """Make a MONAI/ignite ``DiskSaver`` atomic, and postpone its deletions until after the next save."""
-
-    class SaveBeforeRemove(type(handler)):
-        def __call__(self, checkpoint, filename, metadata=None) -> None:
-            bad = _non_finite(checkpoint)
-            if bad:
-                raise FloatingPointError(
-                    f"refusing to save {filename}: {len(bad)} tensor(s) hold NaN or Inf (e.g. {', '.join(bad[:3])}); "
-                    "the run diverged. Earlier checkpoints are kept; lower --learning_rate and train again"
-                )
-            super().__call__(checkpoint, filename, metadata)
-            written = getattr(self, "filename", None) or filename  # MONAI's saver may fix the name
-            for old in self._pending:
-                if (getattr(self, "filename", None) or old) != written:
-                    super().remove(old)
-            self._pending = []
-
-        def remove(self, filename: str) -> None:
-            self._pending.append(filename)
-
-    handler.__class__ = SaveBeforeRemove
-    handler._atomic = True
-    handler._pending = []
-
-
-def _non_finite(tree, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a (nested) checkpoint dict that hold NaN or Inf."""
-    import torch
-
-    if isinstance(tree, torch.Tensor):
-        return [prefix or "tensor"] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
-    return [name for key, value in items for name in _non_finite(value, f"{prefix}.{key}" if prefix else str(key))]

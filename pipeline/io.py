@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -40,7 +39,6 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import tifffile
-import torch
 from monai.data.image_reader import ImageReader, NibabelReader, _copy_compatible_dict, _stack_images
 from monai.data.utils import is_no_channel, is_supported_format, orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
@@ -614,91 +612,3 @@ def write_folder(
     return [directory / n for n in names]
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a truncated or non-PyTorch file; a file holding Python objects other than
-            tensors and plain containers (refused: unpickling them could run code).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} does not exist; train first (python -m monai.bundle run training ...) "
-            "or pass the file with --checkpoint"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            f"refusing to load checkpoint {str(path)!r}: it holds Python objects other than tensors and "
-            "plain containers, and unpickling them could run arbitrary code (torch.load weights_only=True refused it). "
-            "Re-save only the weights: torch.save(model.state_dict(), path)"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(
-            f"checkpoint {str(path)!r} cannot be read: it is truncated or not a PyTorch checkpoint "
-            f"({str(err).splitlines()[0]}); copy it again or point --checkpoint at another file"
-        ) from None
-
-
-def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str = "model") -> torch.nn.Module:
-    """Load a checkpoint's weights into ``network`` strictly, with ``torch.load(weights_only=True)``.
-
-    Accepts a bare ``state_dict`` (``model.pt``, ``model_final.pt``) or a resume checkpoint holding
-    it under ``key``. Every way this can go wrong gets an error that names the file and what to do
-    (:func:`read_checkpoint`, :func:`check_state_dict`):
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a truncated or non-PyTorch file; a file holding Python objects other than
-            tensors (refused: unpickling them could run code); a checkpoint of another architecture
-            (the recorded settings that differ, or the mismatching parameters and their shapes);
-            non-finite weights.
-    """
-    state = read_checkpoint(path)
-    if isinstance(state, dict) and isinstance(state.get(key), dict):
-        state = state[key]
-    check_state_dict(network, state, path)
-    network.load_state_dict(state)
-    return network
-
-
-def check_state_dict(network: torch.nn.Module, state: Any, path: str | os.PathLike) -> None:
-    """Check, without loading, that the ``state_dict`` read from ``path`` fits ``network``.
-
-    In this order: a state_dict of tensors (plus the network's ``_extra_state``); the recorded
-    architecture (:meth:`pipeline.networks.UNet.architecture_diff`: padding, norm, features, channels,
-    depth, kernels), which catches networks whose parameters have equal shapes; the parameter
-    names and shapes; finite values (a run that diverged saves NaN weights).
-
-    Raises:
-        ValueError: naming the file and what differs, or the parameters with non-finite values.
-    """
-    extra = {k: v for k, v in state.items() if k.endswith("_extra_state")} if isinstance(state, dict) else {}
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for k, v in state.items() if k not in extra):
-        raise ValueError(f"checkpoint {str(path)!r} holds no state_dict of tensors (found {type(state).__name__})")
-    diff = network.architecture_diff(extra["_extra_state"]) if "_extra_state" in extra and hasattr(network, "architecture_diff") else []
-    own = {k: v for k, v in network.state_dict().items() if not k.endswith("_extra_state")}
-    state = {k: v for k, v in state.items() if k not in extra}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if diff or missing or unexpected or mismatched:
-        lines = diff + [f"{k}: checkpoint {tuple(state[k].shape)}, network {tuple(own[k].shape)}" for k in mismatched[:4]]
-        lines += [f"{k}: missing from the checkpoint" for k in missing[:3]]
-        lines += [f"{k}: not in the network" for k in unexpected[:3]]
-        raise ValueError(
-            f"checkpoint {str(path)!r} was trained with another architecture ({len(diff)} setting(s) differ, "
-            f"{len(mismatched)} shape mismatch(es), {len(missing)} missing, {len(unexpected)} unexpected parameter(s)): "
-            + "; ".join(lines) + ". Use the training run's network keys: merge the same overlay (e.g. "
-            "configs/quickstart.yaml) or set --features / --padding / --norm / --loss_name as in training"
-        )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ValueError(
-            f"checkpoint {str(path)!r} holds non-finite weights (NaN or Inf) in {len(bad)} of {len(state)} tensors, "
-            f"e.g. {', '.join(bad[:3])}: the training run diverged. Use an earlier checkpoint, or train again with a "
-            "lower --learning_rate"
-        )

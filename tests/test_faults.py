@@ -12,7 +12,7 @@ import tifffile
 import torch
 from ignite.engine import Engine
 
-from pipeline.handlers import CheckpointSaver, latest_checkpoint
+from pipeline.checkpoints import CheckpointSaver, latest_checkpoint
 from pipeline.io import read_image
 from pipeline.networks import UNet
 from pipeline.synthetic import make_stack, to_uint8

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses import WeightedCrossEntropy, make_loss, prepare_batch
+from pipeline.losses import WeightedCrossEntropy, make_loss
+from pipeline.optim import prepare_batch
 from pipeline.transforms import BorderWeightMapd, RandElasticGridd, border_weight_map
 
 

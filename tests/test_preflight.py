@@ -17,8 +17,9 @@ import yaml
 import zarr
 
 from pipeline import config
-from pipeline.io import load_checkpoint, read_image
-from pipeline.losses import PolynomialDecay
+from pipeline.checkpoints import load_checkpoint
+from pipeline.io import read_image
+from pipeline.optim import PolynomialDecay
 from pipeline.networks import UNet
 from pipeline.streaming import predict_zarr
 from pipeline.synthetic import OWNER_FILE, make_stack, to_uint8, write_dataset

@@ -17,10 +17,11 @@ import torch
 import zarr
 
 from pipeline import config, data, metrics
-from pipeline.handlers import latest_checkpoint
 from pipeline.inferers import OverlapTileInferer
-from pipeline.io import load_checkpoint, read_image, write_image
-from pipeline.losses import make_loss, make_optimizer
+from pipeline.checkpoints import latest_checkpoint, load_checkpoint
+from pipeline.io import read_image, write_image
+from pipeline.losses import make_loss
+from pipeline.optim import make_optimizer
 from pipeline.networks import UNet
 from pipeline.streaming import predict_zarr
 from pipeline.synthetic import make_image, to_uint8

@@ -1,0 +1,244 @@
+"""Checkpoints: reading them safely, checking them against a network, saving, and resuming.
+
+- :func:`read_checkpoint` / :func:`load_checkpoint` / :func:`check_state_dict`: ``torch.load`` with
+  ``weights_only=True``, errors that name the file; the network's recorded architecture
+  (:meth:`pipeline.networks.UNet.get_extra_state`), parameter shapes and finite weights.
+- :class:`CheckpointSaver`: MONAI's saver, made atomic (save before remove), refusing non-finite
+  values, and writing the final checkpoint only when a run completes.
+- :func:`latest_checkpoint` / :func:`check_resume`: which checkpoint ``--resume true`` reads, and
+  whether it fits the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a truncated or non-PyTorch file; a file holding Python objects other than
+            tensors and plain containers (refused: unpickling them could run code).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist; train first (python -m monai.bundle run training ...) "
+            "or pass the file with --checkpoint"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"refusing to load checkpoint {str(path)!r}: it holds Python objects other than tensors and "
+            "plain containers, and unpickling them could run arbitrary code (torch.load weights_only=True refused it). "
+            "Re-save only the weights: torch.save(model.state_dict(), path)"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read: it is truncated or not a PyTorch checkpoint "
+            f"({str(err).splitlines()[0]}); copy it again or point --checkpoint at another file"
+        ) from None
+
+
+def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str = "model") -> torch.nn.Module:
+    """Load a checkpoint's weights into ``network`` strictly, with ``torch.load(weights_only=True)``.
+
+    Accepts a bare ``state_dict`` (``model.pt``, ``model_final.pt``) or a resume checkpoint holding
+    it under ``key``. Every way this can go wrong gets an error that names the file and what to do
+    (:func:`read_checkpoint`, :func:`check_state_dict`):
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a truncated or non-PyTorch file; a file holding Python objects other than
+            tensors (refused: unpickling them could run code); a checkpoint of another architecture
+            (the recorded settings that differ, or the mismatching parameters and their shapes);
+            non-finite weights.
+    """
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and isinstance(state.get(key), dict):
+        state = state[key]
+    check_state_dict(network, state, path)
+    network.load_state_dict(state)
+    return network
+
+
+def check_state_dict(network: torch.nn.Module, state: Any, path: str | os.PathLike) -> None:
+    """Check, without loading, that the ``state_dict`` read from ``path`` fits ``network``.
+
+    In this order: a state_dict of tensors (plus the network's ``_extra_state``); the recorded
+    architecture (:meth:`pipeline.networks.UNet.architecture_diff`: padding, norm, features, channels,
+    depth, kernels), which catches networks whose parameters have equal shapes; the parameter
+    names and shapes; finite values (a run that diverged saves NaN weights).
+
+    Raises:
+        ValueError: naming the file and what differs, or the parameters with non-finite values.
+    """
+    extra = {k: v for k, v in state.items() if k.endswith("_extra_state")} if isinstance(state, dict) else {}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for k, v in state.items() if k not in extra):
+        raise ValueError(f"checkpoint {str(path)!r} holds no state_dict of tensors (found {type(state).__name__})")
+    diff = network.architecture_diff(extra["_extra_state"]) if "_extra_state" in extra and hasattr(network, "architecture_diff") else []
+    own = {k: v for k, v in network.state_dict().items() if not k.endswith("_extra_state")}
+    state = {k: v for k, v in state.items() if k not in extra}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if diff or missing or unexpected or mismatched:
+        lines = diff + [f"{k}: checkpoint {tuple(state[k].shape)}, network {tuple(own[k].shape)}" for k in mismatched[:4]]
+        lines += [f"{k}: missing from the checkpoint" for k in missing[:3]]
+        lines += [f"{k}: not in the network" for k in unexpected[:3]]
+        raise ValueError(
+            f"checkpoint {str(path)!r} was trained with another architecture ({len(diff)} setting(s) differ, "
+            f"{len(mismatched)} shape mismatch(es), {len(missing)} missing, {len(unexpected)} unexpected parameter(s)): "
+            + "; ".join(lines) + ". Use the training run's network keys: merge the same overlay (e.g. "
+            "configs/quickstart.yaml) or set --features / --padding / --norm / --loss_name as in training"
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds non-finite weights (NaN or Inf) in {len(bad)} of {len(state)} tensors, "
+            f"e.g. {', '.join(bad[:3])}: the training run diverged. Use an earlier checkpoint, or train again with a "
+            "lower --learning_rate"
+        )
+
+
+def latest_checkpoint(ckpt_dir: str) -> str:
+    """The most recently written resume checkpoint ``checkpoint_epoch=<N>.pt`` (or ``_iteration=<N>``).
+
+    "Most recent" is by modification time, then by N. The largest N alone would be wrong when a
+    fresh (non-resume) run trains into a folder that still holds an earlier, longer run's
+    checkpoint: ``checkpoint_epoch=16.pt`` of the old run would win over the new run's
+    ``checkpoint_epoch=4.pt``. A higher-numbered checkpoint passed over is logged.
+
+    Raises:
+        FileNotFoundError: there is none, saying what to do.
+    """
+    found = []
+    for path in Path(ckpt_dir).glob("checkpoint_*=*.pt"):
+        match = re.fullmatch(r"checkpoint_(epoch|iteration)=(\d+)\.pt", path.name)
+        if match:
+            found.append((path.stat().st_mtime_ns, int(match.group(2)), str(path)))
+    if not found:
+        raise FileNotFoundError(
+            f"resume=true but {ckpt_dir} holds no checkpoint_epoch=<N>.pt; train once without resume "
+            "(checkpoints are written every ckpt_interval epochs) or point ckpt_dir at that run's models folder"
+        )
+    _, number, chosen = max(found)
+    older = sorted(p for _, n, p in found if n > number)
+    if older:
+        logging.getLogger(__name__).warning(
+            "resuming from %s, the most recently written checkpoint; %s written earlier (by another run) "
+            "has a higher number and is not used", chosen, ", ".join(older))
+    return chosen
+
+
+def _optimizer_kind(param_group: dict) -> str:
+    return "sgd" if "momentum" in param_group and "betas" not in param_group else "adam" if "betas" in param_group else "unknown"
+
+
+def check_resume(ckpt_dir: str | os.PathLike, network: Any, optimizer_name: str) -> str:
+    """Before ``resume: true`` touches anything: the checkpoint it will read must fit this run.
+
+    Reads the newest ``checkpoint_epoch=<N>.pt`` (:func:`pipeline.checkpoints.latest_checkpoint`) with
+    ``weights_only=True`` and checks the network's recorded architecture, parameter shapes and finite
+    weights (:func:`pipeline.checkpoints.check_state_dict`), and that its optimizer is ``optimizer_name``
+    (``sgd`` | ``adam``, told apart by their settings: ``momentum`` or ``betas``).
+
+    Returns:
+        The checkpoint's path.
+
+    Raises:
+        FileNotFoundError: no resume checkpoint in ``ckpt_dir``.
+        ValueError: naming the file and what differs (network settings, shapes, optimizer), with
+            the keys to set; nothing is loaded or written.
+    """
+    path = latest_checkpoint(ckpt_dir)
+    state = read_checkpoint(path)
+    missing = [k for k in ("model", "optimizer", "trainer") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a resume checkpoint (it holds no {', '.join(missing)}); resume reads checkpoint_epoch=<N>.pt files written by training")
+    check_state_dict(getattr(network, "module", network), state["model"], path)
+    saved = _optimizer_kind(state["optimizer"]["param_groups"][0])
+    own = str(optimizer_name)
+    if saved != own:
+        raise ValueError(
+            f"checkpoint {path} was trained with the {saved} optimizer, but this run builds {own}; resume with "
+            f"--optimizer_name {saved} (as that run), or start a new run in another --ckpt_dir"
+        )
+    return str(path)
+
+
+class CheckpointSaver(_MonaiCheckpointSaver):
+    """MONAI's ``CheckpointSaver``, made safe against a kill at any moment: same arguments.
+
+    MONAI writes checkpoints in place (``atomic=False``), and ignite deletes the old checkpoint
+    *before* writing the new one (``n_saved``, and MONAI's final checkpoint). A run killed at the
+    wrong moment is then left with a truncated file, or with none at all. Here every file is written
+    to a temporary name in the same folder and renamed (ignite's ``DiskSaver(atomic=True)``, which
+    also makes it group/other-readable as a plain save would), and an old file is deleted only
+    after its successor is complete. So a complete checkpoint is on disk at every instant.
+
+    Two more guarantees (docs/reliability.md): no checkpoint with non-finite values (NaN/Inf, a
+    diverged run) is ever written: the save raises ``FloatingPointError`` and the earlier file
+    stays; and the final checkpoint is written only when the run completes. MONAI also writes it
+    when the run raises (``exception_raised``), so a failed resume or a diverged run would replace
+    an earlier run's finished ``model_final.pt``; here a failed run keeps it and re-raises.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                _save_before_remove(checkpoint.save_handler)
+
+    def exception_raised(self, engine, e: Exception) -> None:
+        """Write nothing for a failed run (the last resume checkpoint is what it leaves); re-raise."""
+        logging.getLogger(__name__).error(
+            "the run failed (%s); no final checkpoint was written, and earlier checkpoints in %s are kept",
+            type(e).__name__, self.save_dir)
+        raise e
+
+
+def _save_before_remove(handler) -> None:
+    """Make a MONAI/ignite ``DiskSaver`` atomic, and postpone its deletions until after the next save."""
+
+    class SaveBeforeRemove(type(handler)):
+        def __call__(self, checkpoint, filename, metadata=None) -> None:
+            bad = _non_finite(checkpoint)
+            if bad:
+                raise FloatingPointError(
+                    f"refusing to save {filename}: {len(bad)} tensor(s) hold NaN or Inf (e.g. {', '.join(bad[:3])}); "
+                    "the run diverged. Earlier checkpoints are kept; lower --learning_rate and train again"
+                )
+            super().__call__(checkpoint, filename, metadata)
+            written = getattr(self, "filename", None) or filename  # MONAI's saver may fix the name
+            for old in self._pending:
+                if (getattr(self, "filename", None) or old) != written:
+                    super().remove(old)
+            self._pending = []
+
+        def remove(self, filename: str) -> None:
+            self._pending.append(filename)
+
+    handler.__class__ = SaveBeforeRemove
+    handler._atomic = True
+    handler._pending = []
+
+
+def _non_finite(tree, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) checkpoint dict that hold NaN or Inf."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return [prefix or "tensor"] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [name for key, value in items for name in _non_finite(value, f"{prefix}.{key}" if prefix else str(key))]
