@@ -1,0 +1,34 @@
+"""MONAI transforms of the pipeline, split by kind as MONAI's own ``monai/transforms`` is.
+
+Array transforms take ``(C, *spatial)`` arrays or tensors; each has a dictionary counterpart
+(suffix ``d``). Every name is importable from here (``pipeline.transforms.LoadSectiond``), which is
+how the bundle configs name them.
+
+- :mod:`.io`: ``LoadSectiond`` (a file, or one section of a stack), ``StackAxisFirstd``,
+  ``WritePredictiond`` (probabilities and masks in the input's format);
+- :mod:`.intensity`: ``NormalizeSectionsd`` (zero mean, unit variance per section);
+- :mod:`.labels`: ``BinarizeMask(d)``, ``border_weight_map`` / ``BorderWeightMapd`` (paper eq. 2);
+- :mod:`.post`: ``LogitsToOneHot(d)``, ``foreground_probability``, ``ForegroundProbabilityd``,
+  ``encode_prediction`` and ``check_output_settings`` (the one output step of both writers);
+- :mod:`.spatial`: ``RandElasticGridd`` (the paper's elastic deformation).
+"""
+
+from pipeline.transforms.intensity import NormalizeSectionsd
+from pipeline.transforms.io import LoadSectiond, StackAxisFirstd, WritePredictiond
+from pipeline.transforms.labels import BinarizeMask, BinarizeMaskd, BorderWeightMapd, border_weight_map
+from pipeline.transforms.post import (
+    OUTPUTS,
+    ForegroundProbabilityd,
+    LogitsToOneHot,
+    LogitsToOneHotd,
+    check_output_settings,
+    encode_prediction,
+    foreground_probability,
+)
+from pipeline.transforms.spatial import RandElasticGridd
+
+__all__ = [
+    "OUTPUTS", "BinarizeMask", "BinarizeMaskd", "BorderWeightMapd", "ForegroundProbabilityd", "LoadSectiond",
+    "LogitsToOneHot", "LogitsToOneHotd", "NormalizeSectionsd", "RandElasticGridd", "StackAxisFirstd",
+    "WritePredictiond", "border_weight_map", "check_output_settings", "encode_prediction", "foreground_probability",
+]
