@@ -305,13 +305,12 @@ def _real(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.fspath(path)))
 
 
-def _same(a: Path, b: Path) -> bool:
-    if _real(a) == _real(b):
-        return True
-    try:  # hard links
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+        return st.st_dev, st.st_ino
     except OSError:
-        return False
+        return None
 
 
 def check_outputs(
@@ -333,22 +332,27 @@ def check_outputs(
     Raises:
         ValueError: naming the input(s) and output, and what to do.
     """
-    inputs = [Path(i) for i in outputs]
+    real = {_real(i): Path(i) for i in outputs}  # one lookup per output, not one per (output, input) pair
+    inodes = {n: Path(i) for i in outputs if (n := _inode(Path(i))) is not None}  # hard links
+    holders = {parent: given for r, given in real.items() for parent in r.parents}
     writers: dict[Path, list[str]] = {}
     for source, targets in [*outputs.items(), ("", shared)]:
         for target in map(Path, targets):
+            real_out = _real(target)
             if source:
-                writers.setdefault(_real(target), []).append(str(source))
-            for given in inputs:
-                real_in, real_out = _real(given), _real(target)
-                if _same(target, given) or real_in in real_out.parents or real_out in real_in.parents:
-                    how = "is" if _same(target, given) else "lies inside" if real_in in real_out.parents else "holds"
-                    linked = how == "is" and os.path.abspath(target) != os.path.abspath(given)
-                    raise ValueError(
-                        f"output {target} {how} the input {given}{' (through a link)' if linked else ''}: "
-                        f"predicting would destroy the input, so nothing was written (overwrite or not). "
-                        f"Choose another --{key}"
-                    )
+                writers.setdefault(real_out, []).append(str(source))
+            given, how = real.get(real_out) or inodes.get(_inode(target) or (-1, -1)), "is"
+            if given is None:
+                given, how = next((real[p] for p in real_out.parents if p in real), None), "lies inside"
+            if given is None:
+                given, how = holders.get(real_out), "holds"
+            if given is not None:
+                linked = how == "is" and os.path.abspath(target) != os.path.abspath(given)
+                raise ValueError(
+                    f"output {target} {how} the input {given}{' (through a link)' if linked else ''}: "
+                    f"predicting would destroy the input, so nothing was written (overwrite or not). "
+                    f"Choose another --{key}"
+                )
     clashes = {out: srcs for out, srcs in writers.items() if len(set(srcs)) > 1}
     if clashes:
         out, srcs = next(iter(clashes.items()))
