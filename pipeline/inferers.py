@@ -162,8 +162,11 @@ def overlap_tile_inference(
     progress: bool = False,
     amp: bool | None = None,
     amp_dtype: torch.dtype = torch.bfloat16,
+    network_args: Sequence[Any] = (),
+    network_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Predict ``inputs`` tile by tile; see :class:`OverlapTileInferer` for the arguments.
+    ``network_args`` / ``network_kwargs`` are passed to every ``network(tiles, *args, **kwargs)`` call.
 
     Args:
         inputs: ``(B, C, *spatial)``. With a 2D network and 3 spatial axes, the stack is
@@ -265,7 +268,7 @@ def overlap_tile_inference(
             batch = torch.stack(
                 [padded[i][(slice(None),) + tuple(slice(p, p + t + 2 * margin) for (p, _), t in zip(reg, tile))] for i, reg in chunk]
             ).to(net_device, non_blocking=True).contiguous(memory_format=memory_format)
-            pred = network(batch)
+            pred = network(batch, *network_args, **(network_kwargs or {}))
             if not valid:  # keep the centre of a same-padded tile
                 pred = pred[(slice(None), slice(None)) + tuple(slice(margin, margin + t) for t in tile)]
             if out is None:  # float32 even under autocast; a normal tensor (not an inference tensor), so
@@ -394,18 +397,22 @@ class OverlapTileInferer(Inferer):
         )
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Predict ``inputs`` ``(B, C, *spatial)``; returns ``(B, out_channels, *spatial)``."""
-        if self.adapt_norm:
-            with adapted_batchnorm(network, lambda: overlap_tile_inference(inputs, network, **self.kwargs)):
-                return self._predict(inputs, network)
-        return self._predict(inputs, network)
+        """Predict ``inputs`` ``(B, C, *spatial)``; returns ``(B, out_channels, *spatial)``.
 
-    def _predict(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        Extra ``args`` and ``kwargs`` are passed on to every ``network(tiles, *args, **kwargs)`` call,
+        as MONAI's inferers do."""
+        settings = {**self.kwargs, "network_args": args, "network_kwargs": kwargs}
+        if self.adapt_norm:
+            with adapted_batchnorm(network, lambda: overlap_tile_inference(inputs, network, **settings)):
+                return self._predict(inputs, network, settings)
+        return self._predict(inputs, network, settings)
+
+    def _predict(self, inputs: torch.Tensor, network: nn.Module, settings: dict) -> torch.Tensor:
         if not self.tta:
-            return overlap_tile_inference(inputs, network, **self.kwargs)
+            return overlap_tile_inference(inputs, network, **settings)
         total = None
         for k, flip in DIHEDRAL:
-            pred = overlap_tile_inference(_dihedral(inputs, k, flip), network, **self.kwargs)
+            pred = overlap_tile_inference(_dihedral(inputs, k, flip), network, **settings)
             pred = _dihedral(pred, k, flip, inverse=True)
             total = pred if total is None else total + pred
         return total / len(DIHEDRAL)

@@ -190,3 +190,17 @@ def test_adapt_norm_is_seamless_and_restores_after_an_error():
             pass
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items() if isinstance(v, torch.Tensor))
     assert all(m.training for m in net.modules())
+
+
+def test_extra_arguments_reach_the_network():
+    """As MONAI's inferers: ``inferer(x, net, *args, **kwargs)`` calls ``net(tiles, *args, **kwargs)``."""
+
+    class Scaled(CentreCrop):
+        def forward(self, x, factor=1.0, *, offset=0.0):
+            return super().forward(x) * factor + offset
+
+    x = torch.arange(30 * 34, dtype=torch.float32).reshape(1, 1, 30, 34)
+    net = Scaled()
+    plain = OverlapTileInferer(tile_size=12)(x, net)
+    torch.testing.assert_close(OverlapTileInferer(tile_size=12)(x, net, 3.0, offset=1.0), plain * 3.0 + 1.0)
+    torch.testing.assert_close(OverlapTileInferer(tile_size=12, tta=True)(x, net, 3.0, offset=1.0), plain * 3.0 + 1.0)
