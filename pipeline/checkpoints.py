@@ -236,8 +236,6 @@ def _save_before_remove(handler) -> None:
 
 def _non_finite(tree, prefix: str = "") -> list[str]:
     """Names of the floating-point tensors in a (nested) checkpoint dict that hold NaN or Inf."""
-    import torch
-
     if isinstance(tree, torch.Tensor):
         return [prefix or "tensor"] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
+from pipeline import io
+
 #: options of ``python -m monai.bundle run`` itself, not config keys
 BUNDLE_RUN_OPTIONS = frozenset(
     {"config_file", "meta_file", "logging_file", "init_id", "run_id", "final_id", "tracking", "args_file", "id", "runner_id"}
@@ -412,11 +414,9 @@ def check_inference(
     Raises:
         ValueError, FileExistsError, FileNotFoundError: naming the file and the key to change.
     """
-    from pipeline import io
-
     sources = [str(item["image"]) for item in datalist]
     if streaming:
-        from pipeline import streaming as stream
+        from pipeline import streaming as stream  # imports this module: a cycle at the top
 
         check_outputs({s: [stream.output_path(output_dir, s)] for s in sources})
         stream.check_sources(network, sources, tiff_series, allow_missing_chunks)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
 
+import ignite.distributed as idist
 import numpy as np
+import torch
+from ignite.engine import Events
 from ignite.metrics import Metric
 from monai.handlers import from_engine
 from torch.utils.tensorboard import SummaryWriter
 
-from pipeline.io import replace_atomically
+from pipeline import metrics
+from pipeline.io import replace_atomically, stem
 
 
 def select_channel(keys: Sequence[str], channel: int) -> Callable:
@@ -43,8 +49,6 @@ class LearningRateLogger:
         self.tag = tag
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine) -> None:
@@ -74,14 +78,10 @@ class TensorBoardImages:
         self.writer, self.n_samples, self.tag = summary_writer, n_samples, tag
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     @staticmethod
     def _plane(x):
-        import torch
-
         x = torch.as_tensor(x).detach().float().cpu()
         while x.ndim > 2:  # drop channel / batch axes, take the middle section of a volume
             x = x[x.shape[0] // 2] if x.ndim > 3 or x.shape[0] > 1 else x[0]
@@ -89,8 +89,6 @@ class TensorBoardImages:
         return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
     def __call__(self, engine) -> None:
-        import torch
-
         index = (engine.state.iteration - 1) % engine.state.epoch_length
         if index >= self.n_samples:
             return
@@ -125,8 +123,6 @@ class EMMetric(Metric):
     METRICS = ("pixel_error", "v_rand", "v_info", "warping_error", "dice", "iou")
 
     def __init__(self, metric: str = "v_rand", threshold: float = 0.5, output_transform: Callable | None = None) -> None:
-        from pipeline import metrics
-
         if metric not in self.METRICS:
             raise ValueError(f"unknown EM metric {metric!r}; valid choices: {', '.join(self.METRICS)}")
         self.score, self.threshold = getattr(metrics, metric), threshold
@@ -163,15 +159,11 @@ class EvaluationReport:
         self.rows: list[dict] = []
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def collect(self, engine) -> None:
-        from pipeline import metrics
-
         for item in engine.state.output:
             prob, label = item["pred"][0].cpu().numpy(), item["label"][0].cpu().numpy()
             meta = getattr(item["image"], "meta", {})
@@ -191,7 +183,6 @@ class EvaluationReport:
 
     def overlay_path(self, image: str, section: int | None = None) -> Path:
         """``output_dir/overlays/<image name without suffix>[_z<section>].png``."""
-        from pipeline.io import stem
 
         return Path(self.output_dir) / "overlays" / f"{stem(image)}{'' if section is None else f'_z{int(section):04d}'}.png"
 
@@ -210,9 +201,6 @@ class EvaluationReport:
         return [Path(self.output_dir) / "report.csv", Path(self.output_dir) / "report.json"]
 
     def write(self, engine) -> None:
-        import csv
-        import json
-
         if not self.rows:
             return
         keys = list(self.rows[0])
@@ -256,14 +244,9 @@ class StopOnNonFiniteLoss:
         self.optimizer = optimizer
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        import ignite.distributed as idist
-        import torch
-
         output = engine.state.output
         loss = float((output[0] if isinstance(output, (list, tuple)) else output)["loss"])
         if idist.get_world_size() > 1:  # every rank stops together, or the others would wait forever

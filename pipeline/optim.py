@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.config import check_hyperparameters
 from pipeline.losses import check_loss_name
 
 OPTIMIZERS = ("sgd", "adam")
@@ -18,8 +19,6 @@ OPTIMIZERS = ("sgd", "adam")
 
 def make_optimizer(name: str, parameters, learning_rate: float, momentum: float = 0.99) -> torch.optim.Optimizer:
     """``"sgd"`` (with ``momentum``, the paper: 0.99) or ``"adam"``, with range-checked values."""
-    from pipeline.config import check_hyperparameters
-
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
     check_hyperparameters(learning_rate=learning_rate, momentum=momentum if name == "sgd" else None)

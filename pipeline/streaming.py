@@ -65,7 +65,8 @@ import zarr
 from torch import nn
 
 from pipeline.inferers import PAD_MODES, _mirror_index, _unwrap, auto_tile_size, plan_tiles
-from pipeline.io import TIFF_SUFFIXES
+from pipeline.config import check_outputs
+from pipeline.io import TIFF_SUFFIXES, check_channels, choose_tiff_series, probe_image, stem
 from pipeline.transforms import OUTPUTS, check_output_settings, encode_prediction, foreground_probability
 
 logger = logging.getLogger(__name__)
@@ -95,8 +96,6 @@ class _Source:
             self.path, self.kind = None, "array"
             self.array = source if hasattr(source, "shape") and hasattr(source, "__getitem__") else np.asarray(source)
         if self.kind == "tiff":  # the same reading of samples/channels as in-memory prediction
-            from pipeline.io import check_channels, probe_image
-
             check_channels(self.path, probe_image(self.path, tiff_series), in_channels)
         shape = tuple(int(s) for s in self.open().shape)
         name = self.path or f"{type(self.array).__name__} source"
@@ -121,8 +120,6 @@ class _Source:
             try:
                 if self.kind == "tiff":
                     import tifffile
-
-                    from pipeline.io import choose_tiff_series
 
                     with tifffile.TiffFile(self.path) as tif:
                         series = choose_tiff_series(tif, self.path, self.tiff_series, stack=False)
@@ -582,8 +579,6 @@ def predict_zarr(
 def output_path(output_dir: str | os.PathLike, source: str | os.PathLike) -> Path:
     """The zarr output of one input: ``output_dir/<input name without its suffix>.zarr``
     (:func:`pipeline.io.stem`: ``vol.1.tif`` -> ``vol.1.zarr``)."""
-    from pipeline.io import stem
-
     return Path(output_dir) / f"{stem(source)}.zarr"
 
 
@@ -609,8 +604,6 @@ def predict_files(network: nn.Module, sources: Sequence[str | os.PathLike], outp
     Returns:
         The output paths, in input order.
     """
-    from pipeline.config import check_outputs
-
     check_outputs({str(s): [output_path(output_dir, s)] for s in sources})
     check_sources(network, sources, kwargs.get("tiff_series"), kwargs.get("allow_missing_chunks", False))
     return [predict_zarr(network, s, output_path(output_dir, s), **kwargs) for s in sources]

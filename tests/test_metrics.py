@@ -6,6 +6,7 @@ from scipy import ndimage
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from pipeline import metrics as M
+from pipeline.metrics.warping import _OFFSETS
 
 S4 = ndimage.generate_binary_structure(2, 1)
 S8 = ndimage.generate_binary_structure(2, 2)
@@ -252,7 +253,7 @@ def test_simple_point_lut_matches_global_topology(fg_conn):
         p = np.pad(img, 1).astype(int)
         for y in range(6):
             for x in range(6):
-                code = sum(p[y + 1 + dy, x + 1 + dx] << b for b, (dy, dx) in enumerate(M._OFFSETS))
+                code = sum(p[y + 1 + dy, x + 1 + dx] << b for b, (dy, dx) in enumerate(_OFFSETS))
                 flipped = img.copy()
                 flipped[y, x] = ~flipped[y, x]
                 assert bool(lut[code]) == (_counts(flipped, fg_conn) == base)

@@ -11,6 +11,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from pipeline.data import read_cached, section_axis
+from pipeline.io import _suffix, stem, write_image
 from pipeline.transforms.post import check_output_settings, encode_prediction, foreground_probability
 
 
@@ -32,8 +34,6 @@ class LoadSectiond(MapTransform):
         self.slice_key = slice_key
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, MetaTensor]:
-        from pipeline.data import read_cached, section_axis
-
         d = dict(data)
         z = d.get(self.slice_key)
         for key in self.key_iterator(d):
@@ -71,8 +71,6 @@ class StackAxisFirstd(MapTransform):
     """
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        from pipeline.data import section_axis
-
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
@@ -118,8 +116,6 @@ class WritePredictiond(MapTransform):
 
     def targets(self, source: str) -> dict[str, Path]:
         """The output file of each ``write`` entry for the input file ``source``."""
-        from pipeline.io import _suffix, stem
-
         src = Path(str(source))
         name = stem(src)
         ext = self.output_ext or _suffix(src)
@@ -143,8 +139,6 @@ class WritePredictiond(MapTransform):
             )
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        from pipeline.io import write_image
-
         d = dict(data)
         image = d[self.image_key]
         meta = dict(getattr(image, "meta", {}))

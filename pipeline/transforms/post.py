@@ -11,6 +11,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
+from pipeline.config import check_hyperparameters
+
 
 class LogitsToOneHot(Transform):
     """Logits ``(C, *spatial)`` to a one-hot hard prediction with at least two channels.
@@ -61,8 +63,6 @@ def check_output_settings(write: Sequence[str], threshold: float) -> tuple[str, 
     Raises:
         ValueError: naming the bad value and the valid ones.
     """
-    from pipeline.config import check_hyperparameters
-
     if not write or set(write) - set(OUTPUTS):
         raise ValueError(f"write must list some of {OUTPUTS}, got {list(write)}")
     check_hyperparameters(threshold=threshold)
