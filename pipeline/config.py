@@ -431,10 +431,12 @@ def check_inference(
         io.check_channels(source, info, in_channels)
         if info.dtype.kind == "f":  # NaN/Inf are possible: scan the file now, not after other outputs exist
             array, _ = io.read_image(source, tiff_series)
-            bad = np.argwhere(~np.isfinite(array))
-            if len(bad):
+            finite = np.isfinite(array)
+            count = array.size - int(np.count_nonzero(finite))
+            if count:  # (no index array per bad pixel: a NaN background could be most of a volume)
+                first = np.unravel_index(int(np.argmin(finite)), array.shape)
                 raise ValueError(
-                    f"{source} has {len(bad)} non-finite pixel(s) (NaN or Inf) of {array.size}, the first at array index "
-                    f"{tuple(int(i) for i in bad[0])}; replace them (e.g. with 0) and save the file again"
+                    f"{source} has {count} non-finite pixel(s) (NaN or Inf) of {array.size}, the first at array index "
+                    f"{tuple(int(i) for i in first)}; replace them (e.g. with 0) and save the file again"
                 )
     writer.check_free(sources)

@@ -370,7 +370,10 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None) -> Imag
     except TiffSeriesError:
         raise
     except Exception as err:
-        raise ValueError(f"could not read the header of {path}: {type(err).__name__}: {err} (the file is truncated or corrupt?)") from err
+        raise ValueError(
+            f"could not read the header of {path} ({suffix or 'no suffix'}): {type(err).__name__}: {err}; the file is "
+            "damaged, or its pixel layout is one the readers do not support (convert it to a plain grey TIFF)"
+        ) from err
 
 
 def check_channels(path: str | os.PathLike, info: ImageInfo, in_channels: int) -> None:
@@ -382,8 +385,8 @@ def check_channels(path: str | os.PathLike, info: ImageInfo, in_channels: int) -
     if info.channels == in_channels:
         return
     hint = "convert it to the network's channels (e.g. colour to grey)"
-    if "S" in info.axes and in_channels == 1:
-        hint = ("tifffile stores a (3 or 4, Y, X) uint8 array written without photometric='minisblack' as one RGB(A) "
+    if info.axes.lstrip("Q").startswith("S") and in_channels == 1:  # planar samples: maybe a small stack
+        hint = ("tifffile stores a (3 or 4, Y, X) array written without photometric='minisblack' as one planar RGB(A) "
                 "page; if these are sections, save it again with tifffile.imwrite(path, array, photometric='minisblack'), "
                 "else convert it to grey")
     raise ValueError(

@@ -1,4 +1,4 @@
-"""The loss and optimiser factories of the bundle configs.
+"""The losses of the bundle configs (the optimiser and batch preparation are in :mod:`pipeline.optim`).
 
 Every loss takes logits ``(B, C, *out_spatial)`` and a label of the same spatial size
 (the data transforms crop the label to the network's output size once, so a valid
@@ -40,7 +40,7 @@ class WeightedCrossEntropy(nn.Module):
 
     MONAI has no loss with a per-pixel weight map, and a MONAI trainer passes the loss only
     ``(prediction, target)``; so the target carries the weight map as a second channel:
-    ``target = cat([label, weight], dim=1)``, which :func:`prepare_batch` builds.
+    ``target = cat([label, weight], dim=1)``, which :func:`pipeline.optim.prepare_batch` builds.
 
     Args (forward):
         logits: ``(B, C, *spatial)``.
