@@ -67,3 +67,16 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     assert (tmp_path / "models/checkpoint_epoch=3.pt").is_file()  # the newest is what a next resume reads
     fresh = run_bundle(tmp_path / "other", "--resume", "true", check=False)
     assert fresh.returncode != 0 and "holds no checkpoint_epoch=<N>.pt" in fresh.stderr
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights(tmp_path):
+    """--seed makes a run reproducible: the initial weights are drawn after seeding (the pre-flight
+    builds the network, so set_determinism runs before it), as are shuffling and augmentation."""
+    finals = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        run_bundle(tmp_path / name, "--num_epochs", "1", "--seed", seed)
+        finals.append(torch.load(tmp_path / name / "models/model_final.pt", weights_only=True))
+    a, b, c = finals
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    assert not torch.equal(a["head.weight"], c["head.weight"])

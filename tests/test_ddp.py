@@ -68,13 +68,13 @@ def test_overlay_keeps_writers_on_rank_0():
         "$@summary_writer.close()",
     ], "train.yaml's training steps changed: update the copy in multi_gpu_train.yaml"
     assert base["initialize"] == [
-        "@checks", "$monai.utils.set_determinism(seed=@seed)", "$setattr(torch.backends.cudnn, 'benchmark', True)"
+        "$monai.utils.set_determinism(seed=@seed)", "@checks", "$setattr(torch.backends.cudnn, 'benchmark', True)"
     ], (
         "train.yaml's initialize changed: update the copy in multi_gpu_train.yaml"
     )
     steps = parser["initialize"]  # the overlay's: the same checks on every rank, before anything is written
-    assert steps.index("@checks") == steps.index("$ignite.distributed.sync()") + 1 < steps.index(
-        "$monai.utils.set_determinism(seed=@seed + @rank)")
+    assert steps.index("$ignite.distributed.sync()") + 1 == steps.index(
+        "$monai.utils.set_determinism(seed=@seed + @rank)") == steps.index("@checks") - 1
     assert base["run"] == "@training"
     assert base["datalist"] == (  # the overlay calls it on rank 0 first, then on the others
         "$pipeline.synthetic.write_dataset(@data_cache_dir, n_images=@num_images, shape=@image_size, seed=@seed)"
