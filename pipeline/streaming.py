@@ -8,7 +8,7 @@ a zarr group.
 Exactness. Block starts along the network axes are multiples of ``geometry.step`` (the
 pooling grid). A block is read with a halo of ``margin`` pixels (plus the tile round-up),
 mirrored about the *volume* border where it leaves the volume, with the index map of
-:func:`pipeline.inferers.mirror_pad`, and its tiles start at the block start. Every output
+:func:`pipeline.tiling.mirror_pad`, and its tiles start at the block start. Every output
 pixel thus sees the input window and pooling phase it has in
 :class:`~pipeline.inferers.OverlapTileInferer` over the whole volume: results agree to float
 rounding. (A ``"same"`` network needs an explicit ``tile_size`` dividing the block size.)
@@ -64,9 +64,9 @@ import torch
 import zarr
 from torch import nn
 
-from pipeline.inferers import PAD_MODES, _mirror_index, _unwrap, auto_tile_size, plan_tiles
 from pipeline.config import check_outputs
 from pipeline.io import TIFF_SUFFIXES, check_channels, choose_tiff_series, probe_image, stem
+from pipeline.tiling import check_tile_settings, make_plan, mirror_index, run_tiles, unwrap
 from pipeline.transforms import OUTPUTS, check_output_settings, encode_prediction, foreground_probability
 
 logger = logging.getLogger(__name__)
@@ -264,35 +264,26 @@ class _Plan:
     mean: np.ndarray | None  # (C, sections) or None: no normalisation
     std: np.ndarray | None
     device: str | None
+    amp: bool
+    amp_dtype: torch.dtype
 
 
-def _mirror(start: int, stop: int, n: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+def _mirror(start: int, stop: int, n: int, mode: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Source indices of positions ``start..stop-1`` on an axis of length ``n`` (as ``mirror_pad``), and for
     ``"constant"`` which are inside (the rest become zeros)."""
-    if mode == "constant":
-        i = np.arange(start, stop)
-        return np.clip(i, 0, n - 1), (i >= 0) & (i < n)
-    return _mirror_index(n, -start, stop - n, mode).numpy(), None
+    index = mirror_index(n, -start, stop - n, mode).numpy()
+    return index, (np.arange(start, stop) >= 0) & (np.arange(start, stop) < n) if mode == "constant" else None
 
 
 def _predict_block(network: nn.Module, source: _Source, plan: _Plan, index: tuple[int, ...]) -> None:
-    """Predict block ``index``, write its results, then its marker."""
-    net = _unwrap(network)
-    geometry, k = net.geometry, plan.stack_axes
-    valid = geometry.padding == "valid"
-    margin = geometry.margin if valid else (geometry.step if plan.context is None else int(plan.context))
+    """Predict block ``index`` with the tile engine (:mod:`pipeline.tiling`), write its results, then its marker."""
+    k = plan.stack_axes
     lo = [i * b for i, b in zip(index, plan.block)]
     hi = [min(s + b, n) for s, b, n in zip(lo, plan.block, plan.shape)]
-    size = [h - s for s, h in zip(lo[k:], hi[k:])]
-    max_voxels = int(plan.memory_budget_mb * 2**20 / (4 * 6 * net.features[0]))
-    if plan.tile_size == "auto":
-        tile = auto_tile_size(size, geometry, margin, max_voxels)
-    else:
-        tile = (plan.tile_size,) * len(size) if isinstance(plan.tile_size, int) else tuple(plan.tile_size)
-    starts = plan_tiles(size, tile, geometry.step)
-    extent = [s[-1] + t for s, t in zip(starts, tile)]
+    tiles = make_plan(network, [h - s for s, h in zip(lo[k:], hi[k:])], plan.tile_size, plan.batch_size, plan.memory_budget_mb, plan.context)
+    # the block's input: its tiles' extent plus the margin, mirrored about the *volume* border
     maps = [(np.arange(lo[a], hi[a]), None) for a in range(k)]
-    maps += [_mirror(s - margin, s + e + margin, n, plan.padding_mode) for s, e, n in zip(lo[k:], extent, plan.shape[k:])]
+    maps += [_mirror(s - tiles.margin, s + e + tiles.margin, n, plan.padding_mode) for s, e, n in zip(lo[k:], tiles.extent, plan.shape[k:])]
     box = [slice(int(i.min()), int(i.max()) + 1) for i, _ in maps]
     raw = source.read(box)
     x = raw[np.ix_(np.arange(raw.shape[0]), *[i - b.start for (i, _), b in zip(maps, box)])].astype(np.float32)
@@ -307,23 +298,7 @@ def _predict_block(network: nn.Module, source: _Source, plan: _Plan, index: tupl
     if not np.isfinite(x).all():
         raise ValueError(f"block {index} (pixels {lo}..{hi}) has non-finite values (NaN or Inf); replace them first")
     images = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, 1, 0) if k else x[None]))
-    tile_voxels = math.prod(t + 2 * margin for t in tile)
-    batch_size = max(1, min(plan.batch_size, max_voxels // tile_voxels))
-    queue = [(i, p) for p in itertools.product(*starts) for i in range(images.shape[0])]
-    device = next(network.parameters()).device
-    logits = None
-    with torch.inference_mode():
-        for first in range(0, len(queue), batch_size):
-            chunk = queue[first : first + batch_size]
-            batch = torch.stack([images[i][(slice(None),) + tuple(slice(p, p + t + 2 * margin) for p, t in zip(pos, tile))] for i, pos in chunk])
-            pred = network(batch.to(device))
-            if not valid:
-                pred = pred[(slice(None), slice(None)) + tuple(slice(margin, margin + t) for t in tile)]
-            if logits is None:
-                logits = torch.empty((images.shape[0], pred.shape[1], *extent), dtype=torch.float32)
-            for (i, pos), out in zip(chunk, pred.float().cpu()):
-                logits[(i, slice(None)) + tuple(slice(p, p + t) for p, t in zip(pos, tile))] = out
-    logits = logits[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
+    logits = run_tiles(images, network, tiles, out_device="cpu", amp=plan.amp, amp_dtype=plan.amp_dtype)
     prob = foreground_probability(logits, dim=1)
     group = zarr.open_group(plan.output, mode="r+")
     region = tuple(slice(s, h) for s, h in zip(lo, hi))
@@ -352,7 +327,7 @@ def _set_threads(threads: int) -> int:
 # ---------------------------------------------------------------- output store
 def fingerprint(network: nn.Module) -> str:
     """SHA-1 of the network's class, geometry and weights (names, dtypes, shapes, values)."""
-    net = _unwrap(network)
+    net = unwrap(network)
     digest = hashlib.sha1(f"{type(net).__qualname__}{net.geometry}".encode())
     for name, tensor in net.state_dict().items():
         if not isinstance(tensor, torch.Tensor):  # _extra_state: the architecture, already in the geometry
@@ -462,6 +437,8 @@ def predict_zarr(
     connect_timeout: float = 5.0,
     tiff_series: int | None = None,
     allow_missing_chunks: bool = False,
+    amp: bool | None = None,
+    amp_dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
     """Predict ``source`` block by block into the zarr group ``output`` (resumable).
 
@@ -493,6 +470,10 @@ def predict_zarr(
         tiff_series: the series of a TIFF source of several (:func:`pipeline.io.choose_tiff_series`).
         allow_missing_chunks: predict chunks missing from a zarr source from zarr's fill value;
             by default they are an error (:meth:`_Source.check_complete`).
+        amp, amp_dtype: ``torch.autocast`` for the tiles, as in ``OverlapTileInferer`` (default: on
+            CUDA only); recorded with the output's settings. Tiles take the network's memory format
+            (channels-last after ``network.to(memory_format=torch.channels_last)``). TTA and AdaBN are
+            in-memory only: they need the whole image (``OverlapTileInferer``).
 
     Returns:
         The output path.
@@ -502,15 +483,10 @@ def predict_zarr(
         ValueError: bad arguments or source; an output with other shapes, dtypes or settings.
         ConnectionError: the scheduler address cannot be reached within ``connect_timeout``.
     """
-    net = _unwrap(network)
-    geometry = getattr(net, "geometry", None)
-    if geometry is None:
-        raise ValueError(f"network {type(net).__name__} has no `geometry`; use pipeline.networks.UNet")
+    net = unwrap(network)
+    geometry = net.geometry
     write = check_output_settings(write, threshold)
-    if padding_mode not in PAD_MODES or batch_size < 1 or memory_budget_mb <= 0:
-        raise ValueError(f"need padding_mode in {PAD_MODES}, batch_size >= 1, memory_budget_mb > 0; got {padding_mode!r}, {batch_size}, {memory_budget_mb}")
-    if isinstance(tile_size, str) and tile_size != "auto":
-        raise ValueError(f"tile_size must be 'auto', an int or one int per axis, got {tile_size!r}")
+    tile_size = check_tile_settings(network, tile_size, batch_size, memory_budget_mb, context, padding_mode)
     src = _Source(source, net.spatial_dims, net.in_channels, tiff_series)
     if not allow_missing_chunks:
         src.check_complete()
@@ -526,17 +502,18 @@ def predict_zarr(
     if rounded != block:
         logger.warning("block size %s rounded up to %s (multiples of the pooling step %d)", block, rounded, step)
     block = tuple(rounded)
-    if tile_size != "auto":
-        tile = (tile_size,) * nd if isinstance(tile_size, int) else tuple(int(t) for t in tile_size)
-        if len(tile) != nd or min(tile) < 1 or (geometry.padding == "valid" and not geometry.is_valid([t + 2 * geometry.margin for t in tile])):
-            raise ValueError(f"tile_size {tile_size} is not a valid output size of this {nd}D network")
     grid = tuple(math.ceil(s / b) for s, b in zip(shape, block))
     chunks = tuple(min(b, s) for b, s in zip(block, shape))
     token = fingerprint(network)
+    if amp is None:  # as run_tiles decides, for the device the blocks run on
+        run_on = torch.device(device) if device is not None else (torch.device("cpu") if scheduler is not None else next(network.parameters()).device)
+        amp = run_on.type == "cuda"
+    amp = bool(amp)
     settings = {
         "shape": list(shape), "source_dtype": str(src.dtype), "block_size": list(block), "write": sorted(write),
         "threshold": threshold, "normalize": normalize, "padding_mode": padding_mode, "context": context,
-        "tile_size": tile_size if isinstance(tile_size, str) else [int(t) for t in np.atleast_1d(tile_size)], "network": token,
+        "tile_size": tile_size if isinstance(tile_size, str) else list(tile_size), "network": token,
+        "amp": str(amp_dtype).removeprefix("torch.") if amp else None,
         "source": src.identity(),
     }
     arrays = {"probabilities": (shape, chunks, "float32", float("nan")), "mask": (shape, chunks, "uint8", 0)}
@@ -553,7 +530,7 @@ def predict_zarr(
         pending = [i for i in itertools.product(*map(range, grid)) if not done[i]]
         logger.info("%s: %d blocks of %s, %d to predict%s", path, done.size, block, len(pending), " (resumed)" if resumed else "")
         plan = _Plan(str(path), shape, block, k, tile_size, batch_size, padding_mode, context, memory_budget_mb,
-                     tuple(write), threshold, mean, std, device)
+                     tuple(write), threshold, mean, std, device, amp, amp_dtype)
         if client is None:
             was_training = network.training
             model = network.eval() if device is None else copy.deepcopy(network).to(device).eval()
@@ -589,7 +566,7 @@ def check_sources(network: nn.Module, sources: Sequence[Any], tiff_series: int |
     Raises:
         FileNotFoundError, ValueError: as :func:`predict_zarr`, naming the source.
     """
-    net = _unwrap(network)
+    net = unwrap(network)
     for source in sources:
         src = _Source(source, net.spatial_dims, net.in_channels, tiff_series)
         if not allow_missing_chunks:

@@ -8,7 +8,7 @@ Methods, all on the same inputs, in one run on one machine:
     ``ours-tile``  the same inferer with an explicit output tile (``--tile``, or chosen here by
     minimising computed input pixels with output tiles <= ``--max-tile``), batch ``--batch-size``.
 (b) ``monai-hovernet``  ``monai.apps.pathology.inferers.SlidingWindowHoVerNetInferer`` on the same
-    valid network: the image is mirror-padded by the margin (``pipeline.inferers.mirror_pad``), windows
+    valid network: the image is mirror-padded by the margin (``pipeline.tiling.mirror_pad``), windows
     of ``--hover-roi`` (a valid input size) slide with the overlap that makes the stride equal the
     output window (so output windows abut and cover the image), window outputs are zero-padded back to
     the window (``padding_mode="constant"``) and blended, and the margin is cropped off.
@@ -170,7 +170,7 @@ def _reset_peak_rss() -> bool:
 # ---------------------------------------------------------------- tiles
 def explicit_tile(size: int, geometry, margin: int, max_tile: int) -> int:
     """Valid output tile <= ``max_tile`` minimising computed input pixels along one axis (ties: the smaller)."""
-    from pipeline.inferers import plan_tiles
+    from pipeline.tiling import plan_tiles
 
     step = geometry.step
     first = geometry.output_size(geometry.min_input_size)[0]
@@ -191,7 +191,8 @@ def run_worker(spec: dict) -> dict:
     from monai.apps.pathology.inferers import SlidingWindowHoVerNetInferer
     from monai.inferers import SlidingWindowInferer
 
-    from pipeline.inferers import OverlapTileInferer, mirror_pad
+    from pipeline.inferers import OverlapTileInferer
+    from pipeline.tiling import mirror_pad
     from pipeline.networks import UNet
 
     torch.set_num_threads(spec["threads"])

@@ -7,7 +7,8 @@ from monai.apps.pathology.inferers import SlidingWindowHoVerNetInferer
 from torch import nn
 
 from pipeline.geometry import UNetGeometry
-from pipeline.inferers import OverlapTileInferer, auto_tile_size, mirror_pad, plan_tiles
+from pipeline.inferers import OverlapTileInferer
+from pipeline.tiling import auto_tile_size, mirror_pad, plan_tiles
 from pipeline.networks import UNet
 
 from conftest import CentreCrop

@@ -84,6 +84,30 @@ def test_streaming_equals_in_memory(tmp_path, kind, shape, block, tile, net_kwar
     assert zarr.open_group(str(out), mode="r")["probabilities"].chunks == tuple(min(b, s) for b, s in zip(block, spatial))
 
 
+@pytest.mark.parametrize("channels_last, amp", [(True, False), (False, True), (True, True)])
+def test_streaming_equals_in_memory_channels_last_and_bf16(tmp_path, channels_last, amp):
+    """One tile engine: both paths run the tiles in the network's memory format and under the same
+    autocast (bf16 on CPU), and agree within bf16 rounding; fp32 contiguous is the reference."""
+    net = _net(features=(8, 16, 32))
+    volume = (np.random.default_rng(1).random((2, 40, 52)) * 200 + 20).astype(np.float32)
+    reference = _in_memory(net, volume, tile_size=8)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    seen = []
+    net.encoder[1].register_forward_pre_hook(  # 8 channels in: a 1-channel tile is trivially both formats
+        lambda _, args: seen.append((args[0].is_contiguous(memory_format=torch.channels_last), torch.is_autocast_enabled("cpu")))
+    )
+    in_memory = _in_memory(net, volume, tile_size=8, amp=amp)
+    n_memory = len(seen)
+    out = predict_zarr(net, volume, tmp_path / "out.zarr", block_size=(1, 16, 24), tile_size=8, amp=amp)
+    assert n_memory > 0 and len(seen) > n_memory
+    assert set(seen) == {(channels_last, amp)}  # every tile of both paths, in both settings
+    tolerance = 2e-2 if amp else 1e-5  # bf16 keeps 8 bits of mantissa
+    assert np.abs(_read(out) - in_memory).max() <= tolerance
+    assert np.abs(in_memory - reference).max() <= tolerance
+    assert zarr.open_group(str(out), mode="r").attrs["streaming"]["settings"]["amp"] == ("bfloat16" if amp else None)
+
+
 def test_ome_zarr_group_uses_full_resolution(tmp_path):
     net = _net()
     volume = np.random.default_rng(5).random((2, 20, 24)).astype(np.float32)

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.geometry import UNetGeometry
-from pipeline.inferers import OverlapTileInferer, plan_tiles, tile_regions
+from pipeline.inferers import OverlapTileInferer
+from pipeline.tiling import plan_tiles, tile_regions
 
 from conftest import CentreCrop
 
