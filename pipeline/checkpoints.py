@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
 
+from pipeline.networks import UNet
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file.
 
@@ -70,6 +72,44 @@ def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str 
     check_state_dict(network, state, path)
     network.load_state_dict(state)
     return network
+
+
+def network_from_checkpoint(path: str | os.PathLike, architecture: dict | None = None, key: str = "model") -> torch.nn.Module:
+    """Build the :class:`pipeline.networks.UNet` a checkpoint was trained as, and load its weights.
+
+    The architecture (spatial dims, channels, features, padding, norm, convolutions per level,
+    kernel size) is the record every ``UNet.state_dict()`` carries (``_extra_state``), so inference
+    and evaluation need no network keys. ``architecture`` (``UNet``'s arguments) is for checkpoints
+    saved without that record; given with a checkpoint that has one, the two must agree.
+
+    Returns:
+        The network in eval mode, weights loaded (as :func:`load_checkpoint` checks them).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_checkpoint`; no architecture recorded or given;
+            an ``architecture`` that is not a dict of ``UNet``'s arguments.
+    """
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and isinstance(state.get(key), dict):
+        state = state[key]
+    extra = state.get("_extra_state") if isinstance(state, dict) else None
+    recorded = extra.get("architecture") if isinstance(extra, dict) else None
+    if architecture is None and recorded is None:
+        raise ValueError(
+            f"checkpoint {str(path)!r} records no architecture (saved by an older version or not from "
+            "pipeline.networks.UNet); give the training run's network, e.g. --architecture "
+            "\"{'features': [16, 32, 64, 128, 256], 'padding': 'valid', 'norm': null, 'out_channels': 2}\""
+        )
+    settings = recorded if architecture is None else architecture
+    if not isinstance(settings, dict):
+        raise ValueError(f"architecture must be a dict of pipeline.networks.UNet's arguments, got {settings!r}")
+    try:
+        network = UNet(**{**settings, "dropout": 0.0})  # dropout: no weight, no effect in eval mode
+    except TypeError as err:
+        raise ValueError(f"architecture {settings} is not a set of pipeline.networks.UNet's arguments: {err}") from None
+    check_state_dict(network, state, path)  # a given architecture is checked against the record too
+    network.load_state_dict(state)
+    return network.eval()
 
 
 def check_state_dict(network: torch.nn.Module, state: Any, path: str | os.PathLike) -> None:

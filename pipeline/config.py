@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from pipeline import io
+from pipeline.losses import LOSSES, make_loss, output_channels
 
 #: options of ``python -m monai.bundle run`` itself, not config keys
 BUNDLE_RUN_OPTIONS = frozenset(
@@ -82,6 +83,10 @@ def cli_overrides(argv: Sequence[str]) -> dict[str, str]:
     return out
 
 
+#: training keys that describe the network; inference and evaluation read it from the checkpoint instead
+TRAINING_NETWORK_KEYS = ("features", "padding", "norm", "loss_name", "out_channels", "dropout")
+
+
 def check_cli_keys(argv: Sequence[str] | None = None) -> None:
     """Raise if a ``--key`` of a ``python -m monai.bundle`` command names nothing in its configs.
 
@@ -112,7 +117,10 @@ def check_cli_keys(argv: Sequence[str] | None = None) -> None:
         for key in unknown:
             same_depth = sorted(k for k in known if k.count("#") == key.count("#"))
             close = difflib.get_close_matches(key, same_depth, n=3, cutoff=0.6)
-            hints.append(f"--{key}" + (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""))
+            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+            if key in TRAINING_NETWORK_KEYS and "architecture" in known:
+                hint = " (inference and evaluation build the network from the checkpoint's recorded architecture: drop it)"
+            hints.append(f"--{key}{hint}")
         raise ValueError(
             f"unknown config key(s): {'; '.join(hints)}. Keys must name an entry of the config files "
             f"({', '.join(files) or 'none given'}); nested entries are written with '#', e.g. "
@@ -201,6 +209,20 @@ def check_hyperparameters(**values: Any) -> None:
             errors.append(error)
     if errors:
         raise ValueError("invalid hyper-parameter(s): " + "; ".join(errors))
+
+
+def check_loss(loss_name: str, out_channels: int) -> None:
+    """The training loss fits the network's output channels (softmax losses need >= 2, ``bce`` 1).
+
+    Raises:
+        ValueError: an unknown ``--loss_name``, or ``--out_channels`` that does not fit it, naming the value that does.
+    """
+    try:
+        make_loss(loss_name, out_channels)
+    except ValueError as err:
+        if loss_name not in LOSSES:
+            raise ValueError(f"{err} (--loss_name)") from None
+        raise ValueError(f"{err}; set --out_channels {output_channels(loss_name)} for --loss_name {loss_name}") from None
 
 
 def check_writable_dir(*paths: str | os.PathLike | None) -> None:

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.io import NIFTI_SUFFIXES, SUPPORTED_SUFFIXES, _suffix, read_image, stem
+from pipeline.io import NIFTI_SUFFIXES, SUPPORTED_SUFFIXES, read_image, stem
+from pipeline.io.readers import _suffix
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +107,12 @@ def _spatial_shape(array: np.ndarray, meta: dict) -> tuple[int, ...]:
     return tuple(int(s) for s in np.asarray(meta.get("spatial_shape", array.shape)).ravel())
 
 
-def paired_items(images: str | Path, labels: str | Path) -> list[dict]:
+def paired_items(images: str | Path, labels: str | Path, sections: Sequence[int] | None = None) -> list[dict]:
     """Every item of an image/label pair of stacks, volumes, files or folders, checked.
 
     Items are ``{"image", "label"}`` for 2D files and ``{"image", "label", "slice"}`` for the
-    sections of 3D files, in file then section order.
+    sections of 3D files, in file then section order. ``sections = [start, stop)`` keeps only the
+    sections of 3D files in that range (2D files, which have none, are dropped then).
 
     Raises:
         FileNotFoundError: a path does not exist or a folder holds no images.
@@ -130,6 +132,9 @@ def paired_items(images: str | Path, labels: str | Path) -> list[dict]:
             items.append(item)
         else:
             items.extend({**item, "slice": z} for z in range(shape[section_axis(image)]))
+    if sections is not None:
+        start, stop = sections
+        items = [item for item in items if start <= item.get("slice", -1) < stop]
     return items
 
 

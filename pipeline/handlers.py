@@ -262,3 +262,15 @@ class StopOnNonFiniteLoss:
         )
 
 
+def attach(engine, *handlers) -> None:
+    """``handler.attach(engine)`` for each handler that is not ``None`` (a config component disabled
+    with ``_disabled_``, e.g. a file-writing handler on a rank other than 0)."""
+    for handler in handlers:
+        if handler is not None:
+            handler.attach(engine)
+
+
+def close(writer: SummaryWriter | None) -> None:
+    """Close a TensorBoard writer (``None``: there is none on this rank)."""
+    if writer is not None:
+        writer.close()

@@ -48,7 +48,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-import json
 import logging
 import math
 import os
@@ -65,7 +64,8 @@ import zarr
 from torch import nn
 
 from pipeline.config import check_outputs
-from pipeline.io import TIFF_SUFFIXES, check_channels, choose_tiff_series, probe_image, stem
+from pipeline.io import stem
+from pipeline.io.lazy import LazySource
 from pipeline.tiling import check_tile_settings, make_plan, mirror_index, run_tiles, unwrap
 from pipeline.transforms import OUTPUTS, check_output_settings, encode_prediction, foreground_probability
 
@@ -78,143 +78,7 @@ _CACHE_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------- sources
-class _Source:
-    """A lazily opened, picklable source array seen as ``(C, *spatial)``.
-
-    Paths are reopened wherever the object is unpickled (a Dask worker); in-memory arrays
-    (numpy, zarr, dask ...) travel as they are.
-    """
-
-    def __init__(self, source: Any, spatial_dims: int, in_channels: int, tiff_series: int | None = None) -> None:
-        self.array, self.tiff_series = None, tiff_series
-        if isinstance(source, (str, os.PathLike)):
-            self.path = os.fspath(source)
-            self.kind = "tiff" if self.path.lower().endswith(TIFF_SUFFIXES) else "zarr"
-            if "://" not in self.path and not os.path.exists(self.path):
-                raise FileNotFoundError(f"source {self.kind} store {self.path} does not exist")
-        else:
-            self.path, self.kind = None, "array"
-            self.array = source if hasattr(source, "shape") and hasattr(source, "__getitem__") else np.asarray(source)
-        if self.kind == "tiff":  # the same reading of samples/channels as in-memory prediction
-            check_channels(self.path, probe_image(self.path, tiff_series), in_channels)
-        shape = tuple(int(s) for s in self.open().shape)
-        name = self.path or f"{type(self.array).__name__} source"
-        channel = in_channels > 1
-        allowed = (2, 3) if spatial_dims == 2 else (3,)
-        self.lead = 0
-        while len(shape) - self.lead > max(allowed) + channel and shape[self.lead] == 1:
-            self.lead += 1  # OME-Zarr style singleton t/c axes
-        core = shape[self.lead :]
-        if len(core) - channel not in allowed or (channel and core[0] != in_channels):
-            want = " or ".join(("(C, " if channel else "(") + ", ".join("ZYX"[3 - n :]) + ")" for n in allowed)
-            raise ValueError(
-                f"{name} has shape {shape} ({len(shape)} dims), but a {spatial_dims}D network with "
-                f"{in_channels} input channel(s) needs {want}" + (f" with C = {in_channels}" if channel else "")
-            )
-        self.channel, self.channels = channel, in_channels
-        self.spatial = core[1:] if channel else core
-        self.dtype = np.dtype(self.open().dtype)
-
-    def open(self) -> Any:
-        if self.array is None:
-            try:
-                if self.kind == "tiff":
-                    import tifffile
-
-                    with tifffile.TiffFile(self.path) as tif:
-                        series = choose_tiff_series(tif, self.path, self.tiff_series, stack=False)
-                    self.array = zarr.open_array(tifffile.imread(self.path, aszarr=True, series=series, level=0), mode="r")
-                else:
-                    node = zarr.open(self.path, mode="r")
-                    self.array = node if hasattr(node, "shape") else _group_image(node, self.path)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"no zarr array or group found at {self.path}: {err}") from err
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"could not open {self.path} as a {self.kind} array: its metadata is corrupt ({err}); "
-                    "copy the dataset again"
-                ) from err
-            except ValueError:
-                raise
-            except Exception as err:
-                raise ValueError(f"could not open {self.path} as a {self.kind} array: {type(err).__name__}: {err}") from err
-        return self.array
-
-    def missing_chunks(self) -> tuple[int, int, list[str]]:
-        """``(missing, total, names)`` of the stored chunks (shards) of a zarr source: zarr reads a
-        chunk that is not stored as the fill value, so a deleted block would be predicted from zeros.
-        ``names`` are the missing chunks' files for a local store (at most 5), else empty."""
-        array = self.open()
-        if self.kind == "tiff" or not hasattr(array, "nchunks_initialized"):  # a zarr store, or a zarr.Array passed in
-            return 0, 0, []
-        total, stored = int(array.nchunks), int(array.nchunks_initialized)
-        if stored >= total:
-            return 0, total, []
-        names, root = [], getattr(array.store, "root", None)
-        if root is not None:
-            grid = [math.ceil(n / c) for n, c in zip(array.shape, array.shards or array.chunks)]
-            for coords in itertools.product(*map(range, grid)):
-                key = array.metadata.encode_chunk_key(coords)
-                if not (Path(root) / array.path / key).exists():
-                    names.append(f"{key} (array index {coords})")
-                    if len(names) == 5:
-                        break
-        return total - stored, total, names
-
-    def check_complete(self) -> None:
-        """Raise ``ValueError`` if a zarr source has chunks missing (see :meth:`missing_chunks`)."""
-        missing, total, names = self.missing_chunks()
-        if missing:
-            raise ValueError(
-                f"{self.path or 'the zarr array'}: {missing} of {total} chunks are missing from the zarr array"
-                + (f", e.g. {', '.join(names)}" if names else "")
-                + f"; zarr reads a chunk that is not stored as the fill value ({array_fill(self.open())}). A chunk is "
-                "missing when it was deleted or lost in a copy, but zarr also skips writing chunks that equal the fill "
-                "value (blank regions) unless told otherwise. If the dataset is complete, pass --allow_missing_chunks "
-                "true to predict those regions from the fill value; else copy the dataset again"
-            )
-
-    def identity(self) -> dict | None:
-        """What the output records of its source, so that a resume never continues another input's
-        prediction: the absolute path, the TIFF series and, for a file, its size and modification time
-        (None for an in-memory array)."""
-        if self.path is None:
-            return None
-        path = Path(self.path)
-        record = {"path": str(path.absolute()) if "://" not in self.path else self.path, "tiff_series": self.tiff_series}
-        if path.is_file():
-            stat = path.stat()
-            record.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
-        return record
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "array": self.array if self.kind == "array" else None}
-
-    def read(self, index: Sequence[slice]) -> np.ndarray:
-        """Read ``index`` (spatial slices) as ``(C, *box)``."""
-        prefix = (0,) * self.lead + ((slice(None),) if self.channel else ())
-        out = np.asarray(self.open()[prefix + tuple(index)])
-        return out if self.channel else out[None]
-
-
-def array_fill(array: Any) -> Any:
-    """The fill value of a zarr array (what zarr returns for a chunk that is not stored)."""
-    return getattr(getattr(array, "metadata", None), "fill_value", getattr(array, "fill_value", None))
-
-
-def _group_image(group: Any, path: str) -> Any:
-    """The image of a zarr group: OME-Zarr's full-resolution level, or its only array."""
-    attrs = group.attrs.asdict()
-    scales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    if scales:
-        return group[scales[0]["datasets"][0]["path"]]
-    names = sorted(name for name, _ in group.arrays())
-    if len(names) == 1:
-        return group[names[0]]
-    raise ValueError(f"{path} is a zarr group with arrays {names}; give the path of one array inside it")
-
-
-def section_stats(source: _Source) -> tuple[np.ndarray, np.ndarray]:
+def section_stats(source: LazySource) -> tuple[np.ndarray, np.ndarray]:
     """Per channel and section mean and std (population), float64 arrays ``(C, sections)``."""
     three = len(source.spatial) == 3
     z_size, y_size, x_size = source.spatial if three else (1, *source.spatial)
@@ -275,7 +139,7 @@ def _mirror(start: int, stop: int, n: int, mode: str) -> tuple[np.ndarray, np.nd
     return index, (np.arange(start, stop) >= 0) & (np.arange(start, stop) < n) if mode == "constant" else None
 
 
-def _predict_block(network: nn.Module, source: _Source, plan: _Plan, index: tuple[int, ...]) -> None:
+def _predict_block(network: nn.Module, source: LazySource, plan: _Plan, index: tuple[int, ...]) -> None:
     """Predict block ``index`` with the tile engine (:mod:`pipeline.tiling`), write its results, then its marker."""
     k = plan.stack_axes
     lo = [i * b for i, b in zip(index, plan.block)]
@@ -308,7 +172,7 @@ def _predict_block(network: nn.Module, source: _Source, plan: _Plan, index: tupl
     logger.debug("block %s (pixels %s..%s) written", index, lo, hi)
 
 
-def _worker_block(network: nn.Module, token: str, source: _Source, plan: _Plan, index: tuple[int, ...]) -> tuple[int, ...]:
+def _worker_block(network: nn.Module, token: str, source: LazySource, plan: _Plan, index: tuple[int, ...]) -> tuple[int, ...]:
     """Dask task: predict one block with this worker's cached copy of the network."""
     key = (token, plan.device or "cpu")
     with _CACHE_LOCK:
@@ -319,8 +183,21 @@ def _worker_block(network: nn.Module, token: str, source: _Source, plan: _Plan, 
     return index
 
 
-def _set_threads(threads: int) -> int:
+def _setup_worker(threads: int) -> int:
+    """Run once on every Dask worker: ``torch.set_num_threads(threads)``, and glibc's malloc back to its
+    default thresholds. Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand memory back
+    to the OS), which also freezes the mmap threshold at 128 KiB: every tile's activations were then
+    mapped and unmapped afresh, and a worker spent 1.8x the time of the same blocks in process, most
+    of it in page faults (``docs/benchmarks.md``). Without glibc (macOS, musl) only the threads are set."""
     torch.set_num_threads(threads)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: glibc's dynamic ceiling (64-bit)
+        libc.mallopt(-1, 64 * 2**20)  # M_TRIM_THRESHOLD: twice that, as glibc's dynamic rule
+    except (OSError, AttributeError):
+        pass
     return threads
 
 
@@ -398,7 +275,11 @@ def _client(scheduler: Any, n_workers: int, threads_per_worker: int, timeout: fl
         method = dask.config.get("distributed.worker.multiprocessing-method")
         if method == "spawn" and "forkserver" in multiprocessing.get_all_start_methods():
             method = "forkserver"  # workers fork from one process that imported torch and this module once
-        with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+        quiet = {  # sampling threads that took CPU from the other worker on a small machine (docs/benchmarks.md)
+            "distributed.worker.profile.enabled": False,
+            "distributed.admin.system-monitor.gil.enabled": False,
+        }
+        with dask.config.set({"distributed.worker.multiprocessing-method": method, **quiet}):
             if method == "forkserver":
                 get_mp_context().set_forkserver_preload(["distributed", "numpy", "torch", "zarr", __name__])
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None)
@@ -469,7 +350,7 @@ def predict_zarr(
         connect_timeout: seconds to reach a scheduler address.
         tiff_series: the series of a TIFF source of several (:func:`pipeline.io.choose_tiff_series`).
         allow_missing_chunks: predict chunks missing from a zarr source from zarr's fill value;
-            by default they are an error (:meth:`_Source.check_complete`).
+            by default they are an error (:meth:`LazySource.check_complete`).
         amp, amp_dtype: ``torch.autocast`` for the tiles, as in ``OverlapTileInferer`` (default: on
             CUDA only); recorded with the output's settings. Tiles take the network's memory format
             (channels-last after ``network.to(memory_format=torch.channels_last)``). TTA and AdaBN are
@@ -487,7 +368,7 @@ def predict_zarr(
     geometry = net.geometry
     write = check_output_settings(write, threshold)
     tile_size = check_tile_settings(network, tile_size, batch_size, memory_budget_mb, context, padding_mode)
-    src = _Source(source, net.spatial_dims, net.in_channels, tiff_series)
+    src = LazySource(source, net.spatial_dims, net.in_channels, tiff_series)
     if not allow_missing_chunks:
         src.check_complete()
     shape, nd = src.spatial, net.spatial_dims
@@ -542,7 +423,7 @@ def predict_zarr(
         elif pending:
             from distributed import as_completed
 
-            client.run(_set_threads, threads_per_worker)
+            client.run(_setup_worker, threads_per_worker)
             net_f, src_f, plan_f = (client.scatter(obj, broadcast=True, hash=False) for obj in (copy.deepcopy(network).cpu(), src, plan))
             futures = [client.submit(_worker_block, net_f, token, src_f, plan_f, i, pure=False) for i in pending]
             for future in _progress(as_completed(futures), progress, len(futures)):
@@ -568,7 +449,7 @@ def check_sources(network: nn.Module, sources: Sequence[Any], tiff_series: int |
     """
     net = unwrap(network)
     for source in sources:
-        src = _Source(source, net.spatial_dims, net.in_channels, tiff_series)
+        src = LazySource(source, net.spatial_dims, net.in_channels, tiff_series)
         if not allow_missing_chunks:
             src.check_complete()
 

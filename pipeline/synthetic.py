@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import tifffile
+import torch.distributed as dist
 from scipy import ndimage as ndi
 from scipy.signal import fftconvolve
 from scipy.spatial import cKDTree
@@ -366,10 +367,22 @@ def write_dataset(
     Raises:
         ValueError: ``n_images`` is not a positive int, or ``shape`` or a parameter is invalid.
         FileExistsError: ``directory`` holds files that this module did not write.
+
+    In a ``torch.distributed`` job of several processes, rank 0 writes while the others wait at a
+    barrier; then every rank returns the same datalist.
     """
     if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
         raise ValueError(f"n_images must be a positive int, got {n_images!r}")
     shape = _check_shape(shape, 2, "write_dataset")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # several processes (DDP): rank 0 writes, the others wait, then find it up to date (no write races)
+        written = _write_dataset(directory, n_images, shape, seed, params) if dist.get_rank() == 0 else None
+        dist.barrier()
+        return written or _write_dataset(directory, n_images, shape, seed, params)
+    return _write_dataset(directory, n_images, shape, seed, params)
+
+
+def _write_dataset(directory: str | os.PathLike, n_images: int, shape: tuple[int, int], seed: int, params: dict) -> list[dict[str, str]]:
     root, names = Path(directory), [f"img_{i:03d}.tif" for i in range(n_images)]
     datalist = [{"image": str(root / "images" / f), "label": str(root / "labels" / f)} for f in names]
     manifest = json.dumps({"generator_version": GENERATOR_VERSION, "n_images": int(n_images),

@@ -21,7 +21,7 @@ TINY = [*TINY_TRAIN, "--num_epochs", "2", "--val_interval", "1"]
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_name, channels", [("dice_ce", 2), ("bce", 1)])
 def test_train_bundle_end_to_end(tmp_path, loss_name, channels):
-    run_bundle(tmp_path, "--loss_name", loss_name)
+    run_bundle(tmp_path, "--loss_name", loss_name, "--out_channels", str(channels))
     best, final = tmp_path / "models/model.pt", tmp_path / "models/model_final.pt"
     assert best.is_file() and final.is_file()
 

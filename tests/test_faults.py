@@ -17,7 +17,7 @@ from pipeline.io import read_image
 from pipeline.networks import UNet
 from pipeline.synthetic import make_stack, to_uint8
 
-from conftest import FEATURES, FEATURES_ARG, INFER, ROOT, TINY_TRAIN, train_args
+from conftest import FEATURES, INFER, ROOT, TINY_TRAIN, train_args
 
 # 5 synthetic images, 2 for validation -> 3 iterations per epoch; 4 epochs; a checkpoint per epoch
 TINY = [*TINY_TRAIN, "--num_epochs", "4", "--val_interval", "2", "--ckpt_interval", "1"]
@@ -83,7 +83,7 @@ def test_kill_9_during_inference_leaves_no_corrupt_output(tmp_path):
     for i in range(12):
         tifffile.imwrite(inputs / f"s{i:02d}.tif", to_uint8(make_stack((2, 300, 300), seed=i)[0]), photometric="minisblack")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFER, "--features", FEATURES_ARG,
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFER,
            "--checkpoint", str(tmp_path / "model.pt"), "--input_path", str(inputs), "--output_dir", str(out),
            "--write", "['probabilities']"]
     log = open(tmp_path / "infer.log", "w")

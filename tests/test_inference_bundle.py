@@ -14,12 +14,12 @@ from pipeline.io import read_image, write_image
 from pipeline.networks import UNet
 from pipeline.synthetic import make_stack, to_uint8
 
-from conftest import CONFIGS, EVALUATE, FEATURES, FEATURES_ARG, INFER, bundle
+from conftest import CONFIGS, EVALUATE, FEATURES, INFER, bundle
 
 def infer(tmp_path, input_path, out, *extra):
     return bundle(
         "run", "--config_file", INFER, "--checkpoint", str(tmp_path / "model.pt"), "--input_path", str(input_path),
-        "--output_dir", str(out), "--features", FEATURES_ARG, *extra,
+        "--output_dir", str(out), *extra,
     )
 
 
@@ -94,7 +94,8 @@ def test_refuses_to_overwrite_and_bad_checkpoint(setup, tmp_path):
     assert proc.returncode != 0 and "exist already" in proc.stderr and "--overwrite true" in proc.stderr
     assert (tmp / "out/masks/stack.tif").read_bytes() == before
     wrong = bundle("run", "--config_file", INFER, "--checkpoint", str(tmp / "model.pt"), "--input_path",
-                   str(tmp / "inputs/stack.tif"), "--output_dir", str(tmp_path / "o"))  # paper widths
+                   str(tmp / "inputs/stack.tif"), "--output_dir", str(tmp_path / "o"),
+                   "--architecture", "{'features': [64, 128, 256, 512, 1024]}")  # the paper's widths, given explicitly
     assert wrong.returncode != 0 and "trained with another architecture" in wrong.stderr
     assert "encoder.0.0.weight: checkpoint (4, 1, 3, 3), network (64, 1, 3, 3)" in wrong.stderr
     assert not (tmp_path / "o").exists()
@@ -106,8 +107,7 @@ def test_torchscript_export_matches_eager(setup):
     ts = tmp / "model.ts"
     proc = bundle(
         "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(tmp / "model.pt"), "--config_file", INFER,
-        "--meta_file", str(CONFIGS / "metadata.json"),
-        "--features", FEATURES_ARG,
+        "--meta_file", str(CONFIGS / "metadata.json"), "--checkpoint", str(tmp / "model.pt"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     scripted = torch.jit.load(str(ts))
@@ -129,7 +129,7 @@ def test_evaluate_bundle_report_and_overlays(setup, tmp_path):
     proc = bundle(
         "run", "--config_file", EVALUATE, "--checkpoint", str(tmp / "model.pt"),
         "--images", str(tmp / "inputs/stack.tif"), "--labels", str(tmp_path / "labels.tif"), "--eval_slices", "[1,3]",
-        "--output_dir", str(tmp_path / "ev"), "--features", FEATURES_ARG, "--key_metric_name", "pixel_error",
+        "--output_dir", str(tmp_path / "ev"), "--key_metric_name", "pixel_error",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "ev/report.csv")))

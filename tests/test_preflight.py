@@ -24,7 +24,7 @@ from pipeline.networks import UNet
 from pipeline.streaming import predict_zarr
 from pipeline.synthetic import OWNER_FILE, make_stack, to_uint8, write_dataset
 
-from conftest import CONFIGS, FEATURES, FEATURES_ARG, INFER, ROOT, TINY_TRAIN, bundle, train_args
+from conftest import CONFIGS, FEATURES, INFER, ROOT, TINY_TRAIN, bundle, train_args
 
 TINY = [*TINY_TRAIN, "--val_interval", "2"]
 
@@ -34,7 +34,7 @@ def train(tmp, *extra):
 
 
 def infer(tmp, *extra):
-    return bundle("run", "--config_file", INFER, "--features", FEATURES_ARG, "--checkpoint", str(tmp / "model.pt"),
+    return bundle("run", "--config_file", INFER, "--checkpoint", str(tmp / "model.pt"),
                   "--output_dir", str(tmp / "out"), *extra)
 
 
@@ -147,6 +147,33 @@ def test_checkpoints_record_the_architecture_and_older_ones_still_load(tmp_path)
     torch.save(legacy, tmp_path / "legacy.pt")
     loaded = load_checkpoint(UNet(features=FEATURES), tmp_path / "legacy.pt")
     assert torch.equal(loaded.head.weight, legacy["head.weight"])
+
+
+@pytest.mark.slow
+def test_inference_builds_the_network_the_checkpoint_records(tmp_path):
+    """No network keys at inference: a same-padded, batch-normalised, 1-channel checkpoint is predicted
+    as that network (equal to OverlapTileInferer on it); a legacy checkpoint with --architecture."""
+    from pipeline.checkpoints import network_from_checkpoint
+    from pipeline.inferers import OverlapTileInferer
+    from pipeline.transforms import NormalizeSectionsd, foreground_probability
+
+    net = tiny_net(padding="same", norm="batch", out_channels=1)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    stack = to_uint8(make_stack((2, 40, 44), seed=7)[0])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    proc = infer(tmp_path, "--input_path", str(tmp_path / "stack.tif"), "--write", "['probabilities']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, _ = read_image(tmp_path / "out/probabilities/stack.tif")
+    x = NormalizeSectionsd(keys="x")({"x": torch.from_numpy(stack[None].astype(np.float32))})["x"]
+    want = foreground_probability(OverlapTileInferer()(x[None], net)[0]).numpy()
+    assert got.shape == (2, 40, 44) and np.abs(got - want).max() <= 1e-5
+
+    legacy = {k: v for k, v in tiny_net().state_dict().items() if k != "_extra_state"}
+    torch.save(legacy, tmp_path / "legacy.pt")
+    with pytest.raises(ValueError, match=r"legacy.pt' records no architecture"):
+        network_from_checkpoint(tmp_path / "legacy.pt")
+    rebuilt = network_from_checkpoint(tmp_path / "legacy.pt", {"features": FEATURES})
+    assert not rebuilt.training and torch.equal(rebuilt.head.weight, legacy["head.weight"])
 
 
 # ------------------------------------------------------------------ outputs vs inputs

@@ -70,7 +70,7 @@ def tiny_checkpoint(tmp, features=FEATURES):
 
 def infer(tmp, *extra, config_file=INFER):
     return lambda: run(
-        "run", "--config_file", config_file, "--features", FEATURES_ARG,
+        "run", "--config_file", config_file,
         "--checkpoint", str(tmp / "model.pt"), "--output_dir", str(tmp / "out"), *extra,
     )
 
@@ -361,7 +361,7 @@ def _(tmp):
     (tmp / "X" / "masks").mkdir(parents=True)
     sections(tmp).rename(tmp / "X" / "masks" / "stack.tif")
     return lambda: run(
-        "run", "--config_file", INFER, "--features", FEATURES_ARG, "--checkpoint", str(tmp / "model.pt"),
+        "run", "--config_file", INFER, "--checkpoint", str(tmp / "model.pt"),
         "--input_path", str(tmp / "X" / "masks" / "stack.tif"), "--output_dir", str(tmp / "X"), "--overwrite", "true")
 
 
@@ -429,7 +429,7 @@ def _(tmp):
     torch.manual_seed(0)
     torch.save(UNet(features=FEATURES, padding="same").state_dict(), tmp / "model.pt")  # the same parameter shapes
     sections(tmp)
-    return infer(tmp, "--input_path", str(tmp / "stack.tif"))
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"), "--architecture", f"{{'features': {FEATURES}, 'padding': 'valid'}}")
 
 
 @row("checkpoint-non-finite-weights", ValueError, r"model.pt' holds non-finite weights \(NaN or Inf\) in 1 of .* tensors, e.g. head.bias: the training run diverged")
@@ -510,7 +510,29 @@ def _(tmp):
 @row("cli-resume-other-loss", BundleError, r"out_channels: checkpoint 2, network 1")
 def _(tmp):
     trained(tmp)
-    return train(tmp, "--resume", "true", "--loss_name", "bce")
+    return train(tmp, "--resume", "true", "--loss_name", "bce", "--out_channels", "1")
+
+
+@row("cli-loss-without-its-channels", BundleError, r"loss 'bce' needs 1 output channel, but the network has 2; set --out_channels 1 for --loss_name bce")
+def _(tmp):
+    return train(tmp, "--loss_name", "bce", "--out_channels", "2")
+
+
+@row("cli-inference-given-network-keys", BundleError, r"unknown config key\(s\): --features \(inference and evaluation build the network from the checkpoint's recorded architecture: drop it\)")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    sections(tmp)
+    return lambda: run("run", "--config_file", INFER, "--features", FEATURES_ARG, "--checkpoint", str(tmp / "model.pt"),
+                       "--input_path", str(tmp / "stack.tif"), "--output_dir", str(tmp / "out"))
+
+
+@row("cli-inference-checkpoint-without-architecture", BundleError, r"model.pt' records no architecture .*--architecture")
+def _(tmp):
+    state = UNet(features=FEATURES).state_dict()
+    del state["_extra_state"]
+    torch.save(state, tmp / "model.pt")
+    sections(tmp)
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"))
 
 
 @row("cli-resume-other-optimizer", BundleError, r"checkpoint .*checkpoint_epoch=1.pt was trained with the adam optimizer, but this run builds sgd; resume with --optimizer_name adam")

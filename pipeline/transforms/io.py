@@ -12,7 +12,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from pipeline.data import read_cached, section_axis
-from pipeline.io import _suffix, stem, write_image
+from pipeline.io import stem, write_image
+from pipeline.io.readers import _suffix
 from pipeline.transforms.post import check_output_settings, encode_prediction, foreground_probability
 
 
