@@ -23,6 +23,14 @@ from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
 
 from pipeline.networks import UNet
 
+#: what to do when a checkpoint does not fit the network built for it
+ARCHITECTURE_ADVICE = (
+    "Training (resume): use the training run's network keys (the same overlay, or --features / --padding / --norm / "
+    "--loss_name as in training). Inference, evaluation, ckpt_export: the network is the checkpoint's own record; "
+    "drop --architecture, and give --checkpoint the same file as --ckpt_file"
+)
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file.
 
@@ -139,8 +147,7 @@ def check_state_dict(network: torch.nn.Module, state: Any, path: str | os.PathLi
         raise ValueError(
             f"checkpoint {str(path)!r} was trained with another architecture ({len(diff)} setting(s) differ, "
             f"{len(mismatched)} shape mismatch(es), {len(missing)} missing, {len(unexpected)} unexpected parameter(s)): "
-            + "; ".join(lines) + ". Use the training run's network keys: merge the same overlay (e.g. "
-            "configs/quickstart.yaml) or set --features / --padding / --norm / --loss_name as in training"
+            + "; ".join(lines) + ". " + ARCHITECTURE_ADVICE
         )
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:

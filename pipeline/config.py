@@ -47,7 +47,7 @@ def _config_files(value: Any) -> list[str]:
             return [str(v) for v in ast.literal_eval(text)]
         except (ValueError, SyntaxError):
             pass
-    return [part.strip() for part in text.strip("[]").split(",") if part.strip()]
+    return [part.strip().strip("'\"") for part in text.strip("[]").split(",") if part.strip().strip("'\"")]
 
 
 def _flat_keys(tree: Any, prefix: str = "") -> set[str]:

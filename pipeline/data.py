@@ -134,7 +134,14 @@ def paired_items(images: str | Path, labels: str | Path, sections: Sequence[int]
             items.extend({**item, "slice": z} for z in range(shape[section_axis(image)]))
     if sections is not None:
         start, stop = sections
-        items = [item for item in items if start <= item.get("slice", -1) < stop]
+        kept = [item for item in items if start <= item.get("slice", -1) < stop]
+        if not kept:
+            found = sorted({item["slice"] for item in items if "slice" in item})
+            raise ValueError(
+                f"no section of {images} lies in [{start}, {stop}): "
+                + (f"its sections are {found[0]}..{found[-1]}" if found else "it holds 2D images only, which have no sections")
+            )
+        items = kept
     return items
 
 

@@ -163,9 +163,8 @@ class UNet(nn.Module):
         diff = self.architecture_diff(state)
         if diff:
             raise ValueError(
-                "the checkpoint was trained with another architecture (" + "; ".join(diff) + "); use the "
-                "training run's network keys (merge the same overlay, or set --features / --padding / --norm / "
-                "--loss_name as in training)"
+                "the checkpoint was trained with another architecture (" + "; ".join(diff) + "); build the network "
+                "it records (pipeline.checkpoints.network_from_checkpoint) or the training run's one"
             )
 
     def _init_weights(self) -> None:

@@ -302,11 +302,20 @@ def _(tmp):
     return infer(tmp, "--input_path", str(tmp / "stack.tif"))
 
 
-@row("cli-checkpoint-other-architecture", BundleError, r"trained with another architecture .*checkpoint \(8, 1, 3, 3\), network \(4, 1, 3, 3\)")
+@row("cli-checkpoint-other-architecture", BundleError, r"trained with another architecture .*checkpoint \(8, 1, 3, 3\), network \(4, 1, 3, 3\).*drop --architecture")
 def _(tmp):
     tiny_checkpoint(tmp, features=[8, 16, 32, 64, 128])
     sections(tmp)
-    return infer(tmp, "--input_path", str(tmp / "stack.tif"))
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"), "--architecture", f"{{'features': {FEATURES}}}")
+
+
+@row("cli-evaluate-no-section-in-range", BundleError, r"no section of .*stack.tif lies in \[5, 9\): its sections are 0..1")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    sections(tmp)
+    tifffile.imwrite(tmp / "labels.tif", np.full((2, 40, 44), 255, np.uint8), photometric="minisblack")
+    return infer(tmp, "--images", str(tmp / "stack.tif"), "--labels", str(tmp / "labels.tif"), "--eval_slices", "[5,9]",
+                 config_file=EVALUATE)
 
 
 @row("cli-input-missing", BundleError, r"input path not found: .*missing.tif")

@@ -1,0 +1,117 @@
+"""Every command line in README.md and the bundle README runs, as written, with tiny settings.
+
+Each ``python -m monai.bundle ...`` / ``torchrun ...`` line of a ``bash`` block is run from the
+repository root with its own keys and config files. Only what a test must change is changed:
+inputs named as placeholders (``stack.tif``, ISBI paths) point at small synthetic files, output
+folders at a temporary folder, and training runs are shrunk (narrow network, 96 x 96 images, one
+epoch). A command that stops working, or a key it uses that disappears, fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from pipeline.synthetic import make_stack, to_uint8
+
+from conftest import FEATURES_ARG, ROOT
+
+DOCS = ("README.md", "bundles/em_unet/docs/README.md")
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """``(where, argv)`` of every bundle or torchrun command in the docs' bash blocks, in order."""
+    found = []
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("&&")[-1].strip()  # the quickstart line installs first
+                if "monai.bundle" in line or line.startswith("torchrun"):
+                    found.append((doc, shlex.split(line)))
+    return found
+
+
+def _split(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The words before the first ``--key``, and the ``--key value`` pairs in order."""
+    first = next(i for i, a in enumerate(argv) if a.startswith("--") and not a.startswith("--nproc"))
+    head, rest = argv[:first], argv[first:]
+    keys = {rest[i][2:]: rest[i + 1] for i in range(0, len(rest), 2)}
+    return head, keys
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("readme")
+    image, label = make_stack((30, 96, 96), seed=4)
+    tifffile.imwrite(tmp / "train-volume.tif", to_uint8(image), photometric="minisblack")
+    tifffile.imwrite(tmp / "train-labels.tif", (label * 255).astype(np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp / "stack.tif", to_uint8(image[:3]), photometric="minisblack")
+    return tmp
+
+
+def _adapt(argv: list[str], tmp, inputs) -> list[str]:
+    head, keys = _split(argv)
+    if head[0] == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", *head[1:]]
+    else:
+        head = [sys.executable, *head[1:]]
+    files = keys.get("config_file", "")
+    is_training = "run" in head and "training" in head
+    for key in ("input_path", "images"):
+        if key in keys:
+            keys[key] = str(inputs / ("train-volume.tif" if key == "images" else "stack.tif"))
+    if "labels" in keys:
+        keys["labels"] = str(inputs / "train-labels.tif")
+    if "dataset_dir" in keys or "isbi2012.yaml" in files:
+        keys["dataset_dir"] = str(inputs)
+    if is_training:
+        keys.update({"ckpt_dir": str(tmp / "models"), "output_dir": str(tmp / "eval"), "data_cache_dir": str(tmp / "data"),
+                     "features": FEATURES_ARG, "image_size": "[96,96]", "num_images": "5", "num_val": "2",
+                     "num_epochs": "1", "val_interval": "1"})
+        keys["patch_size"] = "[96,96]" if "seed_variant" in files else "[220,220]"
+    elif "ckpt_export" in head:
+        keys.update({"filepath": str(tmp / "model.ts"), "ckpt_file": str(inputs / "model.pt"), "checkpoint": str(inputs / "model.pt")})
+    else:  # inference and evaluation: the checkpoint of the first training command
+        keys.update({"checkpoint": str(inputs / "model.pt"), "output_dir": str(tmp / "out"), "data_cache_dir": str(tmp / "data")})
+    return head + [w for k, v in keys.items() for w in (f"--{k}", v)]
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_docs_hold_the_commands_this_file_runs():
+    kinds = [" ".join(a for a in argv[:6] if not a.startswith("--")) for _, argv in COMMANDS]
+    assert len(COMMANDS) >= 12, kinds
+    assert any("torchrun" in k for k in kinds) and any("ckpt_export" in k for k in kinds)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[f"{d.split('/')[0]}-{i}" for i, (d, _) in enumerate(COMMANDS)])
+def test_readme_command_runs(index, inputs, tmp_path):
+    doc, argv = COMMANDS[index]
+    if not (inputs / "model.pt").exists():  # the first training command's checkpoint feeds the others
+        first = next(a for _, a in COMMANDS if "training" in a and a[0] != "torchrun")
+        cmd = _adapt(first, inputs / "first", inputs)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (inputs / "first/models/model.pt").rename(inputs / "model.pt")
+    cmd = _adapt(argv, tmp_path, inputs)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{doc}: {shlex.join(argv)}\n{proc.stderr[-3000:]}"
+    if "training" in argv:
+        assert (tmp_path / "models/model_final.pt").is_file()
+    elif "ckpt_export" in argv:
+        assert (tmp_path / "model.ts").is_file()
+    elif "--images" in argv:
+        assert (tmp_path / "out/report.csv").is_file()
+    else:
+        assert (tmp_path / "out/probabilities/stack.tif").is_file() and (tmp_path / "out/masks/stack.tif").is_file()
