@@ -464,6 +464,7 @@ def predict_files(network: nn.Module, sources: Sequence[str | os.PathLike], outp
     """
     check_outputs({str(s): [output_path(output_dir, s)] for s in sources})
     check_sources(network, sources, kwargs.get("tiff_series"), kwargs.get("allow_missing_chunks", False))
+    kwargs["allow_missing_chunks"] = True  # checked just now, for every source: not listed again per source
     return [predict_zarr(network, s, output_path(output_dir, s), **kwargs) for s in sources]
 
 

@@ -33,7 +33,10 @@ def test_nifti_volume_sections_along_last_axis(tmp_path):
     train, val = make_datalists(tmp_path / "v.nii.gz", tmp_path / "l.nii.gz", val_slices=[5, 6])
     assert len(train) == 5 and val[0]["slice"] == 5
     section = LoadSectiond(["image"])(val[0])["image"][0].numpy()
-    assert np.array_equal(section, img[5].T)  # nibabel order (x, y): section 5 of the z axis
+    assert np.array_equal(section, img[5])  # section 5 of nibabel's z axis, in (y, x) as TIFF sections
+    # the one read path: the whole volume (inference) has the same sections in the same orientation
+    whole = LoadSectiond(["image"])({"image": str(tmp_path / "v.nii.gz")})["image"]
+    assert whole.shape == (1, 6, 5, 7) and np.array_equal(whole[0].numpy(), img) and whole.meta["axes_reversed"]
 
 
 def test_folders_matched_by_name_and_split_by_file(tmp_path):

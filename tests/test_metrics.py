@@ -376,10 +376,24 @@ def test_uint8_prediction_gets_a_hint_and_nan_is_rejected():
         M.pixel_error(prob, np.ones((3, 3)))
 
 
-@pytest.mark.parametrize("label", [[[0, 1], [255, 0]], [[0, 128], [255, 0]], [[0, 7], [7, 0]]])
+@pytest.mark.parametrize("label", [[[0, 1], [255, 0]], [[0, 128], [255, 0]], [[1, 7], [7, 1]]])
 def test_non_binary_labels(label):
-    with pytest.raises(ValueError, match=r"label must be binary.*\{0, 1\} or \{0, 255\}.*found values"):
+    with pytest.raises(ValueError, match=r"cannot binarize a label with [23] distinct values .* two values \{0, v\}.*BinarizeMask"):
         M.warping_error(np.zeros((2, 2)), np.array(label))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64, np.int64, np.float32])
+def test_one_binarisation_rule_for_masks_and_labels(dtype):
+    """{0, v} with v foreground, any dtype: the same answer from the training transform and the metrics."""
+    from pipeline.transforms import BinarizeMask
+
+    label = np.array([[0, 7], [7, 0]], dtype)
+    expected = [[False, True], [True, False]]
+    np.testing.assert_array_equal(M.binarize_label(label), expected)
+    np.testing.assert_array_equal(BinarizeMask()(label[None])[0].numpy().astype(bool), expected)
+    if dtype != np.uint8:  # a threshold on every wider dtype (torch has no '>' for uint16/32/64)
+        soft = np.array([[0, 40000], [30000, 9]]).astype(dtype)
+        np.testing.assert_array_equal(BinarizeMask(threshold=32767)(soft[None])[0].numpy().astype(bool), [[False, True], [False, False]])
 
 
 def test_other_bad_arguments():

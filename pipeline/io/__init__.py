@@ -24,7 +24,7 @@ the error use :func:`read_image`, a plain ``LoadImage()`` or ``LoadImage()(path,
 
 __all__ = [
     "NIFTI_SUFFIXES", "SITK_READ_SUFFIXES", "SITK_WRITE_SUFFIXES", "SLICE_SUFFIXES", "SUPPORTED_SUFFIXES", "TIFF_SUFFIXES",
-    "ImageInfo", "LoadedImage", "SimpleITKReader", "TiffSeriesError", "TiffStackReader", "check_channels", "choose_tiff_series",
+    "ImageInfo", "LoadedImage", "channel_first", "SimpleITKReader", "TiffSeriesError", "TiffStackReader", "check_channels", "choose_tiff_series",
     "probe_image", "read_image", "register_readers", "stem", "replace_atomically", "write_folder", "write_image",
 ]
 
@@ -40,6 +40,7 @@ from pipeline.io.readers import (
     SimpleITKReader,
     TiffSeriesError,
     TiffStackReader,
+    channel_first,
     check_channels,
     choose_tiff_series,
     probe_image,

@@ -389,6 +389,37 @@ def read_image(path: str | os.PathLike, tiff_series: int | None = None) -> tuple
     return array, meta
 
 
+def channel_first(array: np.ndarray, meta: dict, path: str | os.PathLike) -> tuple[np.ndarray, bool]:
+    """The one axis rule of the pipeline: a file's array, as :func:`read_image` returns it, as
+    ``(C, *spatial)`` with the spatial axes in ``(Z,) Y, X`` order.
+
+    Channels: colour samples, which the readers put last (``meta["original_channel_dim"] == -1``),
+    move first; a grey image gets a channel of 1. Sections: TIFF and SimpleITK arrays are already
+    ``(Z, Y, X)``; NIfTI arrays are nibabel's ``(x, y, z)``, so their spatial axes are reversed, and the
+    returned flag says so (writers reverse the prediction back, :class:`pipeline.transforms.WritePredictiond`).
+    Training, evaluation and in-memory inference all read through this (:class:`pipeline.transforms.LoadSectiond`).
+
+    Returns:
+        ``(array, reversed)``: a view where possible.
+
+    Raises:
+        ValueError: not 2 or 3 spatial axes, naming the file, its shape and the axes found.
+    """
+    channel_last = not is_no_channel(meta.get(MetaKeys.ORIGINAL_CHANNEL_DIM, float("nan")))
+    spatial = array.ndim - channel_last
+    if spatial not in (2, 3):
+        axes = "".join("?" * (spatial - 3)) + "ZYX"[-spatial:] if spatial > 0 else ""
+        raise ValueError(
+            f"{path}: cannot interpret an array of shape {tuple(array.shape)} (axes {axes + ('C' if channel_last else '')}); "
+            "an image is (Y, X) or (Z, Y, X), with colour samples last"
+        )
+    out = np.moveaxis(array, -1, 0) if channel_last else array[None]
+    reverse = _suffix(path) in NIFTI_SUFFIXES
+    if reverse:
+        out = out.transpose(0, *range(out.ndim - 1, 0, -1))
+    return out, reverse
+
+
 def _read_folder(directory: Path) -> tuple[np.ndarray, dict]:
     files = [f for f in directory.iterdir() if f.is_file() and f.name[0] != "." and _suffix(f) in SLICE_SUFFIXES]
     files.sort(key=lambda f: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", f.name)])

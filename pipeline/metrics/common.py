@@ -57,12 +57,37 @@ def _check_prob(prob, name: str = "prob") -> np.ndarray:
     return arr
 
 
-def binarize_label(label, name: str = "label") -> np.ndarray:
-    """Binary ground truth as a bool array (True = cell interior).
+def binary_foreground(values: np.ndarray, name: str = "mask") -> np.ndarray:
+    """The one binarisation rule of the pipeline, for masks to train on and labels to score:
+    booleans as they are; numbers with one value (0: all background, else all foreground) or two
+    values ``{0, v}`` (``v`` is foreground: 0/1, 0/255, 0/65535, ...), any integer or float dtype.
+    :class:`pipeline.transforms.BinarizeMask` adds thresholds, values and colours on top.
 
-    Accepted encodings: bool, or numbers with values in ``{0, 1}`` or ``{0, 255}``
-    (0 = membrane). Anything else (a third value, e.g. ``{0, 1, 255}`` or ``{0, 128, 255}``,
-    or an instance label image) raises ``ValueError``.
+    Raises:
+        ValueError: ``"cannot binarize a <name> with N distinct values (...)"``; callers add the
+            file name and how to choose the foreground.
+    """
+    arr = np.asarray(values)
+    if arr.dtype == bool:
+        return arr
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"cannot binarize a {name} of dtype {arr.dtype}: give booleans or numbers")
+    found = np.unique(arr)
+    if found.size == 1:
+        return arr != 0
+    if found.size == 2 and found[0] == 0:
+        return arr == found[1]
+    shown = ", ".join(f"{v:g}" for v in found[:6].tolist()) + (", ..." if found.size > 6 else "")
+    raise ValueError(
+        f"cannot binarize a {name} with {found.size} distinct values ({shown}): a binary {name} holds booleans "
+        "or two values {0, v} (v = foreground)"
+    )
+
+
+def binarize_label(label, name: str = "label") -> np.ndarray:
+    """Binary ground truth as a bool array (True = cell interior), by :func:`binary_foreground`:
+    bool, or numbers with values ``{0, v}`` (0 = membrane). Anything else (a third value, e.g.
+    ``{0, 1, 255}``, or an instance label image) raises ``ValueError``.
     """
     arr = np.asarray(label)
     if arr.ndim not in (2, 3):
@@ -71,21 +96,10 @@ def binarize_label(label, name: str = "label") -> np.ndarray:
         )
     if arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if arr.dtype == bool:
-        return arr
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"{name} must be a binary array (bool or numbers); got dtype {arr.dtype}")
-    values = np.unique(arr)
-    allowed = ({0, 1}, {0, 255})
-    vset = set(values.tolist())
-    if not any(vset <= a for a in allowed):
-        shown = values[:10].tolist()
-        more = f" ... ({values.size} distinct values)" if values.size > 10 else ""
-        raise ValueError(
-            f"{name} must be binary: 0 = membrane and 1, 255 or True = cell interior "
-            f"(values {{0, 1}} or {{0, 255}}); found values {shown}{more}"
-        )
-    return arr > 0
+    try:
+        return binary_foreground(arr, name)
+    except ValueError as err:
+        raise ValueError(f"{err}; binarize it first, e.g. with pipeline.transforms.BinarizeMask(threshold=...)") from None
 
 
 def _check_pair(prob, label) -> tuple[np.ndarray, np.ndarray]:

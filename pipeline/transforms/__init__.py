@@ -4,7 +4,7 @@ Array transforms take ``(C, *spatial)`` arrays or tensors; each has a dictionary
 (suffix ``d``). Every name is importable from here (``pipeline.transforms.LoadSectiond``), which is
 how the bundle configs name them.
 
-- :mod:`.io`: ``LoadSectiond`` (a file, or one section of a stack), ``StackAxisFirstd``,
+- :mod:`.io`: ``LoadSectiond`` (a file, or one section of a stack: the one read path),
   ``WritePredictiond`` (probabilities and masks in the input's format);
 - :mod:`.intensity`: ``NormalizeSectionsd`` (zero mean, unit variance per section);
 - :mod:`.labels`: ``BinarizeMask(d)``, ``border_weight_map`` / ``BorderWeightMapd`` (paper eq. 2);
@@ -14,7 +14,7 @@ how the bundle configs name them.
 """
 
 from pipeline.transforms.intensity import NormalizeSectionsd
-from pipeline.transforms.io import LoadSectiond, StackAxisFirstd, WritePredictiond
+from pipeline.transforms.io import LoadSectiond, WritePredictiond
 from pipeline.transforms.labels import BinarizeMask, BinarizeMaskd, BorderWeightMapd, border_weight_map
 from pipeline.transforms.post import (
     OUTPUTS,
@@ -29,6 +29,6 @@ from pipeline.transforms.spatial import RandElasticGridd
 
 __all__ = [
     "OUTPUTS", "BinarizeMask", "BinarizeMaskd", "BorderWeightMapd", "ForegroundProbabilityd", "LoadSectiond",
-    "LogitsToOneHot", "LogitsToOneHotd", "NormalizeSectionsd", "RandElasticGridd", "StackAxisFirstd",
+    "LogitsToOneHot", "LogitsToOneHotd", "NormalizeSectionsd", "RandElasticGridd",
     "WritePredictiond", "border_weight_map", "check_output_settings", "encode_prediction", "foreground_probability",
 ]

@@ -1,4 +1,4 @@
-"""Loading and writing: sections of stacks and volumes in, predictions out (MONAI ``transforms/io``)."""
+"""Loading and writing: files and sections of stacks in (the one read path), predictions out (MONAI ``transforms/io``)."""
 
 from __future__ import annotations
 
@@ -11,73 +11,62 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from pipeline.data import read_cached, section_axis
-from pipeline.io import stem, write_image
+from pipeline.data import read_cached
+from pipeline.io import channel_first, read_image, stem, write_image
 from pipeline.io.readers import _suffix
 from pipeline.transforms.post import check_output_settings, encode_prediction, foreground_probability
 
 
 class LoadSectiond(MapTransform):
-    """Load the files named under ``keys`` as channel-first ``MetaTensor``s ``(C, *spatial)``.
+    """Load the files named under ``keys`` as channel-first ``MetaTensor``s ``(C, *spatial)``: the one
+    read path of training, evaluation and in-memory inference.
 
-    When the item has a ``slice_key`` entry ``z``, only section ``z`` of the stack or volume
-    is returned (axis from :func:`pipeline.data.section_axis`), so stacks give 2D training
-    samples; decoded files are cached, so a stack is read once for all its sections.
-    Colour images (channel-last in the file) get their channels first.
+    Axes follow :func:`pipeline.io.channel_first`: colour samples first, spatial axes ``(Z,) Y, X``
+    (NIfTI's ``(x, y, z)`` reversed, marked ``meta["axes_reversed"]`` so that
+    :class:`WritePredictiond` writes predictions back in the file's order). When the item has a
+    ``slice_key`` entry ``z``, only section ``z`` is returned, so stacks give 2D training samples;
+    those files are decoded once for all their sections (:func:`pipeline.data.read_cached`). A whole
+    file keeps its reader's meta (spacing, affine, origin, ... in the file's axis order) for writing.
 
     Args:
         keys: keys holding file paths (``image``, ``label``).
         slice_key: key of the section index; absent or None means the whole file.
+        tiff_series: the series of TIFF files of several (:func:`pipeline.io.choose_tiff_series`).
+
+    Raises:
+        ValueError: a section out of range; an array that is not an image (:func:`pipeline.io.channel_first`);
+            the readers' errors (:func:`pipeline.io.read_image`).
     """
 
-    def __init__(self, keys: KeysCollection, slice_key: str = "slice", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, slice_key: str = "slice", tiff_series: int | None = None, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.slice_key = slice_key
+        self.slice_key, self.tiff_series = slice_key, tiff_series
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, MetaTensor]:
         d = dict(data)
         z = d.get(self.slice_key)
         for key in self.key_iterator(d):
             path = str(d[key])
-            array, meta = read_cached(path)
-            channel_last = not (isinstance(meta.get("original_channel_dim"), float) or meta.get("original_channel_dim") is None)
-            spacing = list(np.asarray(meta.get("spacing", [1.0] * array.ndim), dtype=float).ravel())
-            if z is not None:
-                axis = section_axis(path)
-                if not -array.shape[axis] <= z < array.shape[axis]:
-                    raise ValueError(f"{path}: section {z} out of range, the file has {array.shape[axis]} sections")
-                array = np.take(array, z, axis=axis)
-                spacing.pop(axis)
-            array = np.moveaxis(array, -1, 0) if channel_last else array[None]
-            spacing = spacing[-(array.ndim - 1):]
+            cached = z is not None and self.tiff_series is None  # sections: decode the file once
+            array, meta = read_cached(path) if cached else read_image(path, tiff_series=self.tiff_series)
+            array, reversed_axes = channel_first(array, meta, path)
+            spacing = [float(v) for v in np.asarray(meta.get("spacing", [1.0] * (array.ndim - 1)), dtype=float).ravel()]
+            spacing = (spacing[::-1] if reversed_axes else spacing)[-(array.ndim - 1):]
+            if z is None:
+                meta = {**meta, "filename_or_obj": path, "axes_reversed": reversed_axes}
+                d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), meta=meta)
+                continue
+            if array.ndim != 4 or not -array.shape[1] <= z < array.shape[1]:
+                sections = array.shape[1] if array.ndim == 4 else 0
+                raise ValueError(f"{path}: section {z} out of range, the file has {sections} sections")
+            section = np.array(array[:, z], copy=True)  # the cached file stays read-only
             d[key] = MetaTensor(
-                torch.from_numpy(np.array(array, copy=True)),  # the cached file stays read-only
-                affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)),
-                meta={"filename_or_obj": path, "spacing": [float(v) for v in spacing], **({} if z is None else {"slice": int(z)})},
+                torch.from_numpy(section),
+                affine=torch.diag(torch.tensor([*spacing[1:], 1.0], dtype=torch.float64)),
+                meta={"filename_or_obj": path, "spacing": spacing[1:], "slice": int(z)},
             )
-        return d
-
-
-def _filename(data: Mapping[Hashable, torch.Tensor], key: Hashable) -> str:
-    return str(getattr(data[key], "meta", {}).get("filename_or_obj", ""))
-
-
-class StackAxisFirstd(MapTransform):
-    """Put the section axis of a volume first, as TIFF stacks and SimpleITK arrays already are.
-
-    MONAI's ``NibabelReader`` returns NIfTI arrays as ``(C, x, y, z)``; a 2D network predicts
-    sections, which are the last axis there. This reverses the spatial axes of NIfTI volumes
-    to ``(C, z, y, x)`` and marks the image (``meta["stack_axis_reversed"]``) so that
-    :class:`WritePredictiond` writes the prediction back in the file's own order.
-    """
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = d[key]
-            if img.ndim == 4 and section_axis(_filename(d, key)) == -1:
-                d[key] = img.permute(0, 3, 2, 1).contiguous()
-                d[key].meta["stack_axis_reversed"] = True
         return d
 
 
@@ -147,7 +136,7 @@ class WritePredictiond(MapTransform):
         meta.pop("filename_or_obj", None)
         for key in self.key_iterator(d):
             prob = foreground_probability(d[key])
-            if meta.get("stack_axis_reversed"):
+            if meta.get("axes_reversed"):  # NIfTI: back to the file's (x, y, z)
                 prob = prob.permute(*reversed(range(prob.ndim)))
             outputs = encode_prediction(prob, self.threshold, self.write)
             for what, path in targets.items():

@@ -11,6 +11,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
+from pipeline.metrics.common import binary_foreground
+
 
 class BinarizeMask(Transform):
     """Turn a mask stored in any common way into a float foreground mask ``(1, *spatial)`` of 0/1.
@@ -45,6 +47,8 @@ class BinarizeMask(Transform):
 
     def __call__(self, mask: torch.Tensor | np.ndarray) -> torch.Tensor:
         m = convert_to_tensor(mask, track_meta=True)
+        if m.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch compares these on no device: as int64
+            m = m.to(torch.int64)
         if m.ndim < 2:
             raise ValueError(f"expected a channel-first mask (C, *spatial), got shape {tuple(m.shape)}")
         channels = m.shape[0]
@@ -75,19 +79,10 @@ class BinarizeMask(Transform):
             return m > self.threshold
         if self.foreground_values is not None:
             return torch.isin(m, torch.as_tensor(self.foreground_values, dtype=m.dtype, device=m.device))
-        if m.dtype == torch.bool:
-            return m.clone()
-        values = torch.unique(m)
-        if len(values) == 1:
-            return m != 0
-        if len(values) == 2 and values[0] == 0:
-            return m == values[1]
-        shown = ", ".join(f"{v:g}" for v in values[:6].tolist()) + (", ..." if len(values) > 6 else "")
-        raise ValueError(
-            f"cannot binarize a mask with {len(values)} distinct values ({shown}): masks are understood "
-            "as booleans or two values {0, v}; pass threshold= (foreground = value > threshold) or "
-            "foreground_values=[...]"
-        )
+        try:
+            return torch.from_numpy(binary_foreground(m.cpu().numpy(), "mask")).to(m.device)
+        except ValueError as err:
+            raise ValueError(f"{err}; pass threshold= (foreground = value > threshold) or foreground_values=[...]") from None
 
 
 class BinarizeMaskd(MapTransform):
