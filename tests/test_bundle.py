@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.networks import UNet
 
-from conftest import TINY_TRAIN, bundle, train_args
+from conftest import CONFIGS, ROOT, TINY_TRAIN, bundle, train_args
 
 def run_bundle(tmp_path, *overrides, run_id="training", check=True):
     proc = bundle(*train_args(tmp_path, *TINY, *overrides, run_id=run_id))
@@ -80,3 +80,23 @@ def test_same_seed_same_weights(tmp_path):
     a, b, c = finals
     assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
     assert not torch.equal(a["head.weight"], c["head.weight"])
+
+
+OVERLAYS = [None, *sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_verify_net_in_out_for_every_shipped_overlay(overlay):
+    """MONAI's own check of the network against the bundle metadata, for train.yaml and every overlay in
+    configs/; an overlay that changes channels or sizes ships a metadata fragment beside it
+    (configs/<name>_metadata.json), merged after metadata.json with --meta_file "['...', '...']"."""
+    from monai.bundle import verify_net_in_out
+
+    configs = [str(CONFIGS / "train.yaml")] + ([str(ROOT / "configs" / overlay)] if overlay else [])
+    meta = [str(CONFIGS / "metadata.json")]
+    if overlay and (ROOT / "configs" / overlay.replace(".yaml", "_metadata.json")).is_file():
+        meta.append(str(ROOT / "configs" / overlay.replace(".yaml", "_metadata.json")))
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=configs, n=2)  # raises on a mismatch
+    if overlay == "seed_variant.yaml":  # the fragment is what makes it pass
+        with pytest.raises(ValueError, match="output channel number `1` doesn't match: `2`"):
+            verify_net_in_out(net_id="network_def", meta_file=meta[:1], config_file=configs, n=2)
