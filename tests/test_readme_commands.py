@@ -77,6 +77,8 @@ def _adapt(argv: list[str], tmp, inputs) -> list[str]:
                      "features": FEATURES_ARG, "image_size": "[96,96]", "num_images": "5", "num_val": "2",
                      "num_epochs": "1", "val_interval": "1"})
         keys["patch_size"] = "[96,96]" if "seed_variant" in files else "[220,220]"
+    elif "verify_net_in_out" in head:  # checks the network against the metadata: nothing to redirect
+        pass
     elif "ckpt_export" in head:
         keys.update({"filepath": str(tmp / "model.ts"), "ckpt_file": str(inputs / "model.pt"), "checkpoint": str(inputs / "model.pt")})
     else:  # inference and evaluation: the checkpoint of the first training command
@@ -91,6 +93,7 @@ def test_the_docs_hold_the_commands_this_file_runs():
     kinds = [" ".join(a for a in argv[:6] if not a.startswith("--")) for _, argv in COMMANDS]
     assert len(COMMANDS) >= 12, kinds
     assert any("torchrun" in k for k in kinds) and any("ckpt_export" in k for k in kinds)
+    assert any("verify_net_in_out" in k for k in kinds)
 
 
 @pytest.mark.slow
@@ -111,6 +114,8 @@ def test_readme_command_runs(index, inputs, tmp_path):
         assert (tmp_path / "models/model_final.pt").is_file()
     elif "ckpt_export" in argv:
         assert (tmp_path / "model.ts").is_file()
+    elif "verify_net_in_out" in argv:
+        assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
     elif "--images" in argv:
         assert (tmp_path / "out/report.csv").is_file()
     else:
