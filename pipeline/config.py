@@ -28,8 +28,9 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from pipeline import io
+from pipeline import data, io
 from pipeline.losses import LOSSES, make_loss, output_channels
+from pipeline.metrics.common import binary_foreground
 
 #: options of ``python -m monai.bundle run`` itself, not config keys
 BUNDLE_RUN_OPTIONS = frozenset(
@@ -407,6 +408,32 @@ def check_datalists(**datalists: Any) -> None:
         raise ValueError("train_datalist is empty: there is nothing to train on; check --num_images / --num_val or the dataset keys")
 
 
+def check_labels(datalist: Sequence[dict], mask_threshold: float | None = None) -> None:
+    """Every label file (or container dataset) of a datalist binarises by the one rule
+    (:func:`pipeline.metrics.common.binary_foreground`), checked on the whole file before any output:
+    a third value in one section would otherwise stop a run halfway, or pass unseen when no single
+    section holds all values. Skipped with a ``--mask_threshold``, which binarises any values.
+
+    Raises:
+        ValueError: naming the label file and the values found, and the key to set.
+    """
+    if mask_threshold is not None:
+        return
+    seen = set()
+    for item in datalist:
+        if "label" not in item or (item["label"], item.get("label_dataset")) in seen:
+            continue
+        seen.add((item["label"], item.get("label_dataset")))
+        array, _ = data.read_cached(item["label"], item.get("label_dataset"))
+        try:
+            binary_foreground(array, "label")
+        except ValueError as err:
+            raise ValueError(
+                f"{item['label']}: {err}; set --mask_threshold T (foreground = value > T), or --foreground_invert true "
+                "if 0 is the foreground"
+            ) from None
+
+
 def check_inference(
     datalist: Sequence[dict],
     writer: Any,
@@ -421,7 +448,7 @@ def check_inference(
 
     Outputs: none replaces an input or another input's output (:func:`check_outputs`); in memory,
     none exists already unless ``overwrite`` (``writer.check_free``). Inputs, every one before the
-    first is predicted: zarr stores only with ``streaming``; from the header (:func:`pipeline.io.probe_image`),
+    first is predicted: from the header (:func:`pipeline.io.probe_image`; the dataset of a container),
     the TIFF series and the channels the network takes; floating-point files are read once and
     refused if they hold NaN or Inf. When streaming, every source opens with the network's
     dimensions and channels and has no missing chunks (:func:`pipeline.streaming.check_sources`),
@@ -441,18 +468,16 @@ def check_inference(
         from pipeline import streaming as stream  # imports this module: a cycle at the top
 
         check_outputs({s: [stream.output_path(output_dir, s)] for s in sources})
-        stream.check_sources(network, sources, tiff_series, allow_missing_chunks)
+        stream.check_sources(network, datalist, tiff_series, allow_missing_chunks)
         return
-    stores = [s for s in sources if Path(s).is_dir()]
-    if stores:
-        raise ValueError(f"{stores[0]} is a zarr store, which only block-by-block prediction reads; pass --streaming true")
     check_outputs({s: list(writer.targets(s).values()) for s in sources})
     in_channels = getattr(network, "in_channels", 1)
-    for source in sources:
-        info = io.probe_image(source, tiff_series)
+    for item in datalist:
+        source, key = str(item["image"]), item.get("image_dataset")
+        info = io.probe_image(source, tiff_series, key)
         io.check_channels(source, info, in_channels)
         if info.dtype.kind == "f":  # NaN/Inf are possible: scan the file now, not after other outputs exist
-            array, _ = io.read_image(source, tiff_series)
+            array, _ = io.read_image(source, tiff_series, key)
             finite = np.isfinite(array)
             count = array.size - int(np.count_nonzero(finite))
             if count:  # (no index array per bad pixel: a NaN background could be most of a volume)

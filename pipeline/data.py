@@ -1,7 +1,8 @@
 """Datalists: which files (and which sections of them) a run reads.
 
 Training items are dictionaries ``{"image": path, "label": path}`` for 2D files, plus
-``"slice": z`` for a section of a stack or volume; :class:`pipeline.transforms.LoadSectiond`
+``"slice": z`` for a section of a stack or volume, and ``"image_dataset"`` / ``"label_dataset"``
+for the dataset inside an HDF5 or zarr container; :class:`pipeline.transforms.LoadSectiond`
 reads them. Every pair is checked (existence, readability, matching shapes) when the
 datalist is built, before any training starts, and errors name the file.
 """
@@ -15,34 +16,30 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.io import NIFTI_SUFFIXES, SUPPORTED_SUFFIXES, read_image, stem
-from pipeline.io.readers import _suffix
+from pipeline.io import SUPPORTED_SUFFIXES, ZARR_SUFFIXES, channel_first, read_image, stem
+from pipeline.io.common import _suffix
+from pipeline.io.containers import choose_dataset, is_container
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = tuple(sorted(set(SUPPORTED_SUFFIXES) | {".mrc", ".jpg", ".jpeg", ".bmp"}))
 
 
-def section_axis(path: str | Path) -> int:
-    """The array axis that indexes sections: the last for NIfTI (nibabel's x, y, z order),
-    the first for TIFF stacks and SimpleITK formats (z, y, x)."""
-    return -1 if str(path).lower().endswith(NIFTI_SUFFIXES) else 0
-
-
 @lru_cache(maxsize=8)
-def _read_cached(path: str, mtime: float) -> tuple[np.ndarray, dict]:
-    array, meta = read_image(path)
+def _read_cached(path: str, mtime: float, key: str | None) -> tuple[np.ndarray, dict]:
+    array, meta = read_image(path, key=key)
     array.setflags(write=False)  # shared between sections: never modified in place
     return array, meta
 
 
-def read_cached(path: str | Path) -> tuple[np.ndarray, dict]:
+def read_cached(path: str | Path, key: str | None = None) -> tuple[np.ndarray, dict]:
     """:func:`pipeline.io.read_image` with a small cache, so that the sections of one stack
-    decode the file once (the cache is keyed on the path and its modification time)."""
+    decode the file once (the cache is keyed on the path, its modification time and the dataset ``key``
+    of a container)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists() or (p.is_dir() and not is_container(p)):
         raise FileNotFoundError(f"image file not found: {p}")
-    return _read_cached(str(p), p.stat().st_mtime)
+    return _read_cached(str(p), p.stat().st_mtime, key)
 
 
 def _hash_hint(path: Path) -> str:
@@ -51,12 +48,12 @@ def _hash_hint(path: Path) -> str:
 
 
 def _is_zarr(path: Path) -> bool:
-    return path.is_dir() and path.name.lower().endswith(".zarr")
+    return path.is_dir() and _suffix(path) in ZARR_SUFFIXES
 
 
 def _image_files(path: str | Path, what: str) -> list[Path]:
     p = Path(path)
-    if _is_zarr(p) and what == "input":  # a zarr store is one image (predicted with streaming)
+    if _is_zarr(p):  # a zarr store is one image (a container of datasets)
         return [p]
     if p.is_file():
         if _suffix(p) not in IMAGE_SUFFIXES:
@@ -66,21 +63,31 @@ def _image_files(path: str | Path, what: str) -> list[Path]:
         raise FileNotFoundError(f"{what} path not found: {p} (give an image file or a folder of images)" + _hash_hint(p))
     files = sorted(
         f for f in p.iterdir()
-        if not f.name.startswith(".") and ((f.is_file() and _suffix(f) in IMAGE_SUFFIXES) or (what == "input" and _is_zarr(f)))
+        if not f.name.startswith(".") and ((f.is_file() and _suffix(f) in IMAGE_SUFFIXES) or _is_zarr(f))
     )
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {what} folder {p}")
     return files
 
 
-def datalist_from_path(path: str | Path) -> list[dict[str, str]]:
+def datalist_from_path(path: str | Path, key: str | None = None) -> list[dict[str, str]]:
     """``[{"image": file}, ...]`` for one image file or every image file of a folder (sorted).
 
     A folder of 2D PNG/TIFF sections gives one item per file, so each prediction keeps its
-    section's name. Hidden files are skipped. A ``.zarr`` store (the path itself, or one in the
-    folder) is one item too; only streaming prediction reads it.
+    section's name. Hidden files are skipped. An HDF5 file or a ``.zarr`` store (the path itself, or
+    one in the folder) is one item with ``"image_dataset"``: ``key``, or its only dataset.
+
+    Raises:
+        FileNotFoundError: no such path, or a folder without images.
+        ValueError: an unsupported format; a container without ``key`` and several datasets, or without ``key``.
     """
-    return [{"image": str(f)} for f in _image_files(path, "input")]
+    return [_with_dataset({"image": str(f)}, "image", key) for f in _image_files(path, "input")]
+
+
+def _with_dataset(item: dict, field: str, key: str | None) -> dict:
+    """``item`` plus ``"<field>_dataset"`` when ``item[field]`` is a container (the dataset chosen now,
+    so that a missing or ambiguous one fails before anything runs)."""
+    return {**item, f"{field}_dataset": choose_dataset(item[field], key)} if is_container(item[field]) else item
 
 
 def _pair(images: list[Path], labels: list[Path]) -> list[tuple[Path, Path]]:
@@ -103,16 +110,20 @@ def _pair(images: list[Path], labels: list[Path]) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _spatial_shape(array: np.ndarray, meta: dict) -> tuple[int, ...]:
-    return tuple(int(s) for s in np.asarray(meta.get("spatial_shape", array.shape)).ravel())
-
-
-def paired_items(images: str | Path, labels: str | Path, sections: Sequence[int] | None = None) -> list[dict]:
+def paired_items(
+    images: str | Path,
+    labels: str | Path,
+    sections: Sequence[int] | None = None,
+    image_key: str | None = None,
+    label_key: str | None = None,
+) -> list[dict]:
     """Every item of an image/label pair of stacks, volumes, files or folders, checked.
 
     Items are ``{"image", "label"}`` for 2D files and ``{"image", "label", "slice"}`` for the
     sections of 3D files, in file then section order. ``sections = [start, stop)`` keeps only the
-    sections of 3D files in that range (2D files, which have none, are dropped then).
+    sections of 3D files in that range (2D files, which have none, are dropped then). In HDF5 and zarr
+    containers the datasets ``image_key`` / ``label_key`` are read (default: the only one); images and
+    labels may be two datasets of one file.
 
     Raises:
         FileNotFoundError: a path does not exist or a folder holds no images.
@@ -120,18 +131,19 @@ def paired_items(images: str | Path, labels: str | Path, sections: Sequence[int]
     """
     items = []
     for image, label in _pair(_image_files(images, "image"), _image_files(labels, "label")):
-        img, img_meta = read_cached(image)
-        lab, lab_meta = read_cached(label)
-        shape, lab_shape = _spatial_shape(img, img_meta), _spatial_shape(lab, lab_meta)
+        item = _with_dataset(_with_dataset({"image": str(image), "label": str(label)}, "image", image_key), "label", label_key)
+        img, img_meta = read_cached(image, item.get("image_dataset"))
+        lab, lab_meta = read_cached(label, item.get("label_dataset"))
+        # compared in the pipeline's axis order (channel_first), so a NIfTI image pairs with a TIFF label
+        shape, lab_shape = channel_first(img, img_meta, image)[0].shape[1:], channel_first(lab, lab_meta, label)[0].shape[1:]
         if shape != lab_shape:
             raise ValueError(f"image {image} has shape {shape} but its label {label} has {lab_shape}")
         if min(shape) == 0:
             raise ValueError(f"image {image} is empty (shape {shape})")
-        item = {"image": str(image), "label": str(label)}
         if len(shape) == 2:
             items.append(item)
         else:
-            items.extend({**item, "slice": z} for z in range(shape[section_axis(image)]))
+            items.extend({**item, "slice": z} for z in range(shape[0]))
     if sections is not None:
         start, stop = sections
         kept = [item for item in items if start <= item.get("slice", -1) < stop]
@@ -150,6 +162,8 @@ def make_datalists(
     labels: str | Path,
     val_slices: Sequence[int] | None = None,
     val_files: int | Sequence[str] | None = None,
+    image_key: str | None = None,
+    label_key: str | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Training and validation datalists from image/label stacks, volumes or folders.
 
@@ -161,6 +175,7 @@ def make_datalists(
             adjacent EM sections are correlated, so a contiguous range avoids leakage.
         val_files: validate on whole files instead: their names, or the number of files
             (the last ones, in sorted order).
+        image_key, label_key: the datasets inside HDF5 / zarr containers (:func:`paired_items`).
 
     Returns:
         ``(train, val)`` lists of :func:`paired_items` items.
@@ -173,7 +188,7 @@ def make_datalists(
         raise ValueError("give either val_slices or val_files, not both")
     if val_slices is not None and (len(val_slices) != 2 or not 0 <= val_slices[0] < val_slices[1]):
         raise ValueError(f"val_slices must be [start, stop) with 0 <= start < stop, got {list(val_slices)}")
-    items = paired_items(images, labels)
+    items = paired_items(images, labels, image_key=image_key, label_key=label_key)
     names = list(dict.fromkeys(Path(i["image"]).name for i in items))
     if isinstance(val_files, int):
         if not 0 <= val_files < len(names):

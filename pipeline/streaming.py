@@ -318,6 +318,7 @@ def predict_zarr(
     connect_timeout: float = 5.0,
     tiff_series: int | None = None,
     allow_missing_chunks: bool = False,
+    key: str | None = None,
     amp: bool | None = None,
     amp_dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
@@ -349,6 +350,7 @@ def predict_zarr(
             ``torch.set_num_threads`` on every worker.
         connect_timeout: seconds to reach a scheduler address.
         tiff_series: the series of a TIFF source of several (:func:`pipeline.io.choose_tiff_series`).
+        key: the dataset of an HDF5 or zarr source (default: its only one; OME-Zarr: full resolution).
         allow_missing_chunks: predict chunks missing from a zarr source from zarr's fill value;
             by default they are an error (:meth:`LazySource.check_complete`).
         amp, amp_dtype: ``torch.autocast`` for the tiles, as in ``OverlapTileInferer`` (default: on
@@ -368,7 +370,7 @@ def predict_zarr(
     geometry = net.geometry
     write = check_output_settings(write, threshold)
     tile_size = check_tile_settings(network, tile_size, batch_size, memory_budget_mb, context, padding_mode)
-    src = LazySource(source, net.spatial_dims, net.in_channels, tiff_series)
+    src = LazySource(source, net.spatial_dims, net.in_channels, tiff_series, key)
     if not allow_missing_chunks:
         src.check_complete()
     shape, nd = src.spatial, net.spatial_dims
@@ -440,32 +442,45 @@ def output_path(output_dir: str | os.PathLike, source: str | os.PathLike) -> Pat
     return Path(output_dir) / f"{stem(source)}.zarr"
 
 
+def _source_and_key(source: Any) -> tuple[Any, str | None]:
+    """A datalist item ``{"image": path, "image_dataset": key}`` or a bare source."""
+    return (source["image"], source.get("image_dataset")) if isinstance(source, dict) else (source, None)
+
+
 def check_sources(network: nn.Module, sources: Sequence[Any], tiff_series: int | None = None, allow_missing_chunks: bool = False) -> None:
     """Open every source as :func:`predict_zarr` would, before any work: shape and channels for the
-    network, the TIFF series, and (unless ``allow_missing_chunks``) no zarr chunk missing.
+    network, the TIFF series, the container dataset, and (unless ``allow_missing_chunks``) no zarr chunk missing.
+
+    Args:
+        sources: paths, arrays, or datalist items ``{"image": path, "image_dataset": key}``.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`predict_zarr`, naming the source.
     """
     net = unwrap(network)
     for source in sources:
-        src = LazySource(source, net.spatial_dims, net.in_channels, tiff_series)
+        path, key = _source_and_key(source)
+        src = LazySource(path, net.spatial_dims, net.in_channels, tiff_series, key)
         if not allow_missing_chunks:
             src.check_complete()
 
 
-def predict_files(network: nn.Module, sources: Sequence[str | os.PathLike], output_dir: str | os.PathLike, **kwargs: Any) -> list[Path]:
+def predict_files(network: nn.Module, sources: Sequence[Any], output_dir: str | os.PathLike, **kwargs: Any) -> list[Path]:
     """:func:`predict_zarr` for each input into its :func:`output_path`, after checking that no
     output replaces an input or another input's output (:func:`pipeline.config.check_outputs`) and
-    that every source opens (series, missing chunks) before the first block is predicted.
+    that every source opens (series, datasets, missing chunks) before the first block is predicted.
+
+    Args:
+        sources: paths, or datalist items ``{"image": path, "image_dataset": key}`` (:func:`pipeline.data.datalist_from_path`).
 
     Returns:
         The output paths, in input order.
     """
-    check_outputs({str(s): [output_path(output_dir, s)] for s in sources})
+    pairs = [_source_and_key(s) for s in sources]
+    check_outputs({str(p): [output_path(output_dir, p)] for p, _ in pairs})
     check_sources(network, sources, kwargs.get("tiff_series"), kwargs.get("allow_missing_chunks", False))
     kwargs["allow_missing_chunks"] = True  # checked just now, for every source: not listed again per source
-    return [predict_zarr(network, s, output_path(output_dir, s), **kwargs) for s in sources]
+    return [predict_zarr(network, p, output_path(output_dir, p), key=key, **kwargs) for p, key in pairs]
 
 
 def _progress(items: Any, progress: bool, total: int | None = None) -> Any:

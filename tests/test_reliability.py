@@ -498,11 +498,14 @@ def _(tmp):
     return lambda: predict_zarr(net(), str(tmp / "vol.zarr"), tmp / "out.zarr", block_size=(1, 32, 32))
 
 
-@row("cli-zarr-without-streaming", BundleError, r"vol.zarr is a zarr store, which only block-by-block prediction reads; pass --streaming true")
+@row("cli-evaluate-label-third-value-in-one-section", BundleError, r"lab.tif: cannot binarize a label with 3 distinct values \(0, 1, 255\).*--mask_threshold")
 def _(tmp):
-    holey_zarr(tmp / "vol.zarr")
     tiny_checkpoint(tmp)
-    return infer(tmp, "--input_path", str(tmp / "vol.zarr"))
+    sections(tmp)
+    labels = np.zeros((2, 40, 44), np.uint8)
+    labels[0, :10], labels[1, :10], labels[1, 20:] = 1, 255, 0  # {0, 1} in section 0, {0, 255} in section 1
+    tifffile.imwrite(tmp / "lab.tif", labels, photometric="minisblack")
+    return infer(tmp, "--images", str(tmp / "stack.tif"), "--labels", str(tmp / "lab.tif"), config_file=EVALUATE)
 
 
 @row("cli-path-with-hash", BundleError, r"--ckpt_dir '.*exp::2/models'.*contain '::': MONAI's bundle parser rewrites '#' in config values to '::'")

@@ -23,18 +23,24 @@ the error use :func:`read_image`, a plain ``LoadImage()`` or ``LoadImage()(path,
 """
 
 __all__ = [
-    "NIFTI_SUFFIXES", "SITK_READ_SUFFIXES", "SITK_WRITE_SUFFIXES", "SLICE_SUFFIXES", "SUPPORTED_SUFFIXES", "TIFF_SUFFIXES",
+    "CONTAINER_SUFFIXES", "HDF5_SUFFIXES", "ZARR_SUFFIXES", "NIFTI_SUFFIXES", "SITK_READ_SUFFIXES", "SITK_WRITE_SUFFIXES", "SLICE_SUFFIXES", "SUPPORTED_SUFFIXES", "TIFF_SUFFIXES",
     "ImageInfo", "LoadedImage", "channel_first", "SimpleITKReader", "TiffSeriesError", "TiffStackReader", "check_channels", "choose_tiff_series",
     "probe_image", "read_image", "register_readers", "stem", "replace_atomically", "write_folder", "write_image",
 ]
 
-from pipeline.io.readers import (
+from pipeline.io.common import (
+    CONTAINER_SUFFIXES,
+    HDF5_SUFFIXES,
     NIFTI_SUFFIXES,
     SITK_READ_SUFFIXES,
     SITK_WRITE_SUFFIXES,
     SLICE_SUFFIXES,
     SUPPORTED_SUFFIXES,
     TIFF_SUFFIXES,
+    ZARR_SUFFIXES,
+    stem,
+)
+from pipeline.io.readers import (
     ImageInfo,
     LoadedImage,
     SimpleITKReader,
@@ -46,6 +52,5 @@ from pipeline.io.readers import (
     probe_image,
     read_image,
     register_readers,
-    stem,
 )
 from pipeline.io.writers import replace_atomically, write_folder, write_image

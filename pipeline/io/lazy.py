@@ -9,7 +9,6 @@ in-memory reading (:func:`pipeline.io.readers.probe_image`, :func:`~pipeline.io.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from pathlib import Path
@@ -19,7 +18,9 @@ import numpy as np
 import tifffile
 import zarr
 
-from pipeline.io.readers import TIFF_SUFFIXES, check_channels, choose_tiff_series, probe_image
+from pipeline.io.common import HDF5_SUFFIXES, TIFF_SUFFIXES, _suffix
+from pipeline.io.containers import open_dataset
+from pipeline.io.readers import check_channels, choose_tiff_series, probe_image
 
 
 class LazySource:
@@ -29,11 +30,11 @@ class LazySource:
     (numpy, zarr, dask ...) travel as they are.
     """
 
-    def __init__(self, source: Any, spatial_dims: int, in_channels: int, tiff_series: int | None = None) -> None:
-        self.array, self.tiff_series = None, tiff_series
+    def __init__(self, source: Any, spatial_dims: int, in_channels: int, tiff_series: int | None = None, key: str | None = None) -> None:
+        self.array, self.tiff_series, self.key = None, tiff_series, key
         if isinstance(source, (str, os.PathLike)):
             self.path = os.fspath(source)
-            self.kind = "tiff" if self.path.lower().endswith(TIFF_SUFFIXES) else "zarr"
+            self.kind = "tiff" if self.path.lower().endswith(TIFF_SUFFIXES) else "hdf5" if _suffix(self.path) in HDF5_SUFFIXES else "zarr"
             if "://" not in self.path and not os.path.exists(self.path):
                 raise FileNotFoundError(f"source {self.kind} store {self.path} does not exist")
         else:
@@ -66,17 +67,9 @@ class LazySource:
                     with tifffile.TiffFile(self.path) as tif:
                         series = choose_tiff_series(tif, self.path, self.tiff_series, stack=False)
                     self.array = zarr.open_array(tifffile.imread(self.path, aszarr=True, series=series, level=0), mode="r")
-                else:
-                    node = zarr.open(self.path, mode="r")
-                    self.array = node if hasattr(node, "shape") else _group_image(node, self.path)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"no zarr array or group found at {self.path}: {err}") from err
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"could not open {self.path} as a {self.kind} array: its metadata is corrupt ({err}); "
-                    "copy the dataset again"
-                ) from err
-            except ValueError:
+                else:  # HDF5 or zarr: the dataset `key`, or the only one (OME-Zarr: full resolution)
+                    self.array, _ = open_dataset(self.path, self.key)
+            except (ValueError, FileNotFoundError):
                 raise
             except Exception as err:
                 raise ValueError(f"could not open {self.path} as a {self.kind} array: {type(err).__name__}: {err}") from err
@@ -124,6 +117,8 @@ class LazySource:
             return None
         path = Path(self.path)
         record = {"path": str(path.absolute()) if "://" not in self.path else self.path, "tiff_series": self.tiff_series}
+        if self.key:
+            record["dataset"] = self.key
         if path.is_file():
             stat = path.stat()
             record.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
@@ -142,15 +137,3 @@ class LazySource:
 def array_fill(array: Any) -> Any:
     """The fill value of a zarr array (what zarr returns for a chunk that is not stored)."""
     return getattr(getattr(array, "metadata", None), "fill_value", getattr(array, "fill_value", None))
-
-
-def _group_image(group: Any, path: str) -> Any:
-    """The image of a zarr group: OME-Zarr's full-resolution level, or its only array."""
-    attrs = group.attrs.asdict()
-    scales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    if scales:
-        return group[scales[0]["datasets"][0]["path"]]
-    names = sorted(name for name, _ in group.arrays())
-    if len(names) == 1:
-        return group[names[0]]
-    raise ValueError(f"{path} is a zarr group with arrays {names}; give the path of one array inside it")

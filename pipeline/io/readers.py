@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
@@ -21,49 +22,20 @@ from monai.data.image_reader import ImageReader, NibabelReader, _copy_compatible
 from monai.data.utils import is_no_channel, is_supported_format, orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from pipeline.io.common import (
+    NIFTI_SUFFIXES,
+    SITK_READ_SUFFIXES,
+    SLICE_SUFFIXES,
+    TIFF_SUFFIXES,
+    _base_meta,
+    _existing_file,
+    _suffix,
+)
+from pipeline.io.containers import is_container, open_dataset, plan_axes, planned_shape, read_container
+
 logger = logging.getLogger(__name__)
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-SITK_WRITE_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".mrc", ".png")
-SUPPORTED_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES + SITK_WRITE_SUFFIXES
-SLICE_SUFFIXES = (".png", ".tif", ".tiff")
-# PNG/JPEG too: MONAI's PILReader returns them transposed (x, y); ours keep numpy (y, x) order
-SITK_READ_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".mrc", ".png", ".jpg", ".jpeg", ".bmp")
-_COMPRESSED = (".mha", ".mhd", ".nrrd", ".nhdr")
-_IMAGEJ_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)
 _TIFF_CORRUPT = re.compile(r"corrupt|invalid page offset|circular reference", re.IGNORECASE)
-
-
-def _suffix(path: str | os.PathLike) -> str:
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-
-
-def stem(path: str | os.PathLike) -> str:
-    """The file name without its format suffix (``.nii.gz``, ``.ome.tif`` and ``.ome.zarr`` count as
-    one): the name every output of that input gets. ``vol.1.tif`` -> ``vol.1``."""
-    name = Path(path).name
-    name = name[: len(name) - len(_suffix(path))] if _suffix(path) else name
-    return name[:-4] if name.lower().endswith(".ome") else name
-
-
-def _existing_file(path: str | os.PathLike) -> Path:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    return Path(path)
-
-
-def _base_meta(shape: Sequence[int], spacing: Sequence[float], channel_last: bool) -> dict:
-    """MONAI's expected meta keys, with the array-aligned affine ``diag(spacing)``."""
-    affine = np.diag([*map(float, spacing), 1.0])
-    return {
-        "spacing": np.asarray(spacing, dtype=float),
-        MetaKeys.AFFINE: affine,
-        MetaKeys.ORIGINAL_AFFINE: affine.copy(),
-        MetaKeys.SPATIAL_SHAPE: np.asarray(shape[:-1] if channel_last else shape),
-        MetaKeys.ORIGINAL_CHANNEL_DIM: -1 if channel_last else float("nan"),  # nan == "no_channel"
-    }
 
 
 @dataclass
@@ -298,7 +270,7 @@ class ImageInfo:
     axes: str = ""
 
 
-def probe_image(path: str | os.PathLike, tiff_series: int | None = None) -> ImageInfo:
+def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: str | None = None) -> ImageInfo:
     """Read only the header of an image file: shape, channels, dtype (and TIFF axes).
 
     Raises:
@@ -310,6 +282,13 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None) -> Imag
     if tiff_series is not None and suffix not in TIFF_SUFFIXES:
         raise TiffSeriesError(f"--tiff_series {tiff_series} applies to TIFF files, but {path} is not one; set tiff_series null")
     try:
+        if is_container(path):
+            array, info = open_dataset(path, key)
+            index, order, _, channel_last = plan_axes(tuple(int(n) for n in array.shape), info, path)
+            shape, dtype = planned_shape(tuple(int(n) for n in array.shape), index, order), np.dtype(array.dtype)
+            if isinstance(array, h5py.Dataset):
+                array.file.close()
+            return ImageInfo(shape, shape[-1] if channel_last else 1, dtype)
         if suffix in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
                 chosen = choose_tiff_series(tif, path, tiff_series)
@@ -356,7 +335,7 @@ def check_channels(path: str | os.PathLike, info: ImageInfo, in_channels: int) -
     )
 
 
-def read_image(path: str | os.PathLike, tiff_series: int | None = None) -> tuple[np.ndarray, dict]:
+def read_image(path: str | os.PathLike, tiff_series: int | None = None, key: str | None = None) -> tuple[np.ndarray, dict]:
     """Read an image file, or a directory of 2D PNG/TIFF slices, into ``(array, meta)``.
 
     TIFF uses :class:`TiffStackReader`, NIfTI MONAI's ``NibabelReader`` (``meta["spacing"]`` added
@@ -369,8 +348,15 @@ def read_image(path: str | os.PathLike, tiff_series: int | None = None) -> tuple
         FileNotFoundError: the path does not exist (or a directory holds no slices).
         ValueError: a file cannot be decoded, or slices are not 2D images of one shape.
         TiffSeriesError: a TIFF of several series and no (or a wrong) ``tiff_series``.
+
+    Containers (HDF5, zarr, OME-Zarr: :mod:`pipeline.io.containers`) are read from their dataset ``key``
+    (default: the only one).
     """
     path = Path(path)
+    if is_container(path):
+        if not path.exists():
+            raise FileNotFoundError(f"image file not found: {path}")
+        return read_container(path, key)
     if path.is_dir():
         return _read_folder(path)
     suffix = _suffix(_existing_file(path))

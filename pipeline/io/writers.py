@@ -21,7 +21,8 @@ from monai.utils import MetaKeys
 
 logger = logging.getLogger(__name__)
 
-from pipeline.io.readers import _COMPRESSED, _IMAGEJ_DTYPES, NIFTI_SUFFIXES, SLICE_SUFFIXES, SUPPORTED_SUFFIXES, TIFF_SUFFIXES, _suffix
+from pipeline.io.common import _COMPRESSED, _IMAGEJ_DTYPES, CONTAINER_SUFFIXES, NIFTI_SUFFIXES, SLICE_SUFFIXES, SUPPORTED_SUFFIXES, TIFF_SUFFIXES, _suffix
+from pipeline.io.containers import write_container
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it onto ``path``.
 
@@ -101,8 +102,10 @@ def _write_sitk(array: np.ndarray, path: Path, meta: dict, channel_last: bool) -
     dim = image.GetDimension()
     image.SetSpacing([float(s) for s in _spacing(meta, dim)[::-1]])
     for key, size, setter in (("origin", dim, image.SetOrigin), ("direction", dim * dim, image.SetDirection)):
-        if meta.get(key) is not None and np.size(meta[key]) == size:
-            setter([float(v) for v in np.ravel(meta[key])])
+        value = meta.get(key)
+        value = None if value is None else np.asarray(value.detach().cpu() if hasattr(value, "detach") else value, dtype=float)
+        if value is not None and value.size == size:  # numpy, or torch tensors after a DataLoader's collation
+            setter([float(v) for v in value.ravel()])
     try:
         sitk.WriteImage(image, str(path), _suffix(path) in _COMPRESSED)
     except RuntimeError as err:
@@ -117,6 +120,8 @@ def _writer_for(path: str | os.PathLike) -> Callable[[np.ndarray, Path, dict, bo
             f"cannot write {path}: unsupported suffix {suffix or '(none)'!r}; supported suffixes are "
             f"{', '.join(SUPPORTED_SUFFIXES)} (or a directory path ending in '/' for one file per slice)"
         )
+    if suffix in CONTAINER_SUFFIXES:
+        return write_container
     return _write_tiff if suffix in TIFF_SUFFIXES else _write_nifti if suffix in NIFTI_SUFFIXES else _write_sitk
 
 
@@ -126,6 +131,8 @@ def _commit(moves: dict[Path, Path], overwrite: bool) -> None:
     if clash and not overwrite:
         raise FileExistsError(f"{', '.join(clash[:5])} already exist(s); pass overwrite=True to replace")
     for src, dst in moves.items():
+        if dst.is_dir() and src.is_dir():  # a zarr store replaced (overwrite): os.replace needs the name free
+            shutil.rmtree(dst)
         os.replace(src, dst)
 
 
@@ -150,7 +157,7 @@ def write_image(array: Any, path: str | os.PathLike, meta: dict | None = None, o
         FileExistsError: the target exists and ``overwrite`` is False.
         ValueError: unsupported suffix, or the array cannot be stored in that format.
     """
-    if os.fspath(path).endswith(("/", os.sep)) or Path(path).is_dir():
+    if _suffix(path) not in CONTAINER_SUFFIXES and (os.fspath(path).endswith(("/", os.sep)) or Path(path).is_dir()):
         arr, meta, _ = _prepare(array, meta)
         names = list(meta.get("filenames") or [f"slice_{i:04d}.tif" for i in range(arr.shape[0])])
         write_folder(arr, path, names, overwrite=overwrite, meta=meta)

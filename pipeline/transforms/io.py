@@ -13,7 +13,7 @@ from monai.transforms import MapTransform
 
 from pipeline.data import read_cached
 from pipeline.io import channel_first, read_image, stem, write_image
-from pipeline.io.readers import _suffix
+from pipeline.io.common import NO_FLOAT_SUFFIXES, READ_ONLY_SUFFIXES, _suffix
 from pipeline.transforms.post import check_output_settings, encode_prediction, foreground_probability
 
 
@@ -49,8 +49,9 @@ class LoadSectiond(MapTransform):
         z = d.get(self.slice_key)
         for key in self.key_iterator(d):
             path = str(d[key])
+            dataset = d.get(f"{key}_dataset")  # inside an HDF5 / zarr container (pipeline.data datalists)
             cached = z is not None and self.tiff_series is None  # sections: decode the file once
-            array, meta = read_cached(path) if cached else read_image(path, tiff_series=self.tiff_series)
+            array, meta = read_cached(path, dataset) if cached else read_image(path, tiff_series=self.tiff_series, key=dataset)
             array, reversed_axes = channel_first(array, meta, path)
             spacing = [float(v) for v in np.asarray(meta.get("spacing", [1.0] * (array.ndim - 1)), dtype=float).ravel()]
             spacing = (spacing[::-1] if reversed_axes else spacing)[-(array.ndim - 1):]
@@ -109,7 +110,8 @@ class WritePredictiond(MapTransform):
         src = Path(str(source))
         name = stem(src)
         ext = self.output_ext or _suffix(src)
-        suffixes = {"probabilities": ".tif" if ext == ".png" else ext, "mask": ext}  # PNG cannot hold float32
+        # PNG holds no float32 (probabilities go to TIFF); JPEG/BMP are read, not written (both go to TIFF)
+        suffixes = {"probabilities": ".tif" if ext in NO_FLOAT_SUFFIXES else ext, "mask": ".tif" if ext in READ_ONLY_SUFFIXES else ext}
         folders = {"probabilities": "probabilities", "mask": "masks"}
         return {what: Path(self.output_dir) / folders[what] / f"{name}{suffixes[what]}" for what in self.write}
 
@@ -139,6 +141,6 @@ class WritePredictiond(MapTransform):
             if meta.get("axes_reversed"):  # NIfTI: back to the file's (x, y, z)
                 prob = prob.permute(*reversed(range(prob.ndim)))
             outputs = encode_prediction(prob, self.threshold, self.write)
-            for what, path in targets.items():
-                write_image(outputs[what], path, meta=meta, overwrite=self.overwrite)
+            for what, path in targets.items():  # in a container: a dataset named after what it holds
+                write_image(outputs[what], path, meta={**meta, "dataset": what}, overwrite=self.overwrite)
         return d

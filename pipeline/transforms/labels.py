@@ -106,7 +106,7 @@ class BinarizeMaskd(MapTransform):
                 d[key] = self.binarize(d[key])
             except ValueError as e:
                 name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
-                raise ValueError(f"{name}: {e}") from e
+                raise ValueError(f"{name}: {e}") from None  # the named error is the one a run ends with
         return d
 
 

@@ -1,0 +1,154 @@
+"""Containers (HDF5, zarr v2/v3, OME-Zarr) through every path, and metadata kept per format.
+
+The reference is the same stack as a plain TIFF: every container path must give the same prediction.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import h5py
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import tifffile
+import torch
+import zarr
+
+from pipeline.data import make_datalists, paired_items
+from pipeline.io import probe_image, read_image, write_image
+from pipeline.networks import UNet
+from pipeline.synthetic import make_stack, to_uint8
+
+from conftest import EVALUATE, FEATURES, INFER, bundle
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("containers")
+    torch.manual_seed(0)
+    torch.save(UNet(features=FEATURES).state_dict(), tmp / "model.pt")
+    image, label = make_stack((3, 60, 70), seed=2)
+    raw, lab = to_uint8(image), (label * 255).astype(np.uint8)
+    tifffile.imwrite(tmp / "stack.tif", raw, photometric="minisblack")
+    tifffile.imwrite(tmp / "labels.tif", lab, photometric="minisblack")
+    with h5py.File(tmp / "sample.h5", "w") as f:  # CREMI / pytorch-3dunet style
+        f["raw"] = raw
+        f["raw"].attrs["resolution"] = [40.0, 4.0, 4.0]
+        f["labels"] = lab
+    zarr.create_array(str(tmp / "v3.zarr"), shape=raw.shape, dtype="uint8", chunks=(1, 32, 32))[...] = raw
+    zarr.create_array(str(tmp / "v2.zarr"), shape=raw.shape, dtype="uint8", chunks=(1, 32, 32), zarr_format=2)[...] = raw
+    group = zarr.open_group(str(tmp / "img.ome.zarr"), mode="w", zarr_format=2)  # NGFF 0.4: t, c, z, y, x
+    group.create_array("0", shape=(1, 1, *raw.shape), dtype="uint8")[...] = raw[None, None]
+    axes = [{"name": n, "type": t} for n, t in zip("tczyx", ("time", "channel", "space", "space", "space"))]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 40.0, 4.0, 4.0]}]}]}]
+    proc = infer(tmp, tmp / "stack.tif", tmp / "ref")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference, _ = read_image(tmp / "ref/probabilities/stack.tif")
+    return tmp, raw, lab, reference
+
+
+def infer(tmp, input_path, out, *extra):
+    return bundle("run", "--config_file", INFER, "--checkpoint", str(tmp / "model.pt"), "--input_path", str(input_path),
+                  "--output_dir", str(out), *extra)
+
+
+def test_reading_containers_names_axes_and_spacing(data):
+    tmp, raw, lab, _ = data
+    with pytest.raises(ValueError, match=r"sample.h5 holds 2 datasets \('labels', 'raw'\); name the one to read \(--input_key"):
+        read_image(tmp / "sample.h5")
+    with pytest.raises(ValueError, match=r"sample.h5 has no dataset 'volumes/raw'; it holds 'labels', 'raw'"):
+        read_image(tmp / "sample.h5", key="volumes/raw")
+    array, meta = read_image(tmp / "sample.h5", key="raw")
+    assert np.array_equal(array, raw) and list(meta["spacing"]) == [40.0, 4.0, 4.0] and meta["dataset"] == "raw"
+    for store in ("v3.zarr", "v2.zarr"):
+        assert np.array_equal(read_image(tmp / store)[0], raw)
+    array, meta = read_image(tmp / "img.ome.zarr")  # t and c of size 1 dropped, the scale read
+    assert np.array_equal(array, raw) and list(meta["spacing"]) == [40.0, 4.0, 4.0]
+    assert probe_image(tmp / "img.ome.zarr").shape == raw.shape and probe_image(tmp / "sample.h5", key="labels").dtype == np.uint8
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_container_round_trip(tmp_path, suffix):
+    array = np.random.default_rng(0).random((2, 9, 11)).astype(np.float32)
+    write_image(array, tmp_path / f"out{suffix}", meta={"spacing": [30.0, 5.0, 5.0], "dataset": "probabilities"})
+    back, meta = read_image(tmp_path / f"out{suffix}")
+    assert np.array_equal(back, array) and list(meta["spacing"]) == [30.0, 5.0, 5.0] and meta["dataset"] == "probabilities"
+    with pytest.raises(FileExistsError):
+        write_image(array, tmp_path / f"out{suffix}")
+    write_image(array * 2, tmp_path / f"out{suffix}", meta={"dataset": "probabilities"}, overwrite=True)
+    assert np.array_equal(read_image(tmp_path / f"out{suffix}")[0], array * 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [
+    ("sample.h5", ["--input_key", "raw"]), ("v3.zarr", []), ("v2.zarr", []), ("img.ome.zarr", []),
+])
+def test_cli_predicts_containers_in_memory_as_the_tiff(data, tmp_path, name, extra):
+    tmp, raw, _, reference = data
+    proc = infer(tmp, tmp / name, tmp_path, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    suffix = ".h5" if name.endswith(".h5") else ".zarr"
+    stem = name.split(".")[0]
+    prob, meta = read_image(tmp_path / f"probabilities/{stem}{suffix}")
+    mask, _ = read_image(tmp_path / f"masks/{stem}{suffix}")
+    assert prob.shape == raw.shape and np.abs(prob - reference).max() <= 1e-5
+    assert np.array_equal(mask, (prob > 0.5).astype(np.uint8) * 255)
+    assert meta["dataset"] == "probabilities"
+    if name != "v3.zarr" and name != "v2.zarr":  # the input's spacing goes with the output
+        assert list(meta["spacing"]) == [40.0, 4.0, 4.0]
+
+
+@pytest.mark.slow
+def test_cli_container_without_key_is_refused_before_any_output_and_streaming_reads_it(data, tmp_path):
+    tmp, raw, _, reference = data
+    proc = infer(tmp, tmp / "sample.h5", tmp_path / "none")
+    assert proc.returncode != 0 and "holds 2 datasets ('labels', 'raw')" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "none").exists()
+    proc = infer(tmp, tmp / "sample.h5", tmp_path / "s", "--input_key", "raw", "--streaming", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    group = zarr.open_group(str(tmp_path / "s/sample.zarr"), mode="r")
+    assert np.abs(group["probabilities"][...] - reference).max() <= 1e-5
+    assert group.attrs["streaming"]["settings"]["source"]["dataset"] == "raw"
+
+
+@pytest.mark.slow
+def test_cli_evaluates_images_and_labels_of_one_hdf5_file_as_the_tiffs(data, tmp_path):
+    tmp, *_ = data
+    reports = {}
+    for name, args in {
+        "tiff": ["--images", str(tmp / "stack.tif"), "--labels", str(tmp / "labels.tif")],
+        "h5": ["--images", str(tmp / "sample.h5"), "--labels", str(tmp / "sample.h5"), "--image_key", "raw", "--label_key", "labels"],
+    }.items():
+        proc = bundle("run", "--config_file", EVALUATE, "--checkpoint", str(tmp / "model.pt"), "--output_dir", str(tmp_path / name), *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[name] = [{k: v for k, v in row.items() if k != "file"} for row in csv.DictReader(open(tmp_path / name / "report.csv"))]
+    assert len(reports["tiff"]) == 4 and reports["h5"] == reports["tiff"]  # 3 sections and the mean
+
+
+def test_datalists_from_containers_and_mixed_formats(data, tmp_path):
+    tmp, raw, lab, _ = data
+    train, val = make_datalists(tmp / "sample.h5", tmp / "sample.h5", val_slices=[2, 3], image_key="raw", label_key="labels")
+    assert [i["slice"] for i in train] == [0, 1] and val[0]["image_dataset"] == "raw" and val[0]["label_dataset"] == "labels"
+    import nibabel as nib  # a NIfTI image pairs with a TIFF label: shapes compared in the pipeline's (z, y, x)
+
+    nib.save(nib.Nifti1Image(raw.transpose(2, 1, 0), np.eye(4)), tmp_path / "stack.nii.gz")
+    assert len(paired_items(tmp_path / "stack.nii.gz", tmp / "labels.tif")) == 3
+
+
+@pytest.mark.slow
+def test_cli_keeps_origin_and_direction_of_simpleitk_formats(data, tmp_path):
+    tmp, raw, *_ = data
+    for suffix in (".mha", ".nrrd"):
+        image = sitk.GetImageFromArray(raw)
+        image.SetSpacing((4.0, 5.0, 40.0))
+        image.SetOrigin((1.0, 2.0, 3.0))
+        image.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+        sitk.WriteImage(image, str(tmp_path / f"vol{suffix}"))
+        proc = infer(tmp, tmp_path / f"vol{suffix}", tmp_path / suffix[1:])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for what in ("probabilities", "masks"):
+            out = sitk.ReadImage(str(tmp_path / suffix[1:] / what / f"vol{suffix}"))
+            assert out.GetOrigin() == (1.0, 2.0, 3.0) and out.GetSpacing() == (4.0, 5.0, 40.0)
+            assert out.GetDirection() == (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
