@@ -475,7 +475,7 @@ def check_inference(
     for item in datalist:
         source, key = str(item["image"]), item.get("image_dataset")
         info = io.probe_image(source, tiff_series, key)
-        io.check_channels(source, info, in_channels)
+        io.check_channels(source, info, in_channels, pixels=lambda: io.read_image(source, tiff_series, key)[0])
         if info.dtype.kind == "f":  # NaN/Inf are possible: scan the file now, not after other outputs exist
             array, _ = io.read_image(source, tiff_series, key)
             finite = np.isfinite(array)

@@ -152,3 +152,22 @@ def test_cli_keeps_origin_and_direction_of_simpleitk_formats(data, tmp_path):
             out = sitk.ReadImage(str(tmp_path / suffix[1:] / what / f"vol{suffix}"))
             assert out.GetOrigin() == (1.0, 2.0, 3.0) and out.GetSpacing() == (4.0, 5.0, 40.0)
             assert out.GetDirection() == (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+
+
+@pytest.mark.slow
+def test_grey_saved_as_rgb_is_grey_and_jpeg_outputs_go_to_tiff(data, tmp_path):
+    """A grey image saved as RGB (R = G = B) predicts as the grey one; a JPEG section's outputs are TIFF."""
+    tmp, raw, *_ = data
+    sitk.WriteImage(sitk.GetImageFromArray(raw[1]), str(tmp_path / "grey.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([raw[1]] * 3, -1), isVector=True), str(tmp_path / "grey_rgb.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(raw[1]), str(tmp_path / "sec.jpg"))
+    for name in ("grey.png", "grey_rgb.png", "sec.jpg"):
+        proc = infer(tmp, tmp_path / name, tmp_path / "out")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    grey, _ = read_image(tmp_path / "out/probabilities/grey.tif")
+    as_rgb, _ = read_image(tmp_path / "out/probabilities/grey_rgb.tif")
+    assert grey.shape == raw[1].shape and np.array_equal(grey, as_rgb)
+    assert (tmp_path / "out/masks/grey_rgb.png").is_file()
+    jpeg, _ = read_image(tmp_path / "out/probabilities/sec.tif")  # JPEG is lossy: close to, not equal to, the PNG's
+    assert jpeg.shape == raw[1].shape and (tmp_path / "out/masks/sec.tif").is_file()
+    assert np.mean(np.abs(jpeg - grey)) < 0.05

@@ -553,11 +553,12 @@ def _(tmp):
     return train(tmp, "--resume", "true", "--optimizer_name", "sgd")
 
 
-@row("cli-folder-one-input-wrong-channels", BundleError, r"b_rgb.png has 3 channel\(s\) \(shape \(40, 44, 3\)\), but the network takes 1; convert it")
+@row("cli-folder-one-input-wrong-channels", BundleError, r"b_rgb.png has 3 channel\(s\) \(shape \(40, 44, 3\)\), but the network takes 1; R, G and B differ: convert it to grey")
 def _(tmp):
     image = to_uint8(make_image((40, 44), seed=0)[0])
     write_image(image, tmp / "in" / "a.png")  # predicted first if nothing were checked before
-    write_image(np.stack([image] * 3, -1), tmp / "in" / "b_rgb.png", meta={"spatial_shape": (40, 44)})
+    colour = np.stack([image, image[::-1], image[:, ::-1]], -1)  # true colour (a grey image saved as RGB is read as grey)
+    write_image(colour, tmp / "in" / "b_rgb.png", meta={"spatial_shape": (40, 44)})
     tiny_checkpoint(tmp)
     return infer(tmp, "--input_path", str(tmp / "in"))
 
@@ -574,7 +575,7 @@ def _(tmp):
 
 @row("cli-tiff-rgb-samples", BundleError, r"stack3.tif has 3 channel\(s\) \(shape \(3, 40, 44\), TIFF axes SYX\), but the network takes 1; .*photometric='minisblack'")
 def _(tmp):
-    tifffile.imwrite(tmp / "stack3.tif", np.zeros((3, 40, 44), np.uint8))  # tifffile: one planar RGB page
+    tifffile.imwrite(tmp / "stack3.tif", np.arange(3, dtype=np.uint8)[:, None, None] * np.ones((3, 40, 44), np.uint8))  # one planar RGB page
     tiny_checkpoint(tmp)
     return infer(tmp, "--input_path", str(tmp / "stack3.tif"))
 

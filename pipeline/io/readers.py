@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,15 +316,28 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: st
         ) from err
 
 
-def check_channels(path: str | os.PathLike, info: ImageInfo, in_channels: int) -> None:
+def is_grey_colour(channels_first: np.ndarray) -> bool:
+    """An RGB(A) array ``(3 or 4, ...)`` whose R, G and B are equal: a grey image saved as colour."""
+    c = channels_first
+    return c.shape[0] in (3, 4) and np.array_equal(c[0], c[1]) and np.array_equal(c[0], c[2])
+
+
+def check_channels(path: str | os.PathLike, info: ImageInfo, in_channels: int, pixels: Callable[[], np.ndarray] | None = None) -> None:
     """Refuse a file whose channels (:func:`probe_image`) are not the network's ``in_channels``.
+
+    A grey image saved as RGB(A) (R = G = B) passes for a 1-channel network when ``pixels`` is given
+    (a function returning the file's array, channels last): :func:`channel_first` reads it as grey.
 
     Raises:
         ValueError: naming the file, its shape and axes, and what to do.
     """
     if info.channels == in_channels:
         return
-    hint = "convert it to the network's channels (e.g. colour to grey)"
+    hint = "convert it to the network's channels (e.g. colour to grey; a grey image saved as RGB is read as grey in memory, not when streaming)"
+    if in_channels == 1 and info.channels in (3, 4) and pixels is not None:
+        if is_grey_colour(np.moveaxis(pixels(), -1, 0)):
+            return
+        hint = "R, G and B differ: convert it to grey first (e.g. skimage.color.rgb2gray), or train a network on colour"
     if info.axes.lstrip("Q").startswith("S") and in_channels == 1:  # planar samples: maybe a small stack
         hint = ("tifffile stores a (3 or 4, Y, X) array written without photometric='minisblack' as one planar RGB(A) "
                 "page; if these are sections, save it again with tifffile.imwrite(path, array, photometric='minisblack'), "
@@ -380,7 +393,8 @@ def channel_first(array: np.ndarray, meta: dict, path: str | os.PathLike) -> tup
     ``(C, *spatial)`` with the spatial axes in ``(Z,) Y, X`` order.
 
     Channels: colour samples, which the readers put last (``meta["original_channel_dim"] == -1``),
-    move first; a grey image gets a channel of 1. Sections: TIFF and SimpleITK arrays are already
+    move first; a grey image gets a channel of 1, and so does a grey image saved as colour (RGB or
+    RGBA with R = G = B: the alpha channel is ignored). Sections: TIFF and SimpleITK arrays are already
     ``(Z, Y, X)``; NIfTI arrays are nibabel's ``(x, y, z)``, so their spatial axes are reversed, and the
     returned flag says so (writers reverse the prediction back, :class:`pipeline.transforms.WritePredictiond`).
     Training, evaluation and in-memory inference all read through this (:class:`pipeline.transforms.LoadSectiond`).
@@ -400,6 +414,8 @@ def channel_first(array: np.ndarray, meta: dict, path: str | os.PathLike) -> tup
             "an image is (Y, X) or (Z, Y, X), with colour samples last"
         )
     out = np.moveaxis(array, -1, 0) if channel_last else array[None]
+    if is_grey_colour(out):
+        out = out[:1]
     reverse = _suffix(path) in NIFTI_SUFFIXES
     if reverse:
         out = out.transpose(0, *range(out.ndim - 1, 0, -1))
