@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import logging
 import math
 import os
 import sys
@@ -31,6 +32,8 @@ import yaml
 from pipeline import data, io
 from pipeline.losses import LOSSES, make_loss, output_channels
 from pipeline.metrics.common import binary_foreground
+
+logger = logging.getLogger(__name__)
 
 #: options of ``python -m monai.bundle run`` itself, not config keys
 BUNDLE_RUN_OPTIONS = frozenset(
@@ -443,6 +446,7 @@ def check_inference(
     output_dir: str | os.PathLike,
     tiff_series: int | None = None,
     allow_missing_chunks: bool = False,
+    fill_nan: bool = False,
 ) -> None:
     """The inference bundle's checks on its inputs and outputs, before the first prediction.
 
@@ -477,13 +481,20 @@ def check_inference(
         info = io.probe_image(source, tiff_series, key)
         io.check_channels(source, info, in_channels, pixels=lambda: io.read_image(source, tiff_series, key)[0])
         if info.dtype.kind == "f":  # NaN/Inf are possible: scan the file now, not after other outputs exist
-            array, _ = io.read_image(source, tiff_series, key)
-            finite = np.isfinite(array)
-            count = array.size - int(np.count_nonzero(finite))
+            array, meta = io.read_image(source, tiff_series, key)
+            finite = np.isfinite(io.channel_first(array, meta, source)[0]).all(0)  # (Z,) Y, X: the pipeline's order
+            count = finite.size - int(np.count_nonzero(finite))
             if count:  # (no index array per bad pixel: a NaN background could be most of a volume)
-                first = np.unravel_index(int(np.argmin(finite)), array.shape)
+                first = tuple(int(i) for i in np.unravel_index(int(np.argmin(finite)), finite.shape))
+                where = f"{count} non-finite pixel(s) (NaN or Inf) of {finite.size}, the first at {'(z, y, x)' if finite.ndim == 3 else '(y, x)'} {first}"
+                if finite.ndim == 3:
+                    bad = finite.shape[1] * finite.shape[2] - np.count_nonzero(finite.reshape(finite.shape[0], -1), axis=1)
+                    where += " in section(s) " + ", ".join(f"{z} ({int(n)})" for z, n in enumerate(bad) if n)
+                if fill_nan:
+                    logger.warning("%s has %s; --fill_nan true: predicted as no-data (probability NaN, mask 0)", source, where)
+                    continue
                 raise ValueError(
-                    f"{source} has {count} non-finite pixel(s) (NaN or Inf) of {array.size}, the first at array index "
-                    f"{tuple(int(i) for i in first)}; replace them (e.g. with 0) and save the file again"
+                    f"{source} has {where}; pass --fill_nan true to predict around them (no-data: NaN probability, "
+                    "mask 0), or replace them and save the file again"
                 )
     writer.check_free(sources)

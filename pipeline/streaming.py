@@ -78,8 +78,9 @@ _CACHE_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------- sources
-def section_stats(source: LazySource) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel and section mean and std (population), float64 arrays ``(C, sections)``."""
+def section_stats(source: LazySource, fill_nan: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel and section mean and std (population), float64 arrays ``(C, sections)``; with
+    ``fill_nan``, of the finite pixels only (no-data left out, as ``NormalizeSectionsd(fill_nan=True)``)."""
     three = len(source.spatial) == 3
     z_size, y_size, x_size = source.spatial if three else (1, *source.spatial)
     plane = y_size * x_size
@@ -93,18 +94,23 @@ def section_stats(source: LazySource) -> tuple[np.ndarray, np.ndarray]:
             piece = source.read(index).astype(np.float64)
             piece = piece.reshape(c, piece.shape[1] if three else 1, -1)
             z = slice(z0, z0 + piece.shape[1])
-            n, pm = piece.shape[-1], piece.mean(-1)
-            pm2 = ((piece - pm[..., None]) ** 2).sum(-1)
+            finite = np.isfinite(piece) if fill_nan else np.ones(piece.shape, bool)
+            n = finite.sum(-1)
+            pm = np.where(finite, piece, 0).sum(-1) / np.maximum(n, 1)
+            pm2 = np.where(finite, (piece - pm[..., None]) ** 2, 0).sum(-1)
             total, delta = count[:, z] + n, pm - mean[:, z]
-            m2[:, z] += pm2 + delta**2 * count[:, z] * n / total
-            mean[:, z] += delta * n / total
+            share = np.divide(n, total, out=np.zeros_like(delta), where=total > 0)
+            m2[:, z] += pm2 + delta**2 * count[:, z] * share
+            mean[:, z] += delta * share
             count[:, z] = total
+        if fill_nan:  # a section of no-data only: mean 0, std 1 (it is all filled)
+            mean, m2, count = np.where(count > 0, mean, 0.0), np.where(count > 0, m2, 0.0), np.where(count > 0, count, 1)
         std = np.sqrt(m2 / count)
     bad = np.argwhere(~np.isfinite(mean) | ~np.isfinite(std))
     if len(bad):
         raise ValueError(
             f"{source.path or 'the source'} has non-finite pixels (NaN or Inf) in (channel, section) {bad[:5].tolist()}; "
-            "replace them (e.g. with 0) and save it again"
+            "pass fill_nan=True (--fill_nan true) to predict them as no-data, or replace them (e.g. with 0) and save it again"
         )
     return mean, std
 
@@ -130,6 +136,7 @@ class _Plan:
     device: str | None
     amp: bool
     amp_dtype: torch.dtype
+    fill_nan: bool
 
 
 def _mirror(start: int, stop: int, n: int, mode: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -159,14 +166,19 @@ def _predict_block(network: nn.Module, source: LazySource, plan: _Plan, index: t
     for axis, (_, inside) in enumerate(maps, start=1):
         if inside is not None and not inside.all():  # constant padding: zeros after normalisation
             x = x * inside.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    nodata = None
     if not np.isfinite(x).all():
-        raise ValueError(f"block {index} (pixels {lo}..{hi}) has non-finite values (NaN or Inf); replace them first")
+        if not plan.fill_nan:
+            raise ValueError(f"block {index} (pixels {lo}..{hi}) has non-finite values (NaN or Inf); replace them first")
+        nodata = ~np.isfinite(x).all(0)
+        x = np.where(np.isfinite(x), x, np.float32(0))
+        nodata = nodata[tuple(slice(None) for _ in range(k)) + tuple(slice(tiles.margin, tiles.margin + n) for n in tiles.size)]
     images = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, 1, 0) if k else x[None]))
     logits = run_tiles(images, network, tiles, out_device="cpu", amp=plan.amp, amp_dtype=plan.amp_dtype)
     prob = foreground_probability(logits, dim=1)
     group = zarr.open_group(plan.output, mode="r+")
     region = tuple(slice(s, h) for s, h in zip(lo, hi))
-    for name, values in encode_prediction(prob if k else prob[0], plan.threshold, plan.write).items():
+    for name, values in encode_prediction(prob if k else prob[0], plan.threshold, plan.write, nodata).items():
         group[name][region] = values
     group[MARKERS][tuple(index)] = 1  # after the data: a marked block is complete
     logger.debug("block %s (pixels %s..%s) written", index, lo, hi)
@@ -319,6 +331,7 @@ def predict_zarr(
     tiff_series: int | None = None,
     allow_missing_chunks: bool = False,
     key: str | None = None,
+    fill_nan: bool = False,
     amp: bool | None = None,
     amp_dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
@@ -351,6 +364,8 @@ def predict_zarr(
         connect_timeout: seconds to reach a scheduler address.
         tiff_series: the series of a TIFF source of several (:func:`pipeline.io.choose_tiff_series`).
         key: the dataset of an HDF5 or zarr source (default: its only one; OME-Zarr: full resolution).
+        fill_nan: NaN/Inf pixels are no-data: left out of the statistics, predicted as 0 (the mean), written
+            as probability NaN and mask 0 (:class:`pipeline.transforms.NormalizeSectionsd`); else an error.
         allow_missing_chunks: predict chunks missing from a zarr source from zarr's fill value;
             by default they are an error (:meth:`LazySource.check_complete`).
         amp, amp_dtype: ``torch.autocast`` for the tiles, as in ``OverlapTileInferer`` (default: on
@@ -394,7 +409,7 @@ def predict_zarr(
     amp = bool(amp)
     settings = {
         "shape": list(shape), "source_dtype": str(src.dtype), "block_size": list(block), "write": sorted(write),
-        "threshold": threshold, "normalize": normalize, "padding_mode": padding_mode, "context": context,
+        "threshold": threshold, "normalize": normalize, "fill_nan": bool(fill_nan), "padding_mode": padding_mode, "context": context,
         "tile_size": tile_size if isinstance(tile_size, str) else list(tile_size), "network": token,
         "amp": str(amp_dtype).removeprefix("torch.") if amp else None,
         "source": src.identity(),
@@ -406,14 +421,14 @@ def predict_zarr(
     client, owned = (None, []) if scheduler is None else _client(scheduler, n_workers, threads_per_worker, connect_timeout)
     try:  # the scheduler is reached before any work, so a bad address fails fast
         path.parent.mkdir(parents=True, exist_ok=True)
-        group, resumed = _open_output(path, arrays, settings, overwrite, lambda: section_stats(src) if normalize else (None, None))
+        group, resumed = _open_output(path, arrays, settings, overwrite, lambda: section_stats(src, fill_nan) if normalize else (None, None))
         record = group.attrs.asdict()["streaming"]
         mean, std = (None if record[key] is None else np.asarray(record[key], dtype=np.float64) for key in ("mean", "std"))
         done = np.asarray(group[MARKERS][...])
         pending = [i for i in itertools.product(*map(range, grid)) if not done[i]]
         logger.info("%s: %d blocks of %s, %d to predict%s", path, done.size, block, len(pending), " (resumed)" if resumed else "")
         plan = _Plan(str(path), shape, block, k, tile_size, batch_size, padding_mode, context, memory_budget_mb,
-                     tuple(write), threshold, mean, std, device, amp, amp_dtype)
+                     tuple(write), threshold, mean, std, device, amp, amp_dtype, bool(fill_nan))
         if client is None:
             was_training = network.training
             model = network.eval() if device is None else copy.deepcopy(network).to(device).eval()

@@ -171,3 +171,31 @@ def test_grey_saved_as_rgb_is_grey_and_jpeg_outputs_go_to_tiff(data, tmp_path):
     jpeg, _ = read_image(tmp_path / "out/probabilities/sec.tif")  # JPEG is lossy: close to, not equal to, the PNG's
     assert jpeg.shape == raw[1].shape and (tmp_path / "out/masks/sec.tif").is_file()
     assert np.mean(np.abs(jpeg - grey)) < 0.05
+
+
+@pytest.mark.slow
+def test_fill_nan_predicts_around_no_data_in_memory_and_streaming(data, tmp_path):
+    """--fill_nan true: NaN pixels are left out of the section statistics, predicted as the section mean,
+    and written as probability NaN / mask 0; elsewhere the prediction is the one of the filled image."""
+    tmp, raw, *_ = data
+    stack = raw.astype(np.float32)
+    stack[1, :20, :30] = np.nan
+    tifffile.imwrite(tmp_path / "aligned.tif", stack, photometric="minisblack")
+    for out, extra in (("mem", []), ("stream", ["--streaming", "true"])):
+        proc = infer(tmp, tmp_path / "aligned.tif", tmp_path / out, "--fill_nan", "true", *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    prob, _ = read_image(tmp_path / "mem/probabilities/aligned.tif")
+    mask, _ = read_image(tmp_path / "mem/masks/aligned.tif")
+    streamed = zarr.open_group(str(tmp_path / "stream/aligned.zarr"), mode="r")
+    nodata = np.isnan(stack)
+    assert np.isnan(prob[nodata]).all() and np.isfinite(prob[~nodata]).all() and (mask[nodata] == 0).all()
+    assert np.isnan(streamed["probabilities"][...][nodata]).all() and (streamed["mask"][...][nodata] == 0).all()
+    assert np.nanmax(np.abs(streamed["probabilities"][...] - prob)) <= 1e-5
+    # the filled image: section 1 normalised on its finite pixels, no-data at its mean
+    filled = stack.copy()
+    filled[1][nodata[1]] = np.nanmean(stack[1])
+    tifffile.imwrite(tmp_path / "filled.tif", filled, photometric="minisblack")
+    proc = infer(tmp, tmp_path / "filled.tif", tmp_path / "filled")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, _ = read_image(tmp_path / "filled/probabilities/filled.tif")
+    assert np.abs(prob[0] - want[0]).max() <= 1e-5 and np.abs(prob[2] - want[2]).max() <= 1e-5

@@ -318,6 +318,15 @@ def _(tmp):
                  config_file=EVALUATE)
 
 
+@row("cli-stack-nan-outside-the-tissue", BundleError, r"aligned.tif has 4000 non-finite pixel\(s\) \(NaN or Inf\) of 24000, the first at \(z, y, x\) \(1, 0, 0\) in section\(s\) 1 \(4000\); pass --fill_nan true")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    stack = tifffile.imread(sections(tmp, n=3, shape=(80, 100))).astype(np.float32)
+    stack[1].flat[:4000] = np.nan  # an aligned section with no data around the tissue
+    tifffile.imwrite(tmp / "aligned.tif", stack, photometric="minisblack")
+    return infer(tmp, "--input_path", str(tmp / "aligned.tif"))
+
+
 @row("cli-input-missing", BundleError, r"input path not found: .*missing.tif")
 def _(tmp):
     tiny_checkpoint(tmp)
@@ -563,7 +572,7 @@ def _(tmp):
     return infer(tmp, "--input_path", str(tmp / "in"))
 
 
-@row("cli-folder-one-input-non-finite", BundleError, r"b_nan.tif has 1 non-finite pixel\(s\) \(NaN or Inf\) of 1760, the first at array index \(3, 4\)")
+@row("cli-folder-one-input-non-finite", BundleError, r"b_nan.tif has 1 non-finite pixel\(s\) \(NaN or Inf\) of 1760, the first at \(y, x\) \(3, 4\); pass --fill_nan true")
 def _(tmp):
     image = make_image((40, 44), seed=0)[0].astype(np.float32)
     write_image(image, tmp / "in" / "a.tif")

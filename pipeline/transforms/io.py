@@ -136,11 +136,14 @@ class WritePredictiond(MapTransform):
         meta = dict(getattr(image, "meta", {}))
         targets = self.targets(meta.get("filename_or_obj", "prediction.tif"))
         meta.pop("filename_or_obj", None)
+        nodata = meta.pop("nodata", None)  # NormalizeSectionsd(fill_nan=True): no-data pixels of the input
+        nodata = None if nodata is None else np.asarray(nodata.cpu() if hasattr(nodata, "cpu") else nodata, dtype=bool)
         for key in self.key_iterator(d):
             prob = foreground_probability(d[key])
             if meta.get("axes_reversed"):  # NIfTI: back to the file's (x, y, z)
                 prob = prob.permute(*reversed(range(prob.ndim)))
-            outputs = encode_prediction(prob, self.threshold, self.write)
+                nodata = None if nodata is None else nodata.transpose()
+            outputs = encode_prediction(prob, self.threshold, self.write, nodata)
             for what, path in targets.items():  # in a container: a dataset named after what it holds
                 write_image(outputs[what], path, meta={**meta, "dataset": what}, overwrite=self.overwrite)
         return d

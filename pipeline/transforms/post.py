@@ -69,10 +69,15 @@ def check_output_settings(write: Sequence[str], threshold: float) -> tuple[str, 
     return tuple(write)
 
 
-def encode_prediction(probability: torch.Tensor, threshold: float, write: Sequence[str] = OUTPUTS) -> dict[str, np.ndarray]:
+def encode_prediction(
+    probability: torch.Tensor, threshold: float, write: Sequence[str] = OUTPUTS, nodata: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """The files' contents from a foreground probability: ``probabilities`` as float32, ``mask`` as
-    uint8 0/255 (foreground where ``probability > threshold``), for each name in ``write``."""
+    uint8 0/255 (foreground where ``probability > threshold``), for each name in ``write``. Pixels marked
+    ``nodata`` (bool, the probability's shape) get a NaN probability and mask 0."""
     prob = probability.detach().float().cpu().numpy()
+    if nodata is not None:
+        prob = np.where(np.asarray(nodata, dtype=bool), np.float32(np.nan), prob)
     encode = {"probabilities": lambda: prob.astype(np.float32, copy=False), "mask": lambda: (prob > threshold).astype(np.uint8) * 255}
     return {name: encode[name]() for name in write}
 
