@@ -15,10 +15,15 @@ import shlex
 import subprocess
 import sys
 
+import h5py
+import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import tifffile
+import zarr
 
+from pipeline.io import write_image
 from pipeline.synthetic import make_stack, to_uint8
 
 from conftest import FEATURES_ARG, ROOT
@@ -49,11 +54,24 @@ def _split(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
+    """The docs' placeholder inputs, each in its own format (a small synthetic EM stack)."""
     tmp = tmp_path_factory.mktemp("readme")
     image, label = make_stack((30, 96, 96), seed=4)
+    raw = to_uint8(image[:3])
     tifffile.imwrite(tmp / "train-volume.tif", to_uint8(image), photometric="minisblack")
     tifffile.imwrite(tmp / "train-labels.tif", (label * 255).astype(np.uint8), photometric="minisblack")
-    tifffile.imwrite(tmp / "stack.tif", to_uint8(image[:3]), photometric="minisblack")
+    tifffile.imwrite(tmp / "stack.tif", raw, photometric="minisblack")
+    nib.save(nib.Nifti1Image(raw.transpose(2, 1, 0), np.diag([4.0, 4.0, 40.0, 1.0])), tmp / "volume.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(raw), str(tmp / "volume.mha"))
+    for z, section in enumerate(raw):
+        write_image(section, tmp / "sections" / f"s{z}.png")
+    with h5py.File(tmp / "sample.h5", "w") as f:
+        f["raw"], f["labels"] = raw, (label[:3] * 255).astype(np.uint8)
+    zarr.create_array(str(tmp / "volume.zarr"), shape=raw.shape, dtype="uint8")[...] = raw
+    group = zarr.open_group(str(tmp / "image.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=raw.shape, dtype="uint8")[...] = raw
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a, "type": "space"} for a in "zyx"], "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [40.0, 4.0, 4.0]}]}]}]
     return tmp
 
 
@@ -65,9 +83,10 @@ def _adapt(argv: list[str], tmp, inputs) -> list[str]:
         head = [sys.executable, *head[1:]]
     files = keys.get("config_file", "")
     is_training = "run" in head and "training" in head
-    for key in ("input_path", "images"):
-        if key in keys:
-            keys[key] = str(inputs / ("train-volume.tif" if key == "images" else "stack.tif"))
+    if "input_path" in keys:  # the placeholder's own name and format (path/to/stack.tif: stack.tif)
+        keys["input_path"] = str(inputs / os.path.basename(keys["input_path"].rstrip("/")))
+    if "images" in keys:
+        keys["images"] = str(inputs / "train-volume.tif")
     if "labels" in keys:
         keys["labels"] = str(inputs / "train-labels.tif")
     if "dataset_dir" in keys or "isbi2012.yaml" in files:
@@ -118,5 +137,11 @@ def test_readme_command_runs(index, inputs, tmp_path):
         assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
     elif "--images" in argv:
         assert (tmp_path / "out/report.csv").is_file()
-    else:
-        assert (tmp_path / "out/probabilities/stack.tif").is_file() and (tmp_path / "out/masks/stack.tif").is_file()
+    elif "--streaming" in argv:
+        assert any((tmp_path / "out").glob("*.zarr"))
+    else:  # one probability and one mask file per input file, named after it
+        name = os.path.basename(argv[argv.index("--input_path") + 1].rstrip("/")) if "--input_path" in argv else None
+        probabilities, masks = (sorted(p.name for p in (tmp_path / "out" / what).iterdir()) for what in ("probabilities", "masks"))
+        assert len(probabilities) == len(masks) >= 1
+        if name and "." in name:
+            assert all(p.startswith(name.split(".")[0]) for p in probabilities + masks), (name, probabilities)
