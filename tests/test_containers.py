@@ -199,3 +199,16 @@ def test_fill_nan_predicts_around_no_data_in_memory_and_streaming(data, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, _ = read_image(tmp_path / "filled/probabilities/filled.tif")
     assert np.abs(prob[0] - want[0]).max() <= 1e-5 and np.abs(prob[2] - want[2]).max() <= 1e-5
+
+
+def test_ome_tiff_physical_sizes_round_trip(tmp_path):
+    array = (np.random.default_rng(1).random((3, 20, 24)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "other.ome.tif", array, ome=True,  # as a microscope's software writes it
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 2.0, "PhysicalSizeY": 3.0, "PhysicalSizeZ": 50.0})
+    back, meta = read_image(tmp_path / "other.ome.tif")
+    assert np.array_equal(back, array) and list(meta["spacing"]) == [50.0, 3.0, 2.0]
+    write_image(back, tmp_path / "ours.ome.tif", meta=meta)
+    with tifffile.TiffFile(tmp_path / "ours.ome.tif") as tif:
+        assert tif.is_ome and tif.series[0].axes == "ZYX"
+    again, meta = read_image(tmp_path / "ours.ome.tif")
+    assert np.array_equal(again, array) and list(meta["spacing"]) == [50.0, 3.0, 2.0]

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 import h5py
 import nibabel as nib
@@ -127,7 +128,8 @@ class TiffStackReader(_EagerReader):
     Sample/channel axes (RGB, ImageJ ``C``) go last with ``original_channel_dim=-1``. A file of
     several same-shape series (e.g. pages written with ``append=True``) is stacked along Z. Spacing
     comes from tifffile's JSON description (``{"spacing": [...]}``, written by :func:`write_image`) or
-    ImageJ metadata (``spacing`` for Z, resolution tags for Y/X), else 1.0; plain DPI tags are ignored.
+    OME-TIFF metadata (``PhysicalSizeX/Y/Z``), ImageJ metadata (``spacing`` for Z, resolution tags for Y/X),
+    else 1.0; plain DPI tags are ignored.
     Truncated files raise ValueError (data past end of file, or tifffile's corruption log messages).
 
     A file holding several series of *different* shapes (an image and its thumbnail, two
@@ -191,6 +193,10 @@ class TiffStackReader(_EagerReader):
     def _spacing_by_axis(tif: tifffile.TiffFile) -> list[float] | dict[str, float]:
         if tif.is_shaped and tif.shaped_metadata and "spacing" in tif.shaped_metadata[0]:
             return [float(s) for s in tif.shaped_metadata[0]["spacing"]]
+        if tif.is_ome and tif.ome_metadata:  # OME-TIFF: PhysicalSizeX/Y/Z of the first image's Pixels
+            pixels = next((e for e in ElementTree.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels")), None)
+            if pixels is not None:
+                return {a: float(pixels.get(f"PhysicalSize{a}")) for a in "XYZ" if pixels.get(f"PhysicalSize{a}")}
         if not tif.is_imagej:
             return {}
         spacing, tags = {"Z": float(tif.imagej_metadata.get("spacing", 1.0))}, tif.pages.first.tags

@@ -74,7 +74,11 @@ def _write_tiff(array: np.ndarray, path: Path, meta: dict, channel_last: bool) -
     kwargs: dict[str, Any] = {"photometric": "rgb" if rgb else "minisblack"}
     kwargs["planarconfig"] = "contig" if channel_last else None
     imagej_rgb = rgb and array.shape[-1] == 3 and array.dtype == np.uint8
-    if array.dtype.type in _IMAGEJ_DTYPES and n in (2, 3) and (not channel_last or imagej_rgb):
+    if path.name.lower().endswith((".ome.tif", ".ome.tiff")):  # OME-TIFF: physical sizes in the OME-XML
+        axes = "ZYX"[-n:] + ("S" if channel_last else "")
+        sizes = {f"PhysicalSize{a}": float(v) for a, v in zip("ZYX"[-n:], spacing)}
+        tifffile.imwrite(path, array, ome=True, metadata={"axes": axes, **sizes}, **kwargs)
+    elif array.dtype.type in _IMAGEJ_DTYPES and n in (2, 3) and (not channel_last or imagej_rgb):
         ij_meta: dict[str, Any] = {"axes": "ZYX"[-n:] + ("S" if channel_last else "")}
         ij_meta.update({"spacing": spacing[0]} if n == 3 else {})
         ij_meta.update({"unit": meta["unit"]} if meta.get("unit") else {})
