@@ -256,7 +256,8 @@ def _open_output(path: Path, arrays: dict, settings: dict, overwrite: bool, stat
                 )
             raise ValueError(f"output {path} was written with other settings ({', '.join(diff)} differ); pass overwrite=True to replace it")
         return group, True
-    mean, std = stats()
+    mean, std = stats()  # first: a source it refuses (non-finite pixels) leaves no output folder behind
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         group = zarr.open_group(str(tmp), mode="w")
@@ -420,7 +421,6 @@ def predict_zarr(
     path = Path(output)
     client, owned = (None, []) if scheduler is None else _client(scheduler, n_workers, threads_per_worker, connect_timeout)
     try:  # the scheduler is reached before any work, so a bad address fails fast
-        path.parent.mkdir(parents=True, exist_ok=True)
         group, resumed = _open_output(path, arrays, settings, overwrite, lambda: section_stats(src, fill_nan) if normalize else (None, None))
         record = group.attrs.asdict()["streaming"]
         mean, std = (None if record[key] is None else np.asarray(record[key], dtype=np.float64) for key in ("mean", "std"))

@@ -212,3 +212,28 @@ def test_ome_tiff_physical_sizes_round_trip(tmp_path):
         assert tif.is_ome and tif.series[0].axes == "ZYX"
     again, meta = read_image(tmp_path / "ours.ome.tif")
     assert np.array_equal(again, array) and list(meta["spacing"]) == [50.0, 3.0, 2.0]
+
+
+def test_container_edge_cases_from_the_trial(tmp_path):
+    """An OME-Zarr level typed as a number; ilastik's (Z, Y, X, 1); an OME-TIFF input keeps its kind;
+    streaming names the formats it reads."""
+    from pipeline.io.containers import choose_dataset
+    from pipeline.streaming import predict_zarr
+    from pipeline.transforms import WritePredictiond
+
+    group = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w")
+    for level, size in (("0", 20), ("1", 10)):
+        group.create_array(level, shape=(2, size, size), dtype="uint8")[...] = int(level) + 1
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": ["z", "y", "x"], "datasets": [{"path": "0"}, {"path": "1"}]}]
+    assert choose_dataset(tmp_path / "img.ome.zarr", 1) == "1"  # MONAI parses --input_key 1 as an int
+    assert read_image(tmp_path / "img.ome.zarr", key=1)[0].shape == (2, 10, 10)
+    with h5py.File(tmp_path / "ilastik.h5", "w") as f:
+        f["data"] = np.arange(2 * 5 * 6, dtype=np.uint8).reshape(2, 5, 6, 1)
+    array, _ = read_image(tmp_path / "ilastik.h5")
+    assert array.shape == (2, 5, 6) and probe_image(tmp_path / "ilastik.h5").shape == (2, 5, 6)
+    targets = WritePredictiond(keys="pred", output_dir=str(tmp_path / "out")).targets(str(tmp_path / "a.ome.tif"))
+    assert [p.name for p in targets.values()] == ["a.ome.tif", "a.ome.tif"]
+    write_image(np.zeros((5, 6), np.uint8), tmp_path / "s.png")
+    with pytest.raises(ValueError, match=r"s.png: block-by-block prediction reads TIFF, HDF5 and zarr / OME-Zarr, not .png"):
+        predict_zarr(UNet(features=FEATURES), str(tmp_path / "s.png"), tmp_path / "o.zarr")
+    assert not (tmp_path / "o.zarr").exists()

@@ -79,6 +79,7 @@ def choose_dataset(path: str | os.PathLike, key: str | None) -> str:
         ValueError: ``key`` names no dataset, or several datasets and no ``key``; both list the datasets.
     """
     names = list_datasets(path)
+    key = None if key is None else str(key)  # a key typed as 1 on the command line arrives as an int
     if key is None:
         if len(names) == 1:
             return names[0]
@@ -139,7 +140,8 @@ def plan_axes(shape: tuple[int, ...], info: dict, path: str | os.PathLike) -> tu
     """How a dataset of ``shape`` becomes ``(Z, Y, X)`` / ``(Y, X)`` with channels last, without reading it:
     ``(index, order, spacing, channel_last)``: read ``array[index]``, then move its axes to ``order``.
 
-    OME axes: a singleton ``t`` or ``c`` is dropped, ``c`` of several channels moves last. Unnamed axes: leading singletons are dropped.
+    OME axes: a singleton ``t`` or ``c`` is dropped, ``c`` of several channels moves last. Unnamed axes:
+    a trailing singleton (a channel of 1, as ilastik writes) and leading singletons are dropped.
 
     Raises:
         ValueError: axes that cannot be read as an image (a ``t`` of several time points, other than 2
@@ -157,14 +159,19 @@ def plan_axes(shape: tuple[int, ...], info: dict, path: str | os.PathLike) -> tu
         order = [i for i, a in enumerate(names) if a != "c"] + ([names.index("c")] if channel_last else [])
         spacing = [spacing[keep[i]] for i in order if names[i] != "c"]
     else:
-        lead = 0
-        while len(shape) - lead > 3 and shape[lead] == 1:
+        lead, end = 0, len(shape)
+        if end >= 3 and shape[-1] == 1:  # a trailing singleton channel (ilastik's (Z, Y, X, 1) exports)
+            end -= 1
+        while end - lead > 3 and shape[lead] == 1:
             lead += 1
-        keep, channel_last = list(range(lead, len(shape))), False
+        keep, channel_last = list(range(lead, end)), False
         order, spacing = list(range(len(keep))), spacing[lead:]
     spatial = len(keep) - channel_last
     if spatial not in (2, 3):
-        raise ValueError(f"{where} has axes {found} {shape}: an image is (Y, X) or (Z, Y, X), with channels named 'c' in OME-Zarr")
+        raise ValueError(
+            f"{where} has axes {found} {shape}: an image is (Y, X) or (Z, Y, X); save one such dataset (channels of "
+            "several values only in OME-Zarr, as an axis named 'c')"
+        )
     index = tuple(slice(None) if i in keep else 0 for i in range(len(shape)))
     return index, order, spacing, channel_last
 

@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from pipeline.io.common import HDF5_SUFFIXES, TIFF_SUFFIXES, _suffix
+from pipeline.io.common import HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, _suffix
 from pipeline.io.containers import open_dataset
 from pipeline.io.readers import check_channels, choose_tiff_series, probe_image
 
@@ -31,10 +31,15 @@ class LazySource:
     """
 
     def __init__(self, source: Any, spatial_dims: int, in_channels: int, tiff_series: int | None = None, key: str | None = None) -> None:
-        self.array, self.tiff_series, self.key = None, tiff_series, key
+        self.array, self.tiff_series, self.key = None, tiff_series, None if key is None else str(key)
         if isinstance(source, (str, os.PathLike)):
             self.path = os.fspath(source)
             self.kind = "tiff" if self.path.lower().endswith(TIFF_SUFFIXES) else "hdf5" if _suffix(self.path) in HDF5_SUFFIXES else "zarr"
+            if self.kind == "zarr" and _suffix(self.path) not in ZARR_SUFFIXES and not os.path.isdir(self.path):
+                raise ValueError(
+                    f"{self.path}: block-by-block prediction reads TIFF, HDF5 and zarr / OME-Zarr, not "
+                    f"{_suffix(self.path) or 'files without a suffix'}; predict it in memory (without streaming)"
+                )
             if "://" not in self.path and not os.path.exists(self.path):
                 raise FileNotFoundError(f"source {self.kind} store {self.path} does not exist")
         else:

@@ -287,14 +287,16 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: st
     path, suffix = Path(path), _suffix(path)
     if tiff_series is not None and suffix not in TIFF_SUFFIXES:
         raise TiffSeriesError(f"--tiff_series {tiff_series} applies to TIFF files, but {path} is not one; set tiff_series null")
-    try:
-        if is_container(path):
-            array, info = open_dataset(path, key)
+    if is_container(path):  # its errors name the dataset and the axes found
+        array, info = open_dataset(path, key)
+        try:
             index, order, _, channel_last = plan_axes(tuple(int(n) for n in array.shape), info, path)
             shape, dtype = planned_shape(tuple(int(n) for n in array.shape), index, order), np.dtype(array.dtype)
+        finally:
             if isinstance(array, h5py.Dataset):
                 array.file.close()
-            return ImageInfo(shape, shape[-1] if channel_last else 1, dtype)
+        return ImageInfo(shape, shape[-1] if channel_last else 1, dtype)
+    try:
         if suffix in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
                 chosen = choose_tiff_series(tif, path, tiff_series)

@@ -109,7 +109,8 @@ class WritePredictiond(MapTransform):
         """The output file of each ``write`` entry for the input file ``source``."""
         src = Path(str(source))
         name = stem(src)
-        ext = self.output_ext or _suffix(src)
+        ome = src.name.lower().endswith((".ome.tif", ".ome.tiff"))  # stem() drops ".ome": keep an OME-TIFF one
+        ext = self.output_ext or (".ome" if ome else "") + _suffix(src)
         # PNG holds no float32 (probabilities go to TIFF); JPEG/BMP are read, not written (both go to TIFF)
         suffixes = {"probabilities": ".tif" if ext in NO_FLOAT_SUFFIXES else ext, "mask": ".tif" if ext in READ_ONLY_SUFFIXES else ext}
         folders = {"probabilities": "probabilities", "mask": "masks"}
