@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -35,6 +36,12 @@ def torchrun(ckpt_dir, output_dir, data_dir, *overrides, nproc=NPROC):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
+    finished = all(f"em_unet ddp: rank {r}/{nproc} finished" in log for r in range(nproc))
+    if proc.returncode != 0 and finished and "terminate called without an active exception" in log:
+        # a known, intermittent abort of one rank in gloo's teardown (~1 run in 10 on this machine), after
+        # every rank has finished and every file is written: the assertions on the outputs still run
+        warnings.warn(f"torchrun: a rank aborted in teardown after finishing (rc {proc.returncode})")
+        return log
     assert proc.returncode == 0, log[-6000:]
     return log
 
