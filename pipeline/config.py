@@ -427,7 +427,13 @@ def check_labels(datalist: Sequence[dict], mask_threshold: float | None = None) 
         if "label" not in item or (item["label"], item.get("label_dataset")) in seen:
             continue
         seen.add((item["label"], item.get("label_dataset")))
-        array, _ = data.read_cached(item["label"], item.get("label_dataset"))
+        array, meta = data.read_cached(item["label"], item.get("label_dataset"))
+        array = io.channel_first(array, meta, item["label"])[0]  # a grey label saved as RGB: one channel
+        if array.shape[0] > 1:
+            raise ValueError(
+                f"{item['label']}: the label has {array.shape[0]} channels that differ (a colour-coded mask?); save it "
+                "as one channel of values (0 = background)"
+            )
         try:
             binary_foreground(array, "label")
         except ValueError as err:

@@ -483,7 +483,8 @@ def check_sources(network: nn.Module, sources: Sequence[Any], tiff_series: int |
 def predict_files(network: nn.Module, sources: Sequence[Any], output_dir: str | os.PathLike, **kwargs: Any) -> list[Path]:
     """:func:`predict_zarr` for each input into its :func:`output_path`, after checking that no
     output replaces an input or another input's output (:func:`pipeline.config.check_outputs`) and
-    that every source opens (series, datasets, missing chunks) before the first block is predicted.
+    that every source opens (series, datasets, missing chunks) and, when normalising without ``fill_nan``,
+    holds no NaN/Inf (a statistics pass per source, ~2% of the prediction's time) before the first block is predicted.
 
     Args:
         sources: paths, or datalist items ``{"image": path, "image_dataset": key}`` (:func:`pipeline.data.datalist_from_path`).
@@ -494,6 +495,10 @@ def predict_files(network: nn.Module, sources: Sequence[Any], output_dir: str | 
     pairs = [_source_and_key(s) for s in sources]
     check_outputs({str(p): [output_path(output_dir, p)] for p, _ in pairs})
     check_sources(network, sources, kwargs.get("tiff_series"), kwargs.get("allow_missing_chunks", False))
+    if kwargs.get("normalize", True) and not kwargs.get("fill_nan", False):  # NaN/Inf in any input: before the first output
+        net = unwrap(network)
+        for path, key in pairs:
+            section_stats(LazySource(path, net.spatial_dims, net.in_channels, kwargs.get("tiff_series"), key))
     kwargs["allow_missing_chunks"] = True  # checked just now, for every source: not listed again per source
     return [predict_zarr(network, p, output_path(output_dir, p), key=key, **kwargs) for p, key in pairs]
 

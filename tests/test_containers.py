@@ -237,3 +237,24 @@ def test_container_edge_cases_from_the_trial(tmp_path):
     with pytest.raises(ValueError, match=r"s.png: block-by-block prediction reads TIFF, HDF5 and zarr / OME-Zarr, not .png"):
         predict_zarr(UNet(features=FEATURES), str(tmp_path / "s.png"), tmp_path / "o.zarr")
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_review_findings_spacing_of_dropped_axes_and_nan_in_a_later_streaming_input(tmp_path):
+    """(Z, Y, X, 1) with a 3-value resolution keeps (Z, Y, X) spacing; a NaN in the second of two streaming
+    inputs is refused before the first output exists."""
+    from pipeline.streaming import predict_files
+
+    with h5py.File(tmp_path / "ilastik.h5", "w") as f:
+        f["data"] = np.zeros((2, 5, 6, 1), np.uint8)
+        f["data"].attrs["resolution"] = [40.0, 4.0, 5.0]
+    array, meta = read_image(tmp_path / "ilastik.h5")
+    assert array.shape == (2, 5, 6) and list(meta["spacing"]) == [40.0, 4.0, 5.0]
+    good = np.random.default_rng(0).random((2, 40, 44)).astype(np.float32)
+    bad = good.copy()
+    bad[1, 3, 4] = np.nan
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", good, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "in" / "b.tif", bad, photometric="minisblack")
+    with pytest.raises(ValueError, match=r"b.tif has non-finite pixels .* in \(channel, section\) \[\[0, 1\]\]"):
+        predict_files(UNet(features=FEATURES), [str(tmp_path / "in" / n) for n in ("a.tif", "b.tif")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -98,7 +98,10 @@ def _is_level(path: str | os.PathLike, key: str) -> bool:
     """``key`` is a resolution level of an OME-Zarr image."""
     if _suffix(path) not in ZARR_SUFFIXES:
         return False
-    scales = _multiscales(zarr.open_group(str(path), mode="r").attrs.asdict())
+    node = zarr.open(str(path), mode="r")
+    if not isinstance(node, zarr.Group):
+        return False
+    scales = _multiscales(node.attrs.asdict())
     return bool(scales) and key in [d["path"] for d in scales[0]["datasets"]]
 
 
@@ -114,11 +117,11 @@ def open_dataset(path: str | os.PathLike, key: str | None = None) -> tuple[Any, 
     if _suffix(path) in HDF5_SUFFIXES:
         array = h5py.File(path, "r")[key]
         attrs, axes = dict(array.attrs), None
-        spacing = _attribute_spacing(attrs, array.ndim)
+        spacing = _attribute_spacing(attrs, tuple(array.shape))
     else:
         root = zarr.open(str(path), mode="r")
         array = root if isinstance(root, zarr.Array) else root[key]
-        axes, spacing = None, _attribute_spacing(array.attrs.asdict(), array.ndim)
+        axes, spacing = None, _attribute_spacing(array.attrs.asdict(), tuple(array.shape))
         scales = None if isinstance(root, zarr.Array) else _multiscales(root.attrs.asdict())
         if scales:
             axes = [a["name"] if isinstance(a, dict) else a for a in scales[0].get("axes", [])] or None
@@ -128,11 +131,17 @@ def open_dataset(path: str | os.PathLike, key: str | None = None) -> tuple[Any, 
     return array, {"dataset": key, "axes": axes, "spacing": spacing}
 
 
-def _attribute_spacing(attrs: dict, ndim: int) -> list[float]:
+def _attribute_spacing(attrs: dict, shape: tuple[int, ...]) -> list[float]:
+    """One spacing per array axis from the first spacing attribute; one value short is the spatial
+    axes' (the missing axis: a trailing singleton channel, else a leading one), else 1."""
+    ndim = len(shape)
     for name in SPACING_ATTRIBUTES:
         value = attrs.get(name)
         if value is not None and np.size(value) in (ndim, ndim - 1):
-            return [1.0] * (ndim - np.size(value)) + [float(v) for v in np.ravel(value)]
+            values = [float(v) for v in np.ravel(value)]
+            if len(values) == ndim:
+                return values
+            return values + [1.0] if shape[-1] == 1 else [1.0] + values
     return [1.0] * ndim
 
 
@@ -165,7 +174,7 @@ def plan_axes(shape: tuple[int, ...], info: dict, path: str | os.PathLike) -> tu
         while end - lead > 3 and shape[lead] == 1:
             lead += 1
         keep, channel_last = list(range(lead, end)), False
-        order, spacing = list(range(len(keep))), spacing[lead:]
+        order, spacing = list(range(len(keep))), spacing[lead:end]
     spatial = len(keep) - channel_last
     if spatial not in (2, 3):
         raise ValueError(

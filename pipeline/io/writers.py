@@ -19,10 +19,12 @@ import SimpleITK as sitk
 import tifffile
 from monai.utils import MetaKeys
 
-logger = logging.getLogger(__name__)
-
 from pipeline.io.common import _COMPRESSED, _IMAGEJ_DTYPES, CONTAINER_SUFFIXES, NIFTI_SUFFIXES, SLICE_SUFFIXES, SUPPORTED_SUFFIXES, TIFF_SUFFIXES, _suffix
 from pipeline.io.containers import write_container
+
+logger = logging.getLogger(__name__)
+
+
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it onto ``path``.
 
