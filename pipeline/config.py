@@ -485,9 +485,15 @@ def check_inference(
     for item in datalist:
         source, key = str(item["image"]), item.get("image_dataset")
         info = io.probe_image(source, tiff_series, key)
-        io.check_channels(source, info, in_channels, pixels=lambda: io.read_image(source, tiff_series, key)[0])
+        loaded: list = []  # the file read at most once, for the colour test and the NaN scan
+
+        def read() -> tuple:
+            loaded[:] = loaded or [io.read_image(source, tiff_series, key)]
+            return loaded[0]
+
+        io.check_channels(source, info, in_channels, pixels=lambda: read()[0])
         if info.dtype.kind == "f":  # NaN/Inf are possible: scan the file now, not after other outputs exist
-            array, meta = io.read_image(source, tiff_series, key)
+            array, meta = read()
             finite = np.isfinite(io.channel_first(array, meta, source)[0]).all(0)  # (Z,) Y, X: the pipeline's order
             count = finite.size - int(np.count_nonzero(finite))
             if count:  # (no index array per bad pixel: a NaN background could be most of a volume)
