@@ -272,6 +272,19 @@ def check_streaming_options(streaming: bool, **options: bool) -> None:
         )
 
 
+def check_streaming_only(streaming: bool, export: str | None = "auto", **options: bool) -> None:
+    """Refuse options that only block-by-block prediction applies (``export``, ``overlay``, ``skip_background``)
+    when predicting in memory, and an unknown ``export``."""
+    if export not in ("auto", "none", "ome-zarr", "ome-tiff", "hdf5", None):
+        raise ValueError(f"--export must be one of auto, none, ome-zarr, ome-tiff, hdf5; got {export!r}")
+    on = [k for k, v in options.items() if v] + (["export " + str(export)] if export in ("ome-zarr", "ome-tiff", "hdf5") else [])
+    if on and not streaming:
+        raise ValueError(
+            f"{', '.join(on)} applies to block-by-block prediction only; pass --streaming true, or leave "
+            f"{'it' if len(on) == 1 else 'them'} out to predict in memory"
+        )
+
+
 # ---------------------------------------------------------------- booleans
 #: the spellings a boolean key accepts on the command line or in a config file
 FLAG_WORDS = {"true": True, "True": True, "1": True, "false": False, "False": False, "0": False}
@@ -453,6 +466,7 @@ def check_inference(
     tiff_series: int | None = None,
     allow_missing_chunks: bool = False,
     fill_nan: bool = False,
+    rgb_to_grey: bool = False,
 ) -> None:
     """The inference bundle's checks on its inputs and outputs, before the first prediction.
 
@@ -468,7 +482,7 @@ def check_inference(
         datalist: the ``{"image": path}`` items to predict.
         writer: the :class:`pipeline.transforms.WritePredictiond` of the in-memory path.
         network: the network (for its dimensions and channels).
-        streaming, output_dir, tiff_series, allow_missing_chunks: the bundle keys of the same names.
+        streaming, output_dir, tiff_series, allow_missing_chunks, fill_nan, rgb_to_grey: the bundle keys of the same names.
 
     Raises:
         ValueError, FileExistsError, FileNotFoundError: naming the file and the key to change.
@@ -478,7 +492,7 @@ def check_inference(
         from pipeline import streaming as stream  # imports this module: a cycle at the top
 
         check_outputs({s: [stream.output_path(output_dir, s)] for s in sources})
-        stream.check_sources(network, datalist, tiff_series, allow_missing_chunks)
+        stream.check_sources(network, datalist, tiff_series, allow_missing_chunks, rgb_to_grey)
         return
     check_outputs({s: list(writer.targets(s).values()) for s in sources})
     in_channels = getattr(network, "in_channels", 1)
@@ -491,7 +505,7 @@ def check_inference(
             loaded[:] = loaded or [io.read_image(source, tiff_series, key)]
             return loaded[0]
 
-        io.check_channels(source, info, in_channels, pixels=lambda: read()[0])
+        io.check_channels(source, info, in_channels, pixels=lambda: read()[0], rgb_to_grey=rgb_to_grey)
         if info.dtype.kind == "f":  # NaN/Inf are possible: scan the file now, not after other outputs exist
             array, meta = read()
             finite = np.isfinite(io.channel_first(array, meta, source)[0]).all(0)  # (Z,) Y, X: the pipeline's order

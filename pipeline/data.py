@@ -16,8 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.io import SUPPORTED_SUFFIXES, ZARR_SUFFIXES, channel_first, read_image, stem
-from pipeline.io.common import _suffix
+from pipeline.io import SUPPORTED_SUFFIXES, TIFF_SUFFIXES, channel_first, read_image, stem
+from pipeline.io.readers import tiff_level
+from pipeline.io.common import STORE_SUFFIXES, _suffix
 from pipeline.io.containers import choose_dataset, is_container
 
 logger = logging.getLogger(__name__)
@@ -48,12 +49,12 @@ def _hash_hint(path: Path) -> str:
 
 
 def _is_zarr(path: Path) -> bool:
-    return path.is_dir() and _suffix(path) in ZARR_SUFFIXES
+    return path.is_dir() and _suffix(path) in STORE_SUFFIXES
 
 
 def _image_files(path: str | Path, what: str) -> list[Path]:
     p = Path(path)
-    if _is_zarr(p):  # a zarr store is one image (a container of datasets)
+    if _is_zarr(p):  # a zarr or N5 store is one image (a container of datasets)
         return [p]
     if p.is_file():
         if _suffix(p) not in IMAGE_SUFFIXES:
@@ -70,24 +71,37 @@ def _image_files(path: str | Path, what: str) -> list[Path]:
     return files
 
 
-def datalist_from_path(path: str | Path, key: str | None = None) -> list[dict[str, str]]:
+def datalist_from_path(path: str | Path, key: str | None = None, level: int | None = None) -> list[dict[str, str]]:
     """``[{"image": file}, ...]`` for one image file or every image file of a folder (sorted).
 
     A folder of 2D PNG/TIFF sections gives one item per file, so each prediction keeps its
     section's name. Hidden files are skipped. An HDF5 file or a ``.zarr`` store (the path itself, or
     one in the folder) is one item with ``"image_dataset"``: ``key``, or its only dataset.
+    ``level`` (bundle key) picks a pyramid level of whole-slide TIFF / OME-TIFF / SVS files and OME-Zarr
+    images (0: full resolution), recorded as the item's ``"image_dataset"``.
 
     Raises:
         FileNotFoundError: no such path, or a folder without images.
-        ValueError: an unsupported format; a container without ``key`` and several datasets, or without ``key``.
+        ValueError: an unsupported format; a container without ``key`` and several datasets, or without ``key``;
+            ``key`` and ``level`` both given; a level the file does not have.
     """
+    if level is not None:
+        if key is not None:
+            raise ValueError(f"--input_key {key!r} and --level {level!r} both given: a dataset of a container or a pyramid level, set one")
+        if isinstance(level, bool) or not str(level).isdigit():
+            raise ValueError(f"--level must be a pyramid level 0, 1, 2, ... (0: full resolution), got {level!r}")
+        key = str(level)
     return [_with_dataset({"image": str(f)}, "image", key) for f in _image_files(path, "input")]
 
 
 def _with_dataset(item: dict, field: str, key: str | None) -> dict:
     """``item`` plus ``"<field>_dataset"`` when ``item[field]`` is a container (the dataset chosen now,
-    so that a missing or ambiguous one fails before anything runs)."""
-    return {**item, f"{field}_dataset": choose_dataset(item[field], key)} if is_container(item[field]) else item
+    so that a missing or ambiguous one fails before anything runs), or a TIFF given a pyramid level."""
+    if is_container(item[field]):
+        return {**item, f"{field}_dataset": choose_dataset(item[field], key)}
+    if key is not None and _suffix(item[field]) in TIFF_SUFFIXES:
+        return {**item, f"{field}_dataset": str(tiff_level(item[field], key))}
+    return item
 
 
 def _pair(images: list[Path], labels: list[Path]) -> list[tuple[Path, Path]]:

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import tifffile
 import torch
 import zarr
 from torch import nn
@@ -227,8 +228,9 @@ def fingerprint(network: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _open_output(path: Path, arrays: dict, settings: dict, overwrite: bool, stats: Any) -> tuple[Any, bool]:
-    """Return ``(group, resumed)``; ``stats()`` is called only when the output is created."""
+def _open_output(path: Path, arrays: dict, settings: dict, overwrite: bool, stats: Any, spacing: Sequence[float] | None = None) -> tuple[Any, bool]:
+    """Return ``(group, resumed)``; ``stats()`` is called only when the output is created, whose arrays get the
+    source's ``spacing`` as their ``resolution`` attribute (read back by :func:`pipeline.io.read_image`)."""
     if path.exists() and not overwrite:
         try:
             group = zarr.open_group(str(path), mode="r+")
@@ -262,7 +264,9 @@ def _open_output(path: Path, arrays: dict, settings: dict, overwrite: bool, stat
     try:
         group = zarr.open_group(str(tmp), mode="w")
         for name, (shape, chunks, dtype, fill) in arrays.items():
-            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+            array = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+            if spacing is not None and name != MARKERS:  # as the containers' convention: pipeline.io.containers
+                array.attrs["resolution"] = [float(v) for v in spacing]
         record = {"settings": settings, "mean": None if mean is None else mean.tolist(), "std": None if std is None else std.tolist()}
         group.attrs.update({"streaming": record})
         if path.exists():  # overwrite=True
@@ -335,6 +339,10 @@ def predict_zarr(
     fill_nan: bool = False,
     amp: bool | None = None,
     amp_dtype: torch.dtype = torch.bfloat16,
+    rgb_to_grey: bool = False,
+    skip_background: bool = False,
+    export: str | None = None,
+    overlay: bool = False,
 ) -> Path:
     """Predict ``source`` block by block into the zarr group ``output`` (resumable).
 
@@ -364,7 +372,22 @@ def predict_zarr(
             ``torch.set_num_threads`` on every worker.
         connect_timeout: seconds to reach a scheduler address.
         tiff_series: the series of a TIFF source of several (:func:`pipeline.io.choose_tiff_series`).
-        key: the dataset of an HDF5 or zarr source (default: its only one; OME-Zarr: full resolution).
+        key: the dataset of an HDF5 or zarr source (default: its only one; OME-Zarr: full resolution), or the
+            pyramid level of a TIFF or OME-Zarr image (``"0"``: full resolution).
+        rgb_to_grey: an RGB(A) source for a 1-channel network is read as its luminance
+            (:func:`pipeline.io.readers.colour_to_grey`); without it, only a grey image saved as colour is read
+            (as grey) and colour pixels are refused by the statistics pass, before the output exists.
+        skip_background: predict only blocks that hold tissue by :func:`pipeline.io.pyramids.tissue_mask`'s
+            rule (RGB sources) on a thumbnail of at most :data:`THUMBNAIL` pixels a side; skipped blocks are
+            marked done and keep the fill values (probability NaN: not predicted; mask 0).
+        export: after the last block, also write the results for viewers (:mod:`pipeline.io.pyramids`):
+            ``"ome-zarr"`` (``<name>.ome.zarr`` next to ``output``: an NGFF image with a pyramid, the mask as
+            its label image), ``"ome-tiff"`` (``<name>_probabilities.ome.tif`` / ``<name>_mask.ome.tif``: tiled
+            pyramidal OME-TIFF), ``"auto"`` (the input's kind: OME-Zarr for OME-Zarr, OME-TIFF for a
+            pyramidal or OME-TIFF, ``<name>.h5`` for HDF5, else nothing) or None. ``"hdf5"``: ``<name>.h5``
+            with datasets ``probabilities`` / ``mask``.
+        overlay: after the last block, write ``<name>_overlay.png``: the input at most :data:`THUMBNAIL`
+            pixels a side (a stack: its middle section) with the mask in red.
         fill_nan: NaN/Inf pixels are no-data: left out of the statistics, predicted as 0 (the mean), written
             as probability NaN and mask 0 (:class:`pipeline.transforms.NormalizeSectionsd`); else an error.
         allow_missing_chunks: predict chunks missing from a zarr source from zarr's fill value;
@@ -386,9 +409,12 @@ def predict_zarr(
     geometry = net.geometry
     write = check_output_settings(write, threshold)
     tile_size = check_tile_settings(network, tile_size, batch_size, memory_budget_mb, context, padding_mode)
-    src = LazySource(source, net.spatial_dims, net.in_channels, tiff_series, key)
+    src = LazySource(source, net.spatial_dims, net.in_channels, tiff_series, key, rgb_to_grey)
     if not allow_missing_chunks:
         src.check_complete()
+    export = resolve_export(export, src)
+    if skip_background:
+        _check_tissue_rule(src)
     shape, nd = src.spatial, net.spatial_dims
     k = len(shape) - nd
     if block_size is None:
@@ -413,7 +439,7 @@ def predict_zarr(
         "threshold": threshold, "normalize": normalize, "fill_nan": bool(fill_nan), "padding_mode": padding_mode, "context": context,
         "tile_size": tile_size if isinstance(tile_size, str) else list(tile_size), "network": token,
         "amp": str(amp_dtype).removeprefix("torch.") if amp else None,
-        "source": src.identity(),
+        "source": src.identity(), "rgb_to_grey": bool(rgb_to_grey), "skip_background": bool(skip_background),
     }
     arrays = {"probabilities": (shape, chunks, "float32", float("nan")), "mask": (shape, chunks, "uint8", 0)}
     arrays = {name: spec for name, spec in arrays.items() if name in write}
@@ -421,11 +447,13 @@ def predict_zarr(
     path = Path(output)
     client, owned = (None, []) if scheduler is None else _client(scheduler, n_workers, threads_per_worker, connect_timeout)
     try:  # the scheduler is reached before any work, so a bad address fails fast
-        group, resumed = _open_output(path, arrays, settings, overwrite, lambda: section_stats(src, fill_nan) if normalize else (None, None))
+        group, resumed = _open_output(path, arrays, settings, overwrite, lambda: _statistics(src, normalize, fill_nan), src.spacing)
         record = group.attrs.asdict()["streaming"]
         mean, std = (None if record[key] is None else np.asarray(record[key], dtype=np.float64) for key in ("mean", "std"))
         done = np.asarray(group[MARKERS][...])
         pending = [i for i in itertools.product(*map(range, grid)) if not done[i]]
+        if skip_background and pending:
+            pending = _skip_background(src, group, block, pending)
         logger.info("%s: %d blocks of %s, %d to predict%s", path, done.size, block, len(pending), " (resumed)" if resumed else "")
         plan = _Plan(str(path), shape, block, k, tile_size, batch_size, padding_mode, context, memory_budget_mb,
                      tuple(write), threshold, mean, std, device, amp, amp_dtype, bool(fill_nan))
@@ -448,7 +476,133 @@ def predict_zarr(
     finally:
         for thing in owned:
             thing.close()
+    logger.info("%s: all %d blocks done", path, math.prod(grid))
+    if export or overlay:
+        _finish(src, zarr.open_group(str(path), mode="r"), path, export, overlay, [n for n in OUTPUTS if n in write])
+    src.close()
     return path
+
+
+THUMBNAIL = 2048  # pixels a side of the overlay PNG and of the tissue rule's thumbnail
+
+
+def _statistics(src: LazySource, normalize: bool, fill_nan: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The normalisation statistics; without normalisation, a colour check of every pixel when the
+    source is RGB for a 1-channel network (so that colour is refused before the output exists)."""
+    if normalize:
+        return section_stats(src, fill_nan)
+    if src.grey and not src.rgb_to_grey:
+        section_stats(src, fill_nan=True)
+    return None, None
+
+
+def resolve_export(export: str | None, src: LazySource) -> str | None:
+    """``export`` checked, with ``"auto"`` resolved by the source's kind (OME-Zarr -> ``"ome-zarr"``; an
+    OME-TIFF or pyramidal TIFF -> ``"ome-tiff"``; HDF5 -> ``"hdf5"``; else None: the zarr store is the output).
+
+    Raises:
+        ValueError: an unknown value, naming the valid ones.
+    """
+    valid = (None, "none", "auto", "ome-zarr", "ome-tiff", "hdf5")
+    if export not in valid:
+        raise ValueError(f"--export must be one of auto, none, ome-zarr, ome-tiff, hdf5; got {export!r}")
+    if export != "auto":
+        return None if export == "none" else export
+    if src.kind == "hdf5":
+        return "hdf5"
+    if src.kind == "zarr" and src.path and getattr(src.plan, "found", "?").strip("?"):  # named axes: OME-Zarr
+        return "ome-zarr"
+    if src.kind == "tiff":
+        with tifffile.TiffFile(src.path) as tif:
+            series = tif.series[src.tiff_series or 0]
+            if tif.is_ome or len(series.levels) > 1:
+                return "ome-tiff"
+    return None
+
+
+def export_paths(output: str | os.PathLike, export: str | None, overlay: bool, write: Sequence[str]) -> list[Path]:
+    """The files :func:`predict_zarr` writes next to ``output`` for ``export`` and ``overlay``."""
+    path = Path(output)
+    name = stem(path)
+    out = []
+    if export == "ome-zarr":
+        out.append(path.with_name(f"{name}.ome.zarr"))
+    if export == "ome-tiff":
+        out += [path.with_name(f"{name}_{n}.ome.tif") for n in OUTPUTS if n in write]
+    if export == "hdf5":
+        out.append(path.with_name(f"{name}.h5"))
+    if overlay:
+        out.append(path.with_name(f"{name}_overlay.png"))
+    return out
+
+
+def _check_tissue_rule(src: LazySource) -> None:
+    """Refuse ``skip_background`` for a source that is not RGB(A) (before any output)."""
+    if src.stored_channels not in (3, 4):
+        raise ValueError(
+            f"{src.path or 'the source'}: --skip_background applies to RGB whole-slide images (the tissue rule reads colour "
+            f"saturation), but it has {src.stored_channels} channel(s); set --skip_background false"
+        )
+
+
+def _colour(src: LazySource) -> LazySource:
+    """The source with its own colour channels (a colour file read as grey for a 1-channel network: as RGB)."""
+    return src if not src.grey else LazySource(src.path, len(src.spatial), src.stored_channels, src.tiff_series, src.key)
+
+
+def _skip_background(src: LazySource, group: Any, block: tuple[int, ...], pending: list) -> list:
+    """Mark blocks without tissue (:func:`pipeline.io.pyramids.tissue_mask`) done; return the others."""
+    from pipeline.io.pyramids import thumbnail, tissue_mask
+
+    image, factor = thumbnail(_colour(src), max(1, math.ceil(max(src.spatial[-2:]) / THUMBNAIL)))
+    tissue = tissue_mask(image)
+    keep = []
+    for index in pending:
+        lo = [i * b for i, b in zip(index, block)][-2:]
+        window = tuple(slice(s // factor, max(s // factor + 1, math.ceil((s + b) / factor))) for s, b in zip(lo, block[-2:]))
+        if tissue[window].any():
+            keep.append(index)
+        else:
+            group[MARKERS][tuple(index)] = 1  # background: nothing to write (probability NaN, mask 0)
+    logger.info("skip_background: %d of %d blocks hold tissue", len(keep), len(pending))
+    return keep
+
+
+def _finish(src: LazySource, group: Any, path: Path, export: str | None, overlay: bool, names: list[str]) -> None:
+    """The exports and the overlay of a complete output (:mod:`pipeline.io.pyramids`)."""
+    from pipeline.io import pyramids
+
+    if not np.asarray(group[MARKERS][...]).all():
+        raise RuntimeError(f"{path}: blocks are missing; nothing exported")
+    spacing = src.spacing or (1.0,) * len(src.spatial)
+    targets = export_paths(path, export, overlay, names)
+    if export == "ome-zarr":
+        pyramids.write_ome_zarr(group, targets[0], spacing, names)
+    elif export == "hdf5":
+        pyramids.write_hdf5(group, targets[0], spacing, names)
+    elif export == "ome-tiff":
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.pyramid-", dir=path.parent))
+        try:
+            for name, target in zip(names, targets):
+                pyramid = pyramids.write_ome_zarr(group, tmp / f"{name}.ome.zarr", spacing, [name])
+                pyramids.write_ome_tiff(pyramids.levels(pyramid), target, spacing)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if overlay:
+        image, factor = pyramids.thumbnail(_colour(src), max(1, math.ceil(max(src.spatial[-2:]) / THUMBNAIL)))
+        mask = group["mask"] if "mask" in group else None
+        if mask is None:
+            prob = group["probabilities"]
+            fg = np.asarray(prob[_middle(prob.shape, factor)]) > 0.5
+        else:
+            fg = np.asarray(mask[_middle(mask.shape, factor)]) > 0
+        pyramids.write_overlay(image, fg, targets[-1])
+    logger.info("%s: exported %s", path, ", ".join(str(t) for t in targets))
+
+
+def _middle(shape: Sequence[int], factor: int) -> tuple:
+    """The strided index of a thumbnail: the middle section of a stack, every ``factor``-th pixel."""
+    return ((shape[0] // 2,) if len(shape) == 3 else ()) + (slice(0, shape[-2], factor), slice(0, shape[-1], factor))
 
 
 def output_path(output_dir: str | os.PathLike, source: str | os.PathLike) -> Path:
@@ -462,43 +616,63 @@ def _source_and_key(source: Any) -> tuple[Any, str | None]:
     return (source["image"], source.get("image_dataset")) if isinstance(source, dict) else (source, None)
 
 
-def check_sources(network: nn.Module, sources: Sequence[Any], tiff_series: int | None = None, allow_missing_chunks: bool = False) -> None:
+def check_sources(
+    network: nn.Module, sources: Sequence[Any], tiff_series: int | None = None, allow_missing_chunks: bool = False, rgb_to_grey: bool = False
+) -> list[LazySource]:
     """Open every source as :func:`predict_zarr` would, before any work: shape and channels for the
-    network, the TIFF series, the container dataset, and (unless ``allow_missing_chunks``) no zarr chunk missing.
+    network, the TIFF series and level, the container dataset, and (unless ``allow_missing_chunks``) no zarr chunk missing.
 
     Args:
         sources: paths, arrays, or datalist items ``{"image": path, "image_dataset": key}``.
+
+    Returns:
+        The opened sources, in order.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`predict_zarr`, naming the source.
     """
     net = unwrap(network)
+    opened = []
     for source in sources:
         path, key = _source_and_key(source)
-        src = LazySource(path, net.spatial_dims, net.in_channels, tiff_series, key)
+        src = LazySource(path, net.spatial_dims, net.in_channels, tiff_series, key, rgb_to_grey)
         if not allow_missing_chunks:
             src.check_complete()
+        src.close()
+        opened.append(src)
+    return opened
 
 
 def predict_files(network: nn.Module, sources: Sequence[Any], output_dir: str | os.PathLike, **kwargs: Any) -> list[Path]:
     """:func:`predict_zarr` for each input into its :func:`output_path`, after checking that no
-    output replaces an input or another input's output (:func:`pipeline.config.check_outputs`) and
-    that every source opens (series, datasets, missing chunks) and, when normalising without ``fill_nan``,
-    holds no NaN/Inf (a statistics pass per source, ~2% of the prediction's time) before the first block is predicted.
+    output (the zarr store, its exports and overlay) replaces an input or another input's output
+    (:func:`pipeline.config.check_outputs`) and that every source opens (series, levels, datasets, missing
+    chunks) and, when normalising without ``fill_nan`` or reading colour as grey, holds no NaN/Inf or colour
+    pixels (a statistics pass per source, ~2% of the prediction's time) before the first block is predicted.
 
     Args:
         sources: paths, or datalist items ``{"image": path, "image_dataset": key}`` (:func:`pipeline.data.datalist_from_path`).
+        kwargs: :func:`predict_zarr`'s options (``export`` defaults to ``"auto"`` here).
 
     Returns:
         The output paths, in input order.
     """
+    kwargs.setdefault("export", "auto")
     pairs = [_source_and_key(s) for s in sources]
-    check_outputs({str(p): [output_path(output_dir, p)] for p, _ in pairs})
-    check_sources(network, sources, kwargs.get("tiff_series"), kwargs.get("allow_missing_chunks", False))
-    if kwargs.get("normalize", True) and not kwargs.get("fill_nan", False):  # NaN/Inf in any input: before the first output
-        net = unwrap(network)
-        for path, key in pairs:
-            section_stats(LazySource(path, net.spatial_dims, net.in_channels, kwargs.get("tiff_series"), key))
+    opened = check_sources(network, sources, kwargs.get("tiff_series"), kwargs.get("allow_missing_chunks", False), kwargs.get("rgb_to_grey", False))
+    outputs = {}
+    for (path, _), src in zip(pairs, opened):
+        if kwargs.get("skip_background"):
+            _check_tissue_rule(src)
+        target = output_path(output_dir, path)
+        extra = export_paths(target, resolve_export(kwargs["export"], src), kwargs.get("overlay", False), kwargs.get("write", OUTPUTS))
+        outputs[str(path)] = [target, *extra]
+    check_outputs(outputs)
+    fill_nan = kwargs.get("fill_nan", False)
+    for src in opened:  # NaN/Inf (or colour pixels read as grey) in any input: before the first output
+        if (kwargs.get("normalize", True) and not fill_nan) or (src.grey and not src.rgb_to_grey):
+            section_stats(src, fill_nan)
+            src.close()
     kwargs["allow_missing_chunks"] = True  # checked just now, for every source: not listed again per source
     return [predict_zarr(network, p, output_path(output_dir, p), key=key, **kwargs) for p, key in pairs]
 

@@ -40,6 +40,14 @@ def status_kb(field: str) -> int | None:
         return None
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB: ``VmHWM``, which ``execve`` resets (``ru_maxrss`` would keep the size
+    the parent had when it forked a benchmark's child), else ``ru_maxrss``."""
+    import resource
+
+    return (status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
 def fmt(v, spec: str = ".2f", none: str = "-") -> str:
     """``v`` formatted with ``spec``, or ``none`` for a missing value."""
     return none if v is None else format(v, spec)

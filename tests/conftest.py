@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -62,3 +63,12 @@ class CentreCrop(nn.Module):
         self.calls += 1
         m = self.geometry.margin
         return x[(..., *[slice(m, s - m) for s in x.shape[2:]])] * self.scale
+
+
+@pytest.fixture
+def one_thread():
+    """The test machine is shared: one torch thread, restored afterwards (``pytest.mark.usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import csv
 
 import h5py
+import json
+import struct
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -17,6 +20,7 @@ import zarr
 
 from pipeline.data import make_datalists, paired_items
 from pipeline.io import probe_image, read_image, write_image
+from pipeline.io.lazy import LazySource
 from pipeline.networks import UNet
 from pipeline.synthetic import make_stack, to_uint8
 
@@ -43,10 +47,31 @@ def data(tmp_path_factory):
     axes = [{"name": n, "type": t} for n, t in zip("tczyx", ("time", "channel", "space", "space", "space"))]
     group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
         {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 40.0, 4.0, 4.0]}]}]}]
+    write_n5_by_hand(tmp / "sample.n5", "volumes/raw", raw, block=(1, 32, 32), resolution_xyz=[4.0, 4.0, 40.0])
     proc = infer(tmp, tmp / "stack.tif", tmp / "ref")
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference, _ = read_image(tmp / "ref/probabilities/stack.tif")
     return tmp, raw, lab, reference
+
+
+def write_n5_by_hand(path, key, array, block, resolution_xyz):
+    """An N5 dataset written from the spec (not by the library that reads it): ``dimensions`` and
+    ``blockSize`` x first, raw blocks of a big-endian header (mode 0, ndim, block dims x first) and the
+    block's big-endian values with x fastest; edge blocks truncated."""
+    (path / key).mkdir(parents=True)
+    (path / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))
+    (path / key / "attributes.json").write_text(json.dumps({
+        "dimensions": list(array.shape[::-1]), "blockSize": list(block[::-1]), "dataType": array.dtype.name,
+        "compression": {"type": "raw"}, "resolution": resolution_xyz}))
+    grid = [range(0, n, b) for n, b in zip(array.shape, block)]
+    for z0 in grid[0]:
+        for y0 in grid[1]:
+            for x0 in grid[2]:
+                piece = array[z0 : z0 + block[0], y0 : y0 + block[1], x0 : x0 + block[2]]
+                where = path / key / str(x0 // block[2]) / str(y0 // block[1])
+                where.mkdir(parents=True, exist_ok=True)
+                header = struct.pack(">HH", 0, 3) + struct.pack(">III", *piece.shape[::-1])
+                (where / str(z0 // block[0])).write_bytes(header + piece.astype(array.dtype.newbyteorder(">")).tobytes())
 
 
 def infer(tmp, input_path, out, *extra):
@@ -64,12 +89,16 @@ def test_reading_containers_names_axes_and_spacing(data):
     assert np.array_equal(array, raw) and list(meta["spacing"]) == [40.0, 4.0, 4.0] and meta["dataset"] == "raw"
     for store in ("v3.zarr", "v2.zarr"):
         assert np.array_equal(read_image(tmp / store)[0], raw)
+    array, meta = read_image(tmp / "sample.n5")  # its only dataset, volumes/raw; N5's x-first order reversed
+    assert np.array_equal(array, raw) and list(meta["spacing"]) == [40.0, 4.0, 4.0] and meta["dataset"] == "volumes/raw"
+    lazy = LazySource(tmp / "sample.n5", 2, 1)
+    assert np.array_equal(lazy.read((slice(1, 3), slice(5, 40), slice(30, 70))), raw[None, 1:3, 5:40, 30:70])
     array, meta = read_image(tmp / "img.ome.zarr")  # t and c of size 1 dropped, the scale read
     assert np.array_equal(array, raw) and list(meta["spacing"]) == [40.0, 4.0, 4.0]
     assert probe_image(tmp / "img.ome.zarr").shape == raw.shape and probe_image(tmp / "sample.h5", key="labels").dtype == np.uint8
 
 
-@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+@pytest.mark.parametrize("suffix", [".h5", ".zarr", ".n5"])
 def test_container_round_trip(tmp_path, suffix):
     array = np.random.default_rng(0).random((2, 9, 11)).astype(np.float32)
     write_image(array, tmp_path / f"out{suffix}", meta={"spacing": [30.0, 5.0, 5.0], "dataset": "probabilities"})
@@ -83,13 +112,13 @@ def test_container_round_trip(tmp_path, suffix):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, extra", [
-    ("sample.h5", ["--input_key", "raw"]), ("v3.zarr", []), ("v2.zarr", []), ("img.ome.zarr", []),
+    ("sample.h5", ["--input_key", "raw"]), ("v3.zarr", []), ("v2.zarr", []), ("img.ome.zarr", []), ("sample.n5", []),
 ])
 def test_cli_predicts_containers_in_memory_as_the_tiff(data, tmp_path, name, extra):
     tmp, raw, _, reference = data
     proc = infer(tmp, tmp / name, tmp_path, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    suffix = ".h5" if name.endswith(".h5") else ".zarr"
+    suffix = "." + name.split(".")[-1]
     stem = name.split(".")[0]
     prob, meta = read_image(tmp_path / f"probabilities/{stem}{suffix}")
     mask, _ = read_image(tmp_path / f"masks/{stem}{suffix}")
@@ -111,6 +140,9 @@ def test_cli_container_without_key_is_refused_before_any_output_and_streaming_re
     group = zarr.open_group(str(tmp_path / "s/sample.zarr"), mode="r")
     assert np.abs(group["probabilities"][...] - reference).max() <= 1e-5
     assert group.attrs["streaming"]["settings"]["source"]["dataset"] == "raw"
+    exported, meta = read_image(tmp_path / "s/sample.h5", key="probabilities")  # --export auto: the input's kind
+    assert np.array_equal(exported, group["probabilities"][...]) and list(meta["spacing"]) == [40.0, 4.0, 4.0]
+    assert np.array_equal(read_image(tmp_path / "s/sample.h5", key="mask")[0], group["mask"][...])
 
 
 @pytest.mark.slow
@@ -234,7 +266,7 @@ def test_container_edge_cases_from_the_trial(tmp_path):
     targets = WritePredictiond(keys="pred", output_dir=str(tmp_path / "out")).targets(str(tmp_path / "a.ome.tif"))
     assert [p.name for p in targets.values()] == ["a.ome.tif", "a.ome.tif"]
     write_image(np.zeros((5, 6), np.uint8), tmp_path / "s.png")
-    with pytest.raises(ValueError, match=r"s.png: block-by-block prediction reads TIFF, HDF5 and zarr / OME-Zarr, not .png"):
+    with pytest.raises(ValueError, match=r"s.png: block-by-block prediction reads TIFF, HDF5, N5 and zarr / OME-Zarr, not .png"):
         predict_zarr(UNet(features=FEATURES), str(tmp_path / "s.png"), tmp_path / "o.zarr")
     assert not (tmp_path / "o.zarr").exists()
 

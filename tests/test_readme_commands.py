@@ -72,6 +72,13 @@ def inputs(tmp_path_factory):
     group.create_array("0", shape=raw.shape, dtype="uint8")[...] = raw
     group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a, "type": "space"} for a in "zyx"], "datasets": [
         {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [40.0, 4.0, 4.0]}]}]}]
+    write_image(raw, tmp / "volume.n5", meta={"dataset": "raw", "spacing": [40.0, 4.0, 4.0]})
+    hyper = raw[None, :, None]  # (T, Z, C, Y, X) = (1, 3, 1, 96, 96): a Fiji hyperstack
+    tifffile.imwrite(tmp / "hyperstack.tif", hyper, imagej=True, metadata={"axes": "TZCYX", "spacing": 0.04})
+    rgb = np.stack([raw[0], raw[1], raw[2]], -1)  # colour: R, G and B differ
+    with tifffile.TiffWriter(tmp / "slide.ome.tif", ome=True) as tif:
+        tif.write(rgb, subifds=1, tile=(64, 64), photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        tif.write(rgb[::2, ::2], subfiletype=1, tile=(64, 64), photometric="rgb")
     return tmp
 
 

@@ -23,7 +23,7 @@ from pipeline.io import read_image, write_image
 from pipeline.losses import make_loss
 from pipeline.optim import make_optimizer
 from pipeline.networks import UNet
-from pipeline.streaming import predict_zarr
+from pipeline.streaming import predict_files, predict_zarr
 from pipeline.synthetic import make_image, to_uint8
 from pipeline.transforms import BinarizeMask
 
@@ -562,7 +562,7 @@ def _(tmp):
     return train(tmp, "--resume", "true", "--optimizer_name", "sgd")
 
 
-@row("cli-folder-one-input-wrong-channels", BundleError, r"b_rgb.png has 3 channel\(s\) \(shape \(40, 44, 3\)\), but the network takes 1; R, G and B differ: convert it to grey")
+@row("cli-folder-one-input-wrong-channels", BundleError, r"b_rgb.png has 3 channel\(s\) \(shape \(40, 44, 3\)\), but the network takes 1; R, G and B differ: pass --rgb_to_grey true to predict its luminance")
 def _(tmp):
     image = to_uint8(make_image((40, 44), seed=0)[0])
     write_image(image, tmp / "in" / "a.png")  # predicted first if nothing were checked before
@@ -582,18 +582,45 @@ def _(tmp):
     return infer(tmp, "--input_path", str(tmp / "in"))
 
 
-@row("cli-tiff-rgb-samples", BundleError, r"stack3.tif has 3 channel\(s\) \(shape \(3, 40, 44\), TIFF axes SYX\), but the network takes 1; .*photometric='minisblack'")
+@row("cli-tiff-rgb-samples", BundleError, r"stack3.tif has 3 channel\(s\) \(shape \(3, 40, 44\), stored axes SYX\), but the network takes 1; .*photometric='minisblack'")
 def _(tmp):
     tifffile.imwrite(tmp / "stack3.tif", np.arange(3, dtype=np.uint8)[:, None, None] * np.ones((3, 40, 44), np.uint8))  # one planar RGB page
     tiny_checkpoint(tmp)
     return infer(tmp, "--input_path", str(tmp / "stack3.tif"))
 
 
-@row("cli-streaming-tiff-rgb-samples", BundleError, r"stack3.tif has 3 channel\(s\) .*TIFF axes SYX.*photometric='minisblack'")
+@row("cli-streaming-tiff-rgb-samples", BundleError, r"stack3.tif has 3 channel\(s\) .*stored axes SYX.*photometric='minisblack'")
 def _(tmp):
     tifffile.imwrite(tmp / "stack3.tif", np.zeros((3, 40, 44), np.uint8))
     tiny_checkpoint(tmp)
     return infer(tmp, "--input_path", str(tmp / "stack3.tif"), "--streaming", "true")
+
+
+@row("streaming-level-out-of-range", ValueError, r"slide.tif has no pyramid level 2; its levels are 0: \(64, 80, 3\), 1: \(32, 40, 3\) \(--level\)")
+def _(tmp):
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp / "slide.tif") as tif:
+        tif.write(rgb, tile=(32, 32), photometric="rgb", subifds=1)
+        tif.write(rgb[::2, ::2], tile=(32, 32), photometric="rgb", subfiletype=1)
+    return lambda: predict_files(UNet(in_channels=3, features=FEATURES).eval(), [{"image": str(tmp / "slide.tif"), "image_dataset": "2"}], tmp / "out")
+
+
+@row("hyperstack-time-points-and-sections", ValueError, r"hs.tif has axes TZYX \(2, 3, 40, 44\): several section axes \(T, Z\)")
+def _(tmp):
+    tifffile.imwrite(tmp / "hs.tif", np.zeros((2, 3, 1, 40, 44), np.uint8), imagej=True, metadata={"axes": "TZCYX"})
+    return lambda: predict_files(net(), [str(tmp / "hs.tif")], tmp / "out")
+
+
+@row("streaming-colour-for-grey-network", ValueError, r"rgb.tif: pixels of .* are colour \(R, G and B differ\), but the network takes 1 channel; pass --rgb_to_grey true")
+def _(tmp):
+    tifffile.imwrite(tmp / "rgb.tif", np.random.default_rng(0).integers(0, 255, (40, 44, 3), dtype=np.uint8), photometric="rgb")
+    return lambda: predict_files(net(), [str(tmp / "rgb.tif")], tmp / "out")
+
+
+@row("streaming-tissue-rule-on-grey", ValueError, r"grey.tif: --skip_background applies to RGB whole-slide images .*set --skip_background false")
+def _(tmp):
+    tifffile.imwrite(tmp / "grey.tif", np.zeros((40, 44), np.uint8))
+    return lambda: predict_files(net(), [str(tmp / "grey.tif")], tmp / "out", skip_background=True)
 
 
 @row("streaming-source-non-finite", ValueError, r"a.zarr has non-finite pixels \(NaN or Inf\) in \(channel, section\) \[\[0, 1\]\]")

@@ -15,7 +15,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_WRITE_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".mrc", ".png")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 ZARR_SUFFIXES = (".zarr",)  # a folder: zarr v2 or v3, an OME-Zarr image
-CONTAINER_SUFFIXES = HDF5_SUFFIXES + ZARR_SUFFIXES  # files (folders) of named datasets
+N5_SUFFIXES = (".n5",)  # a folder: N5 (read and written through tensorstore)
+STORE_SUFFIXES = ZARR_SUFFIXES + N5_SUFFIXES  # containers that are folders
+CONTAINER_SUFFIXES = HDF5_SUFFIXES + STORE_SUFFIXES  # files (folders) of named datasets
 SUPPORTED_SUFFIXES = TIFF_SUFFIXES + NIFTI_SUFFIXES + SITK_WRITE_SUFFIXES + CONTAINER_SUFFIXES
 SLICE_SUFFIXES = (".png", ".tif", ".tiff")
 # PNG/JPEG too: MONAI's PILReader returns them transposed (x, y); ours keep numpy (y, x) order

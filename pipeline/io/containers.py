@@ -1,4 +1,5 @@
-"""Containers of named datasets: HDF5 (``h5py``) and zarr v2/v3 stores, OME-Zarr images included.
+"""Containers of named datasets: HDF5 (``h5py``), zarr v2/v3 stores (OME-Zarr images included) and N5
+stores (``tensorstore``; zarr 3 no longer reads N5).
 
 EM volumes mostly arrive this way: CREMI and ilastik exports and pytorch-3dunet's inputs are HDF5
 files holding ``raw`` / ``labels`` datasets; large volumes are zarr stores (napari, neuroglancer).
@@ -8,8 +9,8 @@ only dataset is used; an OME-Zarr image (a group with ``multiscales``) counts as
 full-resolution level. Several datasets and no name is an error listing them.
 
 Axes and spacing. OME-Zarr (NGFF 0.4 / 0.5) names its axes (``t``, ``c``, ``z``, ``y``, ``x``) and
-gives the physical scale of each; singleton ``t`` and ``c`` are dropped and a ``c`` of several channels moves last (the readers'
-channel-last rule, :func:`pipeline.io.channel_first`). Other datasets are ``(Z, Y, X)`` or ``(Y, X)``
+gives the physical scale of each; they are read by the one axis rule (:mod:`pipeline.io.axes`): singleton
+``t`` and ``c`` dropped, a ``c`` of several channels last. Other datasets are ``(Z, Y, X)`` or ``(Y, X)``
 (leading singleton axes dropped), with spacing from the attributes ``resolution`` (CREMI, in nm) or
 ``element_size_um`` (ilastik, Fiji), in array-axis order, else 1.
 """
@@ -25,14 +26,68 @@ import h5py
 import numpy as np
 import zarr
 
-from pipeline.io.common import HDF5_SUFFIXES, ZARR_SUFFIXES, _base_meta, _suffix
+from pipeline.io.axes import AxisPlan, plan_axes
+from pipeline.io.common import HDF5_SUFFIXES, N5_SUFFIXES, STORE_SUFFIXES, ZARR_SUFFIXES, _base_meta, _suffix
 
 SPACING_ATTRIBUTES = ("resolution", "element_size_um", "spacing")
 
 
 def is_container(path: str | os.PathLike) -> bool:
-    """An HDF5 file or a zarr store (by suffix)."""
-    return _suffix(path) in HDF5_SUFFIXES + ZARR_SUFFIXES
+    """An HDF5 file, a zarr or an N5 store (by suffix)."""
+    return _suffix(path) in HDF5_SUFFIXES + STORE_SUFFIXES
+
+
+# ---------------------------------------------------------------- N5 (tensorstore)
+def _n5_datasets(path: Path) -> list[str]:
+    """The datasets of an N5 store: folders whose ``attributes.json`` has ``dimensions`` (the N5 spec)."""
+    names = []
+    for attrs in sorted(path.rglob("attributes.json")):
+        try:
+            meta = json.loads(attrs.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"could not open {path} as an N5 store: {attrs} is corrupt ({err}); copy the dataset again") from err
+        if "dimensions" in meta:
+            names.append(attrs.parent.relative_to(path).as_posix().strip("."))
+    return names
+
+
+def _n5_open(path: Path, key: str) -> tuple[Any, dict]:
+    """An N5 dataset as a tensorstore array in C order ``(..., Z, Y, X)`` (N5 lists dimensions x first, as
+    BigDataViewer, z5py and zarr 2's ``N5Store`` read them reversed), and its attributes."""
+    import tensorstore as ts
+
+    folder = path / key
+    attrs = json.loads((folder / "attributes.json").read_text())
+    array = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(folder)}}, read=True).result()
+    return N5Array(array.T), attrs
+
+
+class N5Array:
+    """A tensorstore array with numpy's ``shape``/``dtype``/``ndim`` and reading ``__getitem__``."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.shape = tuple(int(n) for n in store.shape)
+        self.dtype = np.dtype(store.dtype.numpy_dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.store[index].read().result()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _n5_spacing(attrs: dict, ndim: int) -> list[float]:
+    """Spacing in C order from N5 attributes: ``resolution`` or ``pixelResolution.dimensions`` (x first)."""
+    value = attrs.get("resolution")
+    pixel = attrs.get("pixelResolution")
+    if value is None and isinstance(pixel, dict):
+        value = pixel.get("dimensions")
+    if value is not None and len(value) == ndim:
+        return [float(v) for v in reversed(value)]
+    return [1.0] * ndim
 
 
 def _multiscales(attrs: dict) -> list | None:
@@ -51,6 +106,8 @@ def list_datasets(path: str | os.PathLike) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"container not found: {path}")
     kind = "an HDF5 file" if _suffix(path) in HDF5_SUFFIXES else "a zarr array"
+    if _suffix(path) in N5_SUFFIXES:
+        return _n5_datasets(path)
     try:
         if _suffix(path) in HDF5_SUFFIXES:
             names: list[str] = []
@@ -89,20 +146,29 @@ def choose_dataset(path: str | os.PathLike, key: str | None) -> str:
             f"{path} holds no dataset (no array inside)"
         )
     key = key.strip("/")
-    if key not in names and not _is_level(path, key):
+    if key in names:
+        return key
+    level = _level_path(path, key)
+    if level is None:
         raise ValueError(f"{path} has no dataset {key!r}; it holds {', '.join(repr(n) for n in names) or 'none'}")
-    return key
+    return level
 
 
-def _is_level(path: str | os.PathLike, key: str) -> bool:
-    """``key`` is a resolution level of an OME-Zarr image."""
+def _level_path(path: str | os.PathLike, key: str) -> str | None:
+    """The path of the OME-Zarr level ``key`` names: a level's path (``"1"``), or its index in the
+    multiscales (``"1"`` for ``scale1/image``: the bundle key ``level``); None if not an OME-Zarr level."""
     if _suffix(path) not in ZARR_SUFFIXES:
-        return False
+        return None
     node = zarr.open(str(path), mode="r")
     if not isinstance(node, zarr.Group):
-        return False
+        return None
     scales = _multiscales(node.attrs.asdict())
-    return bool(scales) and key in [d["path"] for d in scales[0]["datasets"]]
+    paths = [d["path"] for d in scales[0]["datasets"]] if scales else []
+    if key in paths:
+        return key
+    if key.isdigit() and int(key) < len(paths):
+        return paths[int(key)]
+    return None
 
 
 def open_dataset(path: str | os.PathLike, key: str | None = None) -> tuple[Any, dict]:
@@ -114,6 +180,12 @@ def open_dataset(path: str | os.PathLike, key: str | None = None) -> tuple[Any, 
         FileNotFoundError, ValueError: as :func:`choose_dataset`.
     """
     key = choose_dataset(path, key)
+    if _suffix(path) in N5_SUFFIXES:
+        try:
+            array, attrs = _n5_open(Path(path), key)
+        except Exception as err:
+            raise ValueError(f"could not open {path} dataset {key!r} as N5: {type(err).__name__}: {err}") from err
+        return array, {"dataset": key, "axes": None, "spacing": _n5_spacing(attrs, array.ndim)}
     if _suffix(path) in HDF5_SUFFIXES:
         array = h5py.File(path, "r")[key]
         attrs, axes = dict(array.attrs), None
@@ -145,50 +217,10 @@ def _attribute_spacing(attrs: dict, shape: tuple[int, ...]) -> list[float]:
     return [1.0] * ndim
 
 
-def plan_axes(shape: tuple[int, ...], info: dict, path: str | os.PathLike) -> tuple[tuple, list[int], list[float], bool]:
-    """How a dataset of ``shape`` becomes ``(Z, Y, X)`` / ``(Y, X)`` with channels last, without reading it:
-    ``(index, order, spacing, channel_last)``: read ``array[index]``, then move its axes to ``order``.
-
-    OME axes: a singleton ``t`` or ``c`` is dropped, ``c`` of several channels moves last. Unnamed axes:
-    a trailing singleton (a channel of 1, as ilastik writes) and leading singletons are dropped.
-
-    Raises:
-        ValueError: axes that cannot be read as an image (a ``t`` of several time points, other than 2
-            or 3 spatial axes), naming the file, the dataset and the axes found.
-    """
-    axes, spacing = info["axes"], list(info["spacing"])
-    found = "".join(axes) if axes else "?" * len(shape)
+def dataset_plan(array: Any, info: dict, path: str | os.PathLike) -> AxisPlan:
+    """The axis plan (:func:`pipeline.io.axes.plan_axes`) of a dataset opened by :func:`open_dataset`."""
     where = f"{path}" + (f" dataset {info['dataset']!r}" if info["dataset"] else "")
-    if axes:
-        keep = [i for i, a in enumerate(axes) if not (a in ("t", "c") and shape[i] == 1)]  # grey: no channel axis
-        if any(axes[i] == "t" for i in keep):
-            raise ValueError(f"{where} has axes {found} {shape} with several time points; save one time point to predict it")
-        names = [axes[i] for i in keep]
-        channel_last = "c" in names
-        order = [i for i, a in enumerate(names) if a != "c"] + ([names.index("c")] if channel_last else [])
-        spacing = [spacing[keep[i]] for i in order if names[i] != "c"]
-    else:
-        lead, end = 0, len(shape)
-        if end >= 3 and shape[-1] == 1:  # a trailing singleton channel (ilastik's (Z, Y, X, 1) exports)
-            end -= 1
-        while end - lead > 3 and shape[lead] == 1:
-            lead += 1
-        keep, channel_last = list(range(lead, end)), False
-        order, spacing = list(range(len(keep))), spacing[lead:end]
-    spatial = len(keep) - channel_last
-    if spatial not in (2, 3):
-        raise ValueError(
-            f"{where} has axes {found} {shape}: an image is (Y, X) or (Z, Y, X); save one such dataset (channels of "
-            "several values only in OME-Zarr, as an axis named 'c')"
-        )
-    index = tuple(slice(None) if i in keep else 0 for i in range(len(shape)))
-    return index, order, spacing, channel_last
-
-
-def planned_shape(shape: tuple[int, ...], index: tuple, order: list[int]) -> tuple[int, ...]:
-    """The shape :func:`plan_axes` gives a dataset of ``shape``."""
-    kept = [n for n, i in zip(shape, index) if isinstance(i, slice)]
-    return tuple(kept[i] for i in order)
+    return plan_axes(tuple(int(n) for n in array.shape), info["axes"], info["spacing"], where)
 
 
 def read_container(path: str | os.PathLike, key: str | None = None) -> tuple[np.ndarray, dict]:
@@ -200,12 +232,12 @@ def read_container(path: str | os.PathLike, key: str | None = None) -> tuple[np.
     """
     array, info = open_dataset(path, key)
     try:
-        index, order, spacing, channel_last = plan_axes(tuple(int(n) for n in array.shape), info, path)
-        data = np.transpose(np.asarray(array[index]), order)
+        plan = dataset_plan(array, info, path)
+        data = plan.read(array)
     finally:
         if isinstance(array, h5py.Dataset):
             array.file.close()
-    meta = _base_meta(data.shape, spacing, channel_last)
+    meta = _base_meta(data.shape, list(plan.spacing), plan.channel_last)
     meta.update({"dataset": info["dataset"], "filename_or_obj": str(path)})
     return data, meta
 
@@ -217,6 +249,18 @@ def write_container(array: np.ndarray, path: Path, meta: dict, channel_last: boo
     key = str(meta.get("dataset") or "data")
     spatial = array.ndim - channel_last
     spacing = [float(s) for s in np.ravel(meta.get("spacing", [1.0] * spatial))][-spatial:]
+    if _suffix(path) in N5_SUFFIXES:
+        import tensorstore as ts
+
+        shape = list(reversed(array.shape))  # N5 lists dimensions x first
+        spec = {"driver": "n5", "kvstore": {"driver": "file", "path": str(path / key)}, "metadata": {
+            "dimensions": shape, "blockSize": [min(n, 256) for n in shape], "dataType": np.dtype(array.dtype).name,
+            "compression": {"type": "gzip"}}, "create": True, "delete_existing": True}
+        ts.open(spec).result().write(np.ascontiguousarray(array).T).result()
+        (path / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))
+        attrs_file = path / key / "attributes.json"
+        attrs_file.write_text(json.dumps({**json.loads(attrs_file.read_text()), "resolution": [1.0] * channel_last + spacing[::-1]}))
+        return
     if _suffix(path) in HDF5_SUFFIXES:
         with h5py.File(path, "w") as f:
             dataset = f.create_dataset(key, data=array, compression="gzip", chunks=True)

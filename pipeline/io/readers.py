@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from xml.etree import ElementTree
 
 import h5py
@@ -32,7 +33,8 @@ from pipeline.io.common import (
     _existing_file,
     _suffix,
 )
-from pipeline.io.containers import is_container, open_dataset, plan_axes, planned_shape, read_container
+from pipeline.io.axes import AxisPlan, plan_axes
+from pipeline.io.containers import dataset_plan, is_container, open_dataset, read_container
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,63 @@ def choose_tiff_series(tif: tifffile.TiffFile, path: str | os.PathLike, series: 
     )
 
 
+class AxesError(ValueError):
+    """Stored axes that cannot be read as one image (:func:`pipeline.io.axes.plan_axes`)."""
+
+
+def tiff_level(path: str | os.PathLike, key: Any) -> int:
+    """The pyramid level a key (bundle keys ``level`` / ``input_key``) names in a TIFF file: None -> 0.
+
+    Raises:
+        ValueError: a key that is not a level number (a TIFF holds no named datasets).
+    """
+    if key is None:
+        return 0
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key >= 0:
+        return int(key)
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    raise ValueError(
+        f"{path} is a TIFF file, which holds no named datasets; its key (--level or --input_key) picks a pyramid "
+        f"level, 0 (full resolution), 1, ..., not {key!r}"
+    )
+
+
+def tiff_plan(tif: tifffile.TiffFile, path: str | os.PathLike, series: int | None, level: int = 0, stack: bool = True) -> tuple[int | None, Any, AxisPlan]:
+    """``(series index or None, the chosen level's tifffile series, axis plan)`` of an open TIFF.
+
+    ``None`` stacks same-shape series along Z (:func:`choose_tiff_series`); ``level`` is a pyramid level of the
+    chosen series (whole-slide TIFF, OME-TIFF SubIFDs, SVS), with the spacing scaled by its downsampling.
+    Axes are read by name (:mod:`pipeline.io.axes`): ImageJ ``TZCYX`` hyperstacks, OME ``TCZYX``, RGB samples.
+
+    Raises:
+        TiffSeriesError: as :func:`choose_tiff_series`.
+        ValueError: ``level`` out of range (listing the levels); :class:`AxesError`: axes not one image.
+    """
+    chosen = choose_tiff_series(tif, path, series, stack)
+    known = TiffStackReader._spacing_by_axis(tif)
+    if chosen is None:
+        if level:
+            raise ValueError(f"{path}: a stack of {len(tif.series)} series has no pyramid level {level}; choose a series (--tiff_series)")
+        image, axes, shape, full = None, "Q" + tif.series[0].axes, (len(tif.series), *tif.series[0].shape), None
+    else:
+        levels = tif.series[chosen].levels
+        if not 0 <= level < len(levels):
+            listing = ", ".join(f"{i}: {tuple(lv.shape)}" for i, lv in enumerate(levels))
+            raise ValueError(f"{path} has no pyramid level {level}; its levels are {listing} (--level)")
+        image, full = levels[level], levels[0]
+        axes, shape = image.axes, tuple(image.shape)
+    factor = [1.0 if full is None else full.shape[a] / n for a, n in enumerate(shape)]
+    spacing = [known.get(a, 1.0) * f for a, f in zip(axes, factor)] if isinstance(known, dict) else None
+    try:
+        plan = plan_axes(shape, axes, spacing, f"{path}" + (f" (pyramid level {level})" if level else ""))
+    except ValueError as err:
+        raise AxesError(str(err)) from None
+    if isinstance(known, list) and len(known) == len(plan.spacing):  # our writer's JSON: the spatial axes' spacing
+        plan = AxisPlan(plan.index, plan.order, tuple(known), plan.channel_last, plan.axes, plan.found)
+    return chosen, image, plan
+
+
 class TiffStackReader(_EagerReader):
     """Read single- and multi-page TIFF with tifffile: ``(Z, Y, X)`` stack or ``(Y, X)`` page.
 
@@ -136,34 +195,34 @@ class TiffStackReader(_EagerReader):
     acquisitions) is refused with a list of its series unless ``series`` chooses one: reading
     only the first would silently leave the others unpredicted.
 
+    Axes are read by their names (:func:`tiff_plan`, :mod:`pipeline.io.axes`): ImageJ hyperstacks
+    (``TZCYX``: singleton axes dropped, ``C`` last, a ``T`` of frames as sections when there is no ``Z``),
+    OME-TIFF ``TCZYX``, RGB samples.
+
     Args:
         series: the 0-based series to read (the bundle key ``tiff_series``); None reads the only
             series, or stacks same-shape series.
+        level: the pyramid level of the series (bundle key ``level``; 0: full resolution).
     """
 
     suffixes = TIFF_SUFFIXES
 
-    def __init__(self, series: int | None = None) -> None:
+    def __init__(self, series: int | None = None, level: int = 0) -> None:
         super().__init__()
-        self.series = series
+        self.series, self.level = series, level
 
     def _load(self, path: Path) -> LoadedImage:
         catcher, tiff_log = _TiffLogCatcher(), logging.getLogger("tifffile")
         tiff_log.addHandler(catcher)
         try:
             with tifffile.TiffFile(path) as tif:
-                chosen = choose_tiff_series(tif, path, self.series)
-                series = tif.series
-                if chosen is None:
-                    array, axes = np.stack([s.asarray() for s in series]), "Q" + series[0].axes
-                else:
-                    array, axes = series[chosen].asarray(), series[chosen].axes
+                chosen, image, plan = tiff_plan(tif, path, self.series, self.level)
+                stored = np.stack([s.asarray() for s in tif.series]) if chosen is None else image.asarray()
                 size = path.stat().st_size
                 if any(o + n > size for p in tif.pages for o, n in zip(p.dataoffsets, p.databytecounts)):
                     raise ValueError("pixel data extends past the end of the file (truncated)")
-                known = self._spacing_by_axis(tif)
                 unit = (tif.imagej_metadata or {}).get("unit")
-        except TiffSeriesError:
+        except (TiffSeriesError, AxesError):
             raise
         except Exception as err:  # TiffFileError, struct.error, OSError, ... from a damaged file
             raise ValueError(
@@ -174,19 +233,11 @@ class TiffStackReader(_EagerReader):
             tiff_log.removeHandler(catcher)
         if catcher.messages:
             raise ValueError(f"could not read {path} as TIFF: truncated or corrupt ({catcher.messages[0]})")
-        channel = [i for i, a in enumerate(axes) if a in "SC"]
-        if len(channel) > 1 or array.ndim - len(channel) > 3:
-            raise ValueError(f"could not read {path} as TIFF: unsupported axes {axes!r} (max 3 spatial + 1 channel)")
-        if channel:
-            array, axes = np.moveaxis(array, channel[0], -1), axes.replace(axes[channel[0]], "") + axes[channel[0]]
-        spatial = axes[:-1] if channel else axes
-        if isinstance(known, list):
-            spacing = known if len(known) == len(spatial) else [1.0] * len(spatial)
-        else:
-            spacing = [known.get(a, 1.0) for a in spatial]
-        meta = {**_base_meta(array.shape, spacing, bool(channel)), "tiff_axes": axes}
+        array = plan.read(stored)
+        meta = {**_base_meta(array.shape, list(plan.spacing), plan.channel_last), "tiff_axes": plan.axes}
         meta.update({"unit": unit} if unit else {})
-        logger.debug("read TIFF %s: shape %s axes %s spacing %s", path, array.shape, axes, spacing)
+        meta.update({"level": self.level} if self.level else {})
+        logger.debug("read TIFF %s: shape %s axes %s (stored %s) spacing %s", path, array.shape, plan.axes, plan.found, plan.spacing)
         return LoadedImage(array, meta)
 
     @staticmethod
@@ -264,25 +315,31 @@ class ImageInfo:
     """What a file holds, read from its header only (:func:`probe_image`).
 
     Attributes:
-        shape: the array shape as read, channels included (TIFF: the chosen series).
+        shape: the array shape as the readers return it (:mod:`pipeline.io.axes`), channels last.
         channels: the size of the channel axis (TIFF samples ``S`` or ``C``, vector pixels); 1 without one.
         dtype: the pixel type.
-        axes: the axes as the format names them (TIFF, e.g. ``"SYX"``; else ``""``).
+        axes: the stored axes as the format names them (TIFF e.g. ``"SYX"``, OME-Zarr ``"CYX"``, ``"?"`` per unnamed axis; ``""`` for other formats).
+        stored_shape: the stored array's shape (for messages; ``shape`` for other formats).
     """
 
     shape: tuple[int, ...]
     channels: int
     dtype: np.dtype
     axes: str = ""
+    stored_shape: tuple[int, ...] | None = None
 
 
 def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: str | None = None) -> ImageInfo:
-    """Read only the header of an image file: shape, channels, dtype (and TIFF axes).
+    """Read only the header of an image file: shape, channels, dtype (and the stored axes), as the readers
+    will return the array (:mod:`pipeline.io.axes`; channels last).
+
+    Args:
+        key: the dataset of a container, or the pyramid level of a TIFF or OME-Zarr image.
 
     Raises:
         TiffSeriesError: as :func:`choose_tiff_series`; also ``tiff_series`` given for a file that
             is not a TIFF.
-        ValueError: the header cannot be read.
+        ValueError: the header cannot be read; axes that are not one image; no such level or dataset.
     """
     path, suffix = Path(path), _suffix(path)
     if tiff_series is not None and suffix not in TIFF_SUFFIXES:
@@ -290,20 +347,21 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: st
     if is_container(path):  # its errors name the dataset and the axes found
         array, info = open_dataset(path, key)
         try:
-            index, order, _, channel_last = plan_axes(tuple(int(n) for n in array.shape), info, path)
-            shape, dtype = planned_shape(tuple(int(n) for n in array.shape), index, order), np.dtype(array.dtype)
+            plan = dataset_plan(array, info, path)
+            shape, dtype = plan.shape(array.shape), np.dtype(array.dtype)
         finally:
             if isinstance(array, h5py.Dataset):
                 array.file.close()
-        return ImageInfo(shape, shape[-1] if channel_last else 1, dtype)
+        return ImageInfo(shape, shape[-1] if plan.channel_last else 1, dtype, plan.found, tuple(int(n) for n in array.shape))
     try:
         if suffix in TIFF_SUFFIXES:
+            level = tiff_level(path, key)
             with tifffile.TiffFile(path) as tif:
-                chosen = choose_tiff_series(tif, path, tiff_series)
-                series = tif.series[0 if chosen is None else chosen]
-                shape = ((len(tif.series),) if chosen is None else ()) + tuple(series.shape)
-                channels = math.prod(n for a, n in zip(series.axes, series.shape) if a in "SC")
-                return ImageInfo(shape, channels, np.dtype(series.dtype), ("Q" if chosen is None else "") + series.axes)
+                chosen, image, plan = tiff_plan(tif, path, tiff_series, level)
+                stored = (len(tif.series), *tif.series[0].shape) if chosen is None else image.shape
+                shape = plan.shape(stored)
+                dtype = tif.series[0 if chosen is None else chosen].dtype
+                return ImageInfo(shape, shape[-1] if plan.channel_last else 1, np.dtype(dtype), plan.found, tuple(stored))
         if suffix in NIFTI_SUFFIXES:
             header = nib.load(str(path)).header
             shape = tuple(int(n) for n in header.get_data_shape())
@@ -315,9 +373,11 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: st
         shape = tuple(reversed(reader.GetSize())) + ((channels,) if channels > 1 else ())
         dtype = sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())).dtype
         return ImageInfo(shape, channels, np.dtype(dtype))
-    except TiffSeriesError:
+    except (TiffSeriesError, AxesError):
         raise
     except Exception as err:
+        if suffix in TIFF_SUFFIXES and isinstance(err, ValueError) and str(path) in str(err):
+            raise  # our own messages (level, key)
         raise ValueError(
             f"could not read the header of {path} ({suffix or 'no suffix'}): {type(err).__name__}: {err}; the file is "
             "damaged, or its pixel layout is one the readers do not support (convert it to a plain grey TIFF)"
@@ -330,28 +390,56 @@ def is_grey_colour(channels_first: np.ndarray) -> bool:
     return c.shape[0] in (3, 4) and np.array_equal(c[0], c[1]) and np.array_equal(c[0], c[2])
 
 
-def check_channels(path: str | os.PathLike, info: ImageInfo, in_channels: int, pixels: Callable[[], np.ndarray] | None = None) -> None:
+LUMINANCE = (0.2125, 0.7154, 0.0721)  # ITU-R BT.709 weights of R, G, B, as skimage.color.rgb2gray
+
+
+def colour_to_grey(channels_first: np.ndarray, luminance: bool) -> np.ndarray | None:
+    """An RGB(A) array ``(3 or 4, ...)`` as one grey channel ``(1, ...)``, or None.
+
+    The rule (in-memory and streamed reading alike): where R = G = B the grey value is R, exactly (a grey
+    image saved as colour; alpha ignored); elsewhere, with ``luminance``, ``0.2125 R + 0.7154 G + 0.0721 B``
+    (ITU-R BT.709, the weights of ``skimage.color.rgb2gray``, in the file's intensity scale, float32).
+    Returns the input's first channel (its dtype) when every pixel is grey; None when a pixel is colour
+    and ``luminance`` is off.
+    """
+    c = channels_first
+    equal = (c[0] == c[1]) & (c[0] == c[2])
+    if equal.all():
+        return c[:1]
+    if not luminance:
+        return None
+    r, g, b = (c[i].astype(np.float32) for i in range(3))
+    grey = np.float32(LUMINANCE[0]) * r + np.float32(LUMINANCE[1]) * g + np.float32(LUMINANCE[2]) * b
+    return np.where(equal, r, grey)[None]
+
+
+def check_channels(
+    path: str | os.PathLike, info: ImageInfo, in_channels: int, pixels: Callable[[], np.ndarray] | None = None, rgb_to_grey: bool = False
+) -> None:
     """Refuse a file whose channels (:func:`probe_image`) are not the network's ``in_channels``.
 
     A grey image saved as RGB(A) (R = G = B) passes for a 1-channel network when ``pixels`` is given
-    (a function returning the file's array, channels last): :func:`channel_first` reads it as grey.
+    (a function returning the file's array, channels last): :func:`channel_first` reads it as grey; not a
+    planar RGB TIFF (stored axes ``SYX``), which is how tifffile saves a 3-section stack by default: refused
+    with the fix. Any RGB(A) passes with ``rgb_to_grey``.
 
     Raises:
         ValueError: naming the file, its shape and axes, and what to do.
     """
-    if info.channels == in_channels:
+    if info.channels == in_channels or (rgb_to_grey and in_channels == 1 and info.channels in (3, 4)):
         return
-    hint = "convert it to the network's channels (e.g. colour to grey; a grey image saved as RGB is read as grey in memory, not when streaming)"
-    if in_channels == 1 and info.channels in (3, 4) and pixels is not None:
+    hint = "convert it to the network's channels (e.g. colour to grey, or --rgb_to_grey true for a 1-channel network)"
+    planar = info.axes.lstrip("Q").startswith("S")  # tifffile's planar RGB: maybe a small stack
+    if in_channels == 1 and info.channels in (3, 4) and pixels is not None and not planar:
         if is_grey_colour(np.moveaxis(pixels(), -1, 0)):
             return
-        hint = "R, G and B differ: convert it to grey first (e.g. skimage.color.rgb2gray), or train a network on colour"
-    if info.axes.lstrip("Q").startswith("S") and in_channels == 1:  # planar samples: maybe a small stack
+        hint = "R, G and B differ: pass --rgb_to_grey true to predict its luminance, convert it to grey, or train a network on colour"
+    if planar and in_channels == 1:
         hint = ("tifffile stores a (3 or 4, Y, X) array written without photometric='minisblack' as one planar RGB(A) "
                 "page; if these are sections, save it again with tifffile.imwrite(path, array, photometric='minisblack'), "
-                "else convert it to grey")
+                "else convert it to grey (or --rgb_to_grey true)")
     raise ValueError(
-        f"{path} has {info.channels} channel(s) (shape {info.shape}{', TIFF axes ' + info.axes if info.axes else ''}), "
+        f"{path} has {info.channels} channel(s) (shape {info.stored_shape or info.shape}{', stored axes ' + info.axes if info.axes else ''}), "
         f"but the network takes {in_channels}; {hint}"
     )
 
@@ -371,7 +459,8 @@ def read_image(path: str | os.PathLike, tiff_series: int | None = None, key: str
         TiffSeriesError: a TIFF of several series and no (or a wrong) ``tiff_series``.
 
     Containers (HDF5, zarr, OME-Zarr: :mod:`pipeline.io.containers`) are read from their dataset ``key``
-    (default: the only one).
+    (default: the only one; of an OME-Zarr image, a level). For a TIFF, ``key`` is the pyramid level
+    (:func:`tiff_level`; 0 or None: full resolution).
     """
     path = Path(path)
     if is_container(path):
@@ -390,19 +479,20 @@ def read_image(path: str | os.PathLike, tiff_series: int | None = None, key: str
         array, rank = np.asarray(array), len(meta[MetaKeys.SPATIAL_SHAPE])
         meta["spacing"] = np.sqrt((np.asarray(meta[MetaKeys.AFFINE])[:rank, :rank] ** 2).sum(0))
     else:
-        eager = TiffStackReader(series=tiff_series) if suffix in TIFF_SUFFIXES else SimpleITKReader()
+        eager = TiffStackReader(series=tiff_series, level=tiff_level(path, key)) if suffix in TIFF_SUFFIXES else SimpleITKReader()
         array, meta = eager.get_data(eager.read(path))
     meta["filename_or_obj"] = str(path)
     return array, meta
 
 
-def channel_first(array: np.ndarray, meta: dict, path: str | os.PathLike) -> tuple[np.ndarray, bool]:
+def channel_first(array: np.ndarray, meta: dict, path: str | os.PathLike, rgb_to_grey: bool = False) -> tuple[np.ndarray, bool]:
     """The one axis rule of the pipeline: a file's array, as :func:`read_image` returns it, as
     ``(C, *spatial)`` with the spatial axes in ``(Z,) Y, X`` order.
 
     Channels: colour samples, which the readers put last (``meta["original_channel_dim"] == -1``),
     move first; a grey image gets a channel of 1, and so does a grey image saved as colour (RGB or
-    RGBA with R = G = B: the alpha channel is ignored). Sections: TIFF and SimpleITK arrays are already
+    RGBA with R = G = B: the alpha channel is ignored); with ``rgb_to_grey`` (bundle key, for a
+    1-channel network) any RGB(A) image becomes grey by :func:`colour_to_grey`'s rule. Sections: TIFF and SimpleITK arrays are already
     ``(Z, Y, X)``; NIfTI arrays are nibabel's ``(x, y, z)``, so their spatial axes are reversed, and the
     returned flag says so (writers reverse the prediction back, :class:`pipeline.transforms.WritePredictiond`).
     Training, evaluation and in-memory inference all read through this (:class:`pipeline.transforms.LoadSectiond`).
@@ -422,8 +512,9 @@ def channel_first(array: np.ndarray, meta: dict, path: str | os.PathLike) -> tup
             "an image is (Y, X) or (Z, Y, X), with colour samples last"
         )
     out = np.moveaxis(array, -1, 0) if channel_last else array[None]
-    if is_grey_colour(out):
-        out = out[:1]
+    if out.shape[0] in (3, 4):
+        grey = colour_to_grey(out, rgb_to_grey)
+        out = out if grey is None else grey
     reverse = _suffix(path) in NIFTI_SUFFIXES
     if reverse:
         out = out.transpose(0, *range(out.ndim - 1, 0, -1))

@@ -32,6 +32,8 @@ class LoadSectiond(MapTransform):
         keys: keys holding file paths (``image``, ``label``).
         slice_key: key of the section index; absent or None means the whole file.
         tiff_series: the series of TIFF files of several (:func:`pipeline.io.choose_tiff_series`).
+        rgb_to_grey: RGB(A) images become grey by luminance (:func:`pipeline.io.readers.colour_to_grey`), for a
+            1-channel network; grey images saved as colour (R = G = B) are read as grey either way.
 
     Raises:
         ValueError: a section out of range; an array that is not an image (:func:`pipeline.io.channel_first`);
@@ -39,10 +41,11 @@ class LoadSectiond(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection, slice_key: str = "slice", tiff_series: int | None = None, allow_missing_keys: bool = False
+        self, keys: KeysCollection, slice_key: str = "slice", tiff_series: int | None = None, allow_missing_keys: bool = False,
+        rgb_to_grey: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.slice_key, self.tiff_series = slice_key, tiff_series
+        self.slice_key, self.tiff_series, self.rgb_to_grey = slice_key, tiff_series, bool(rgb_to_grey)
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, MetaTensor]:
         d = dict(data)
@@ -52,7 +55,7 @@ class LoadSectiond(MapTransform):
             dataset = d.get(f"{key}_dataset")  # inside an HDF5 / zarr container (pipeline.data datalists)
             cached = z is not None and self.tiff_series is None  # sections: decode the file once
             array, meta = read_cached(path, dataset) if cached else read_image(path, tiff_series=self.tiff_series, key=dataset)
-            array, reversed_axes = channel_first(array, meta, path)
+            array, reversed_axes = channel_first(array, meta, path, self.rgb_to_grey)
             spacing = [float(v) for v in np.asarray(meta.get("spacing", [1.0] * (array.ndim - 1)), dtype=float).ravel()]
             spacing = (spacing[::-1] if reversed_axes else spacing)[-(array.ndim - 1):]
             if z is None:

@@ -1,0 +1,123 @@
+"""The one place that decides which axis of a stored array holds sections, which holds channels
+and what is dropped: for TIFF (tifffile's axis letters, ImageJ hyperstacks and OME-TIFF included),
+OME-Zarr (NGFF axis names) and unnamed HDF5 / zarr datasets.
+
+The plan is made from the header alone (shape, axis names, spacing), so a lazy reader reads blocks
+through it and an eager reader the whole array, with one rule:
+
+- named axes (TIFF ``TZCYXS``..., OME ``tczyx``): ``Y`` and ``X`` are the image plane; every other
+  axis of size 1 is dropped; a channel axis (``C``, or TIFF samples ``S``) of several values goes last;
+  one axis of several values among ``Z``, ``T`` (time), ``I``/``Q`` (tifffile's generic sequences) is
+  the section axis -- a time series of 2D frames is predicted frame by frame, as a stack. Two such
+  axes (a ``T`` of several time points *and* a ``Z`` of several sections), two channel axes, or any
+  other axis of several values is refused, naming the file and the axes found.
+- unnamed axes (plain HDF5 / zarr datasets): a trailing singleton (ilastik's ``(Z, Y, X, 1)``) and
+  leading singletons are dropped; the rest are ``(Z, Y, X)`` or ``(Y, X)``, no channel.
+
+The planned array is ``(Z, Y, X)`` or ``(Y, X)`` with channels last, the readers' channel-last rule;
+:func:`pipeline.io.channel_first` then moves channels first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+SECTION_AXES = frozenset("ztiq")  # z; t (time); i, q: tifffile's generic image sequence / unknown axis
+CHANNEL_AXES = frozenset("cs")  # c; s: TIFF samples (RGB)
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """How a stored array of ``shape`` is read as ``(Z, Y, X)`` / ``(Y, X)`` with channels last.
+
+    Attributes:
+        index: per stored axis, ``slice(None)`` (kept) or ``0`` (a dropped singleton).
+        order: the kept axes (numbered after dropping) in planned order.
+        spacing: per planned spatial axis, in the stored unit.
+        channel_last: whether the planned array ends with a channel axis.
+        axes: the planned axes' letters, e.g. ``"ZYXC"``.
+        found: the stored axes as named (``"?"`` for unnamed), for messages.
+    """
+
+    index: tuple
+    order: tuple[int, ...]
+    spacing: tuple[float, ...]
+    channel_last: bool
+    axes: str
+    found: str
+
+    def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The planned shape of a stored array of ``shape``."""
+        kept = [int(n) for n, i in zip(shape, self.index) if isinstance(i, slice)]
+        return tuple(kept[i] for i in self.order)
+
+    def read(self, array: Any, box: Sequence[slice] | None = None) -> np.ndarray:
+        """Read ``array`` (numpy, h5py, zarr, tifffile's zarr store) through the plan; ``box`` slices the
+        planned *spatial* axes (default: all), so only that block is read."""
+        index = list(self.index)
+        if box is not None:
+            kept = [a for a, i in enumerate(self.index) if isinstance(i, slice)]
+            spatial = self.order[:-1] if self.channel_last else self.order
+            for planned, sl in zip(spatial, box):
+                index[kept[planned]] = sl
+        return np.transpose(np.asarray(array[tuple(index)]), self.order)
+
+
+def plan_axes(shape: Sequence[int], axes: Sequence[str] | str | None, spacing: Sequence[float] | None, where: str) -> AxisPlan:
+    """Plan how to read a stored array (module docstring for the rule).
+
+    Args:
+        shape: the stored shape.
+        axes: one name per stored axis (tifffile letters or NGFF names, any case), or None.
+        spacing: one value per stored axis (None: 1 each).
+        where: the file (and dataset) for messages.
+
+    Raises:
+        ValueError: axes that cannot be read as one image, naming ``where``, the axes and the shape.
+    """
+    shape = tuple(int(n) for n in shape)
+    spacing = [1.0] * len(shape) if spacing is None else [float(s) for s in spacing]
+    names = [str(a).lower() for a in axes] if axes else None
+    found = "".join(a.upper() if len(a) == 1 else f"[{a}]" for a in names) if names else "?" * len(shape)
+    if names is not None and len(names) != len(shape):
+        raise ValueError(f"{where}: {len(names)} axis names ({found}) for an array of shape {shape}")
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(
+            f"{where} has axes {found} {shape}: {why}; an image is (Y, X) or (Z, Y, X), channels optional "
+            "(save such a dataset, e.g. one time point or one channel set)"
+        )
+
+    if names is None:
+        lead, end = 0, len(shape)
+        if end >= 3 and shape[-1] == 1:  # a trailing singleton channel (ilastik's (Z, Y, X, 1) exports)
+            end -= 1
+        while end - lead > 3 and shape[lead] == 1:
+            lead += 1
+        if end - lead not in (2, 3):
+            raise refuse(f"{end - lead} axes left after dropping singletons")
+        index = tuple(slice(None) if lead <= a < end else 0 for a in range(len(shape)))
+        planned = "ZYX"[3 - (end - lead) :]
+        return AxisPlan(index, tuple(range(end - lead)), tuple(spacing[lead:end]), False, planned, found)
+
+    if "y" not in names or "x" not in names:
+        raise refuse("no Y and X axes")
+    big = {a: n for a, n in enumerate(shape) if n > 1 or names[a] in ("y", "x")}
+    sections = [a for a in big if names[a] in SECTION_AXES]
+    channels = [a for a in big if names[a] in CHANNEL_AXES]
+    other = [a for a in big if a not in sections + channels and names[a] not in ("y", "x")]
+    if other:
+        raise refuse(f"axis {', '.join(found[a] for a in other)} of several values is neither sections, channels nor the plane")
+    if len(sections) > 1:
+        raise refuse(f"several section axes ({', '.join(names[a].upper() for a in sections)}), e.g. time points and sections")
+    if len(channels) > 1:
+        raise refuse("two channel axes (C and S)")
+    keep = sorted(big)
+    wanted = sections + [names.index("y"), names.index("x")] + channels
+    order = tuple(keep.index(a) for a in wanted)
+    index = tuple(slice(None) if a in big else 0 for a in range(len(shape)))
+    letters = ("Z" if sections else "") + "YX" + ("C" if channels else "")
+    return AxisPlan(index, order, tuple(spacing[a] for a in wanted if a not in channels), bool(channels), letters, found)
