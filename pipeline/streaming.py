@@ -66,6 +66,7 @@ from torch import nn
 
 from pipeline.config import check_outputs
 from pipeline.io import stem
+from pipeline.io.axes import OME_TIFF_UNITS
 from pipeline.io.lazy import LazySource
 from pipeline.tiling import check_tile_settings, make_plan, mirror_index, run_tiles, unwrap
 from pipeline.transforms import OUTPUTS, check_output_settings, encode_prediction, foreground_probability
@@ -576,16 +577,17 @@ def _finish(src: LazySource, group: Any, path: Path, export: str | None, overlay
         raise RuntimeError(f"{path}: blocks are missing; nothing exported")
     spacing = src.spacing or (1.0,) * len(src.spatial)
     targets = export_paths(path, export, overlay, names)
+    unit = src.unit  # an NGFF unit name, or None (then none is written)
     if export == "ome-zarr":
-        pyramids.write_ome_zarr(group, targets[0], spacing, names)
+        pyramids.write_ome_zarr(group, targets[0], spacing, names, unit)
     elif export == "hdf5":
         pyramids.write_hdf5(group, targets[0], spacing, names)
     elif export == "ome-tiff":
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.pyramid-", dir=path.parent))
         try:
             for name, target in zip(names, targets):
-                pyramid = pyramids.write_ome_zarr(group, tmp / f"{name}.ome.zarr", spacing, [name])
-                pyramids.write_ome_tiff(pyramids.levels(pyramid), target, spacing)
+                pyramid = pyramids.write_ome_zarr(group, tmp / f"{name}.ome.zarr", spacing, [name], unit)
+                pyramids.write_ome_tiff(pyramids.levels(pyramid), target, spacing, OME_TIFF_UNITS.get(unit or ""))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if overlay:

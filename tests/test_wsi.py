@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline import streaming
 from pipeline.data import datalist_from_path
 from pipeline.inferers import OverlapTileInferer
-from pipeline.io import channel_first, probe_image, read_image
+from pipeline.io import channel_first, probe_image, read_image, write_image
 from pipeline.io.axes import plan_axes
 from pipeline.io.lazy import LazySource
 from pipeline.io.pyramids import levels, tissue_mask
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the machine is s
     "axes, shape, planned, letters",
     [
         ("TZCYX", (1, 5, 2, 8, 9), (5, 8, 9, 2), "ZYXC"),  # ImageJ hyperstack, one time point, 2 channels
-        ("TZCYX", (4, 1, 1, 8, 9), (4, 8, 9), "ZYX"),  # a time series of frames: predicted as sections
+        ("TZCYX", (4, 1, 1, 8, 9), (4, 8, 9), "TYX"),  # a time series of frames: predicted as sections
         ("TCZYX", (1, 1, 6, 8, 9), (6, 8, 9), "ZYX"),  # OME order, grey
         ("SYX", (3, 8, 9), (8, 9, 3), "YXC"),  # planar RGB
         ("YXS", (8, 9, 3), (8, 9, 3), "YXC"),  # contiguous RGB
@@ -98,7 +98,10 @@ def test_imagej_hyperstack_read_by_axis_names(tmp_path):
     frames = np.arange(5 * 6 * 7, dtype=np.uint8).reshape(5, 1, 1, 6, 7)
     tifffile.imwrite(tmp_path / "frames.tif", frames, imagej=True, metadata={"axes": "TZCYX"})
     array, meta = read_image(tmp_path / "frames.tif")
-    assert array.shape == (5, 6, 7) and np.array_equal(array, frames[:, 0, 0])
+    assert array.shape == (5, 6, 7) and np.array_equal(array, frames[:, 0, 0]) and meta["tiff_axes"] == "TYX"
+    write_image(array, tmp_path / "out.tif", meta)  # outputs keep the input's axes: frames, not slices
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        assert tif.series[0].axes == "TYX" and tif.imagej_metadata["frames"] == 5
     both = np.zeros((3, 4, 1, 6, 7), np.uint8)
     tifffile.imwrite(tmp_path / "both.tif", both, imagej=True, metadata={"axes": "TZCYX"})
     with pytest.raises(ValueError, match=r"both.tif has axes TZYX \(3, 4, 6, 7\): several section axes"):
@@ -182,6 +185,7 @@ def test_whole_slide_streaming_exports_and_tissue_rule(tmp_path):
         series = tif.series[0]
         assert tif.is_ome and series.pages[0].is_tiled and [lv.shape for lv in series.levels] == [(600, 800), (300, 400)]
         assert np.array_equal(series.asarray(), prob)
+        assert 'PhysicalSizeX="0.25"' in tif.ome_metadata and 'PhysicalSizeXUnit="µm"' in tif.ome_metadata  # the input's unit
         np.testing.assert_allclose(series.levels[1].asarray(), prob.reshape(300, 2, 400, 2).mean((1, 3)), rtol=1e-6)
     array, meta = read_image(out / "slide_mask.ome.tif")
     mask = zarr.open_group(str(store), mode="r")["mask"][...]
@@ -203,6 +207,8 @@ def test_whole_slide_streaming_exports_and_tissue_rule(tmp_path):
     assert [a.shape for a in pyramid] == [(600, 800), (300, 400)]
     assert np.array_equal(pyramid[0][...], skipped, equal_nan=True)
     assert np.array_equal(levels(tissue / "slide.ome.zarr", "mask")[0][...], zarr.open_group(str(store))["mask"][...])
+    axes = zarr.open_group(str(tissue / "slide.ome.zarr"), mode="r").attrs.asdict()["ome"]["multiscales"][0]["axes"]
+    assert [(a["name"], a.get("unit")) for a in axes] == [("y", "micrometer"), ("x", "micrometer")]
     array, meta = read_image(tissue / "slide.ome.zarr")  # our reader opens the export: the image, its scale
     assert array.shape == (600, 800) and np.allclose(meta["spacing"], [0.25, 0.25])
     assert tissue_mask(np.full((3, 4, 4), 200, np.uint8)).sum() == 0  # a blank slide holds no tissue
@@ -237,7 +243,7 @@ def test_colour_for_a_grey_network_streaming(tmp_path):
     [a] = streaming.predict_files(net, [str(tmp_path / "grey.tif")], tmp_path / "a", block_size=64)
     [b] = streaming.predict_files(net, [str(tmp_path / "grey_rgb.tif")], tmp_path / "b", block_size=64)
     assert np.array_equal(zarr.open_group(str(a))["probabilities"][...], zarr.open_group(str(b))["probabilities"][...])
-    with pytest.raises(ValueError, match=r"colour.tif: pixels of .* are colour .*--rgb_to_grey true"):
+    with pytest.raises(ValueError, match=r"colour.tif: pixels \[0:70, 0:\] are colour .*--rgb_to_grey true"):
         streaming.predict_files(net, [str(tmp_path / "colour.tif")], tmp_path / "c", block_size=64)
     assert not (tmp_path / "c").exists()
     [c] = streaming.predict_files(net, [str(tmp_path / "colour.tif")], tmp_path / "c", block_size=64, rgb_to_grey=True)

@@ -38,7 +38,7 @@ class AxisPlan:
         order: the kept axes (numbered after dropping) in planned order.
         spacing: per planned spatial axis, in the stored unit.
         channel_last: whether the planned array ends with a channel axis.
-        axes: the planned axes' letters, e.g. ``"ZYXC"``.
+        axes: the planned axes' letters, e.g. ``"ZYXC"``; ``T`` for a section axis that is time (``"TYX"``).
         found: the stored axes as named (``"?"`` for unnamed), for messages.
     """
 
@@ -119,5 +119,22 @@ def plan_axes(shape: Sequence[int], axes: Sequence[str] | str | None, spacing: S
     wanted = sections + [names.index("y"), names.index("x")] + channels
     order = tuple(keep.index(a) for a in wanted)
     index = tuple(slice(None) if a in big else 0 for a in range(len(shape)))
-    letters = ("Z" if sections else "") + "YX" + ("C" if channels else "")
+    section = ("T" if names[sections[0]] == "t" else "Z") if sections else ""  # a time-lapse stays T (written back so)
+    letters = section + "YX" + ("C" if channels else "")
     return AxisPlan(index, order, tuple(spacing[a] for a in wanted if a not in channels), bool(channels), letters, found)
+
+
+#: length units as files spell them -> NGFF (OME-Zarr) unit names
+NGFF_UNITS = {
+    "µm": "micrometer", "\u00b5m": "micrometer", "um": "micrometer", "micron": "micrometer", "microns": "micrometer",
+    "micrometer": "micrometer", "nm": "nanometer", "nanometer": "nanometer", "mm": "millimeter", "millimeter": "millimeter",
+    "å": "angstrom", "angstrom": "angstrom", "m": "meter", "meter": "meter", "pm": "picometer", "picometer": "picometer",
+}
+#: NGFF unit names -> OME-TIFF ``PhysicalSize*Unit`` symbols
+OME_TIFF_UNITS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "angstrom": "Å", "meter": "m", "picometer": "pm"}
+
+
+def ngff_unit(unit: Any) -> str | None:
+    """A length unit as a file spells it (``"µm"``, ``"micron"``, ``"nm"``, ``"nanometer"`` ...) as its NGFF
+    name, or None when unknown or absent."""
+    return NGFF_UNITS.get(str(unit).strip().lower()) if unit else None

@@ -200,7 +200,10 @@ def open_dataset(path: str | os.PathLike, key: str | None = None) -> tuple[Any, 
             level = next(d for d in scales[0]["datasets"] if d["path"] == key)
             scale = next((t["scale"] for t in level.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
             spacing = [float(s) for s in scale] if scale and len(scale) == array.ndim else spacing
-    return array, {"dataset": key, "axes": axes, "spacing": spacing}
+    unit = None
+    if axes and scales:  # NGFF: the unit of the x axis
+        unit = next((a.get("unit") for a in scales[0]["axes"] if isinstance(a, dict) and a.get("name") == "x"), None)
+    return array, {"dataset": key, "axes": axes, "spacing": spacing, "unit": unit}
 
 
 def _attribute_spacing(attrs: dict, shape: tuple[int, ...]) -> list[float]:

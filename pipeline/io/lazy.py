@@ -20,7 +20,8 @@ import zarr
 
 from pipeline.io.common import HDF5_SUFFIXES, N5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, _suffix
 from pipeline.io.containers import dataset_plan, open_dataset
-from pipeline.io.readers import ImageInfo, check_channels, colour_to_grey, tiff_level, tiff_plan
+from pipeline.io.axes import ngff_unit
+from pipeline.io.readers import ImageInfo, check_channels, colour_to_grey, tiff_level, tiff_plan, tiff_unit
 
 
 class LazySource:
@@ -49,7 +50,7 @@ class LazySource:
         rgb_to_grey: bool = False,
     ) -> None:
         self.array, self.tiff_series, self.key = None, tiff_series, None if key is None else str(key)
-        self.rgb_to_grey, self.plan = bool(rgb_to_grey), None
+        self.rgb_to_grey, self.plan, self.unit = bool(rgb_to_grey), None, None
         if isinstance(source, (str, os.PathLike)):
             self.path = os.fspath(source)
             suffix = _suffix(self.path)
@@ -107,11 +108,13 @@ class LazySource:
                 if self.kind == "tiff":
                     with tifffile.TiffFile(self.path) as tif:
                         series, _, self.plan = tiff_plan(tif, self.path, self.tiff_series, self.level, stack=False)
+                        self.unit = tiff_unit(tif)
                     store = tifffile.imread(self.path, aszarr=True, series=series, level=self.level)
                     self.array = zarr.open_array(store, mode="r")
                 else:  # HDF5 or zarr: the dataset `key`, or the only one (OME-Zarr: full resolution)
                     self.array, info = open_dataset(self.path, self.key)
                     self.plan = dataset_plan(self.array, info, self.path)
+                    self.unit = ngff_unit(info.get("unit"))
             except (ValueError, FileNotFoundError):
                 raise
             except Exception as err:
@@ -198,8 +201,9 @@ class LazySource:
         if self.grey:
             grey = colour_to_grey(out, self.rgb_to_grey)
             if grey is None:
+                where = ", ".join(f"{s.start or 0}:{'' if s.stop is None else s.stop}" for s in index)
                 raise ValueError(
-                    f"{self.path}: pixels of {tuple(s.start for s in index)}..{tuple(s.stop for s in index)} are colour "
+                    f"{self.path}: pixels [{where}] are colour "
                     "(R, G and B differ), but the network takes 1 channel; pass --rgb_to_grey true to predict their "
                     "luminance (0.2125 R + 0.7154 G + 0.0721 B), convert the file to grey, or use a network trained on colour"
                 )

@@ -76,7 +76,7 @@ def write_ome_zarr(store: Any, path: str | os.PathLike, spacing: Sequence[float]
         if "mask" in names and image != "mask":
             mask = da.from_zarr(store["mask"], chunks=chunks)
             write_labels(mask, group, name="mask", scaler=None, scale_factors=factors, axes=axes, scale=scale, axes_units=units,
-                         storage_options=options)
+                         storage_options=options, label_metadata={"source": {"image": "../../"}})  # NGFF image-label: its image
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -33,7 +33,7 @@ from pipeline.io.common import (
     _existing_file,
     _suffix,
 )
-from pipeline.io.axes import AxisPlan, plan_axes
+from pipeline.io.axes import AxisPlan, ngff_unit, plan_axes
 from pipeline.io.containers import dataset_plan, is_container, open_dataset, read_container
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,16 @@ def tiff_level(path: str | os.PathLike, key: Any) -> int:
         f"{path} is a TIFF file, which holds no named datasets; its key (--level or --input_key) picks a pyramid "
         f"level, 0 (full resolution), 1, ..., not {key!r}"
     )
+
+
+def tiff_unit(tif: tifffile.TiffFile) -> str | None:
+    """The length unit of a TIFF's pixel sizes as an NGFF name: OME ``PhysicalSizeXUnit`` (default µm when a
+    size is given), ImageJ ``unit``; None if unknown."""
+    if tif.is_ome and tif.ome_metadata:
+        pixels = next((e for e in ElementTree.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels")), None)
+        if pixels is not None and pixels.get("PhysicalSizeX"):
+            return ngff_unit(pixels.get("PhysicalSizeXUnit", "µm"))
+    return ngff_unit((tif.imagej_metadata or {}).get("unit"))
 
 
 def tiff_plan(tif: tifffile.TiffFile, path: str | os.PathLike, series: int | None, level: int = 0, stack: bool = True) -> tuple[int | None, Any, AxisPlan]:

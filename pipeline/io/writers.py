@@ -76,13 +76,15 @@ def _write_tiff(array: np.ndarray, path: Path, meta: dict, channel_last: bool) -
     kwargs: dict[str, Any] = {"photometric": "rgb" if rgb else "minisblack"}
     kwargs["planarconfig"] = "contig" if channel_last else None
     imagej_rgb = rgb and array.shape[-1] == 3 and array.dtype == np.uint8
+    time = n == 3 and str(meta.get("tiff_axes", "")).startswith("T")  # a time-lapse read frame by frame: written as frames
+    spatial = ("T" if time else "Z") + "YX" if n == 3 else "YX"
     if path.name.lower().endswith((".ome.tif", ".ome.tiff")):  # OME-TIFF: physical sizes in the OME-XML
-        axes = "ZYX"[-n:] + ("S" if channel_last else "")
-        sizes = {f"PhysicalSize{a}": float(v) for a, v in zip("ZYX"[-n:], spacing)}
+        axes = spatial + ("S" if channel_last else "")
+        sizes = {f"PhysicalSize{a}": float(v) for a, v in zip(spatial, spacing) if a != "T"}
         tifffile.imwrite(path, array, ome=True, metadata={"axes": axes, **sizes}, **kwargs)
     elif array.dtype.type in _IMAGEJ_DTYPES and n in (2, 3) and (not channel_last or imagej_rgb):
-        ij_meta: dict[str, Any] = {"axes": "ZYX"[-n:] + ("S" if channel_last else "")}
-        ij_meta.update({"spacing": spacing[0]} if n == 3 else {})
+        ij_meta: dict[str, Any] = {"axes": spatial + ("S" if channel_last else "")}
+        ij_meta.update({"spacing": spacing[0]} if n == 3 and not time else {})
         ij_meta.update({"unit": meta["unit"]} if meta.get("unit") else {})
         resolution = (1 / spacing[-1], 1 / spacing[-2])  # TIFF tags: pixels per unit, X first
         tifffile.imwrite(path, array, imagej=True, resolution=resolution, metadata=ij_meta, **kwargs)
