@@ -344,6 +344,7 @@ def predict_zarr(
     skip_background: bool = False,
     export: str | None = None,
     overlay: bool = False,
+    statistics: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Path:
     """Predict ``source`` block by block into the zarr group ``output`` (resumable).
 
@@ -387,6 +388,8 @@ def predict_zarr(
             pyramidal OME-TIFF), ``"auto"`` (the input's kind: OME-Zarr for OME-Zarr, OME-TIFF for a
             pyramidal or OME-TIFF, ``<name>.h5`` for HDF5, else nothing) or None. ``"hdf5"``: ``<name>.h5``
             with datasets ``probabilities`` / ``mask``.
+        statistics: ``section_stats(source, fill_nan)`` when already computed (:func:`predict_files`), so that
+            the source is not read twice for them; used only when ``normalize``.
         overlay: after the last block, write ``<name>_overlay.png``: the input at most :data:`THUMBNAIL`
             pixels a side (a stack: its middle section) with the mask in red.
         fill_nan: NaN/Inf pixels are no-data: left out of the statistics, predicted as 0 (the mean), written
@@ -448,7 +451,7 @@ def predict_zarr(
     path = Path(output)
     client, owned = (None, []) if scheduler is None else _client(scheduler, n_workers, threads_per_worker, connect_timeout)
     try:  # the scheduler is reached before any work, so a bad address fails fast
-        group, resumed = _open_output(path, arrays, settings, overwrite, lambda: _statistics(src, normalize, fill_nan), src.spacing)
+        group, resumed = _open_output(path, arrays, settings, overwrite, lambda: statistics if normalize and statistics is not None else _statistics(src, normalize, fill_nan), src.spacing)
         record = group.attrs.asdict()["streaming"]
         mean, std = (None if record[key] is None else np.asarray(record[key], dtype=np.float64) for key in ("mean", "std"))
         done = np.asarray(group[MARKERS][...])
@@ -670,13 +673,16 @@ def predict_files(network: nn.Module, sources: Sequence[Any], output_dir: str | 
         extra = export_paths(target, resolve_export(kwargs["export"], src), kwargs.get("overlay", False), kwargs.get("write", OUTPUTS))
         outputs[str(path)] = [target, *extra]
     check_outputs(outputs)
-    fill_nan = kwargs.get("fill_nan", False)
-    for src in opened:  # NaN/Inf (or colour pixels read as grey) in any input: before the first output
-        if (kwargs.get("normalize", True) and not fill_nan) or (src.grey and not src.rgb_to_grey):
-            section_stats(src, fill_nan)
+    fill_nan, normalize = kwargs.get("fill_nan", False), kwargs.get("normalize", True)
+    statistics: list = [None] * len(opened)
+    for i, src in enumerate(opened):  # NaN/Inf (or colour pixels read as grey) in any input: before the first output
+        if (normalize and not fill_nan) or (src.grey and not src.rgb_to_grey):
+            stats = section_stats(src, fill_nan)
+            statistics[i] = stats if normalize else None  # reused: the source is read once for them
             src.close()
     kwargs["allow_missing_chunks"] = True  # checked just now, for every source: not listed again per source
-    return [predict_zarr(network, p, output_path(output_dir, p), key=key, **kwargs) for p, key in pairs]
+    return [predict_zarr(network, p, output_path(output_dir, p), key=key, statistics=stats, **kwargs)
+            for (p, key), stats in zip(pairs, statistics)]
 
 
 def _progress(items: Any, progress: bool, total: int | None = None) -> Any:

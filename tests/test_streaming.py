@@ -252,3 +252,16 @@ def test_unreachable_scheduler_fails_fast(tmp_path):
     with pytest.raises(ConnectionError, match="tcp://127.0.0.1:1"):
         predict_zarr(_net(), np.zeros((1, 8, 8), np.float32), tmp_path / "o.zarr", scheduler="tcp://127.0.0.1:1", connect_timeout=3)
     assert time.monotonic() - start < 10
+
+
+def test_predict_files_reads_the_statistics_once(tmp_path, monkeypatch):
+    """predict_files' NaN check is the statistics pass predict_zarr needs: one pass per source, same result."""
+    volume = (np.random.default_rng(3).random((2, 30, 40)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "v.tif", volume, photometric="minisblack")
+    calls = []
+    real = streaming.section_stats
+    monkeypatch.setattr(streaming, "section_stats", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    net = _net()
+    [out] = streaming.predict_files(net, [str(tmp_path / "v.tif")], tmp_path / "out", block_size=(1, 32, 32))
+    assert len(calls) == 1
+    _check(_in_memory(net, volume), out)
