@@ -394,12 +394,6 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: st
         ) from err
 
 
-def is_grey_colour(channels_first: np.ndarray) -> bool:
-    """An RGB(A) array ``(3 or 4, ...)`` whose R, G and B are equal: a grey image saved as colour."""
-    c = channels_first
-    return c.shape[0] in (3, 4) and np.array_equal(c[0], c[1]) and np.array_equal(c[0], c[2])
-
-
 LUMINANCE = (0.2125, 0.7154, 0.0721)  # ITU-R BT.709 weights of R, G, B, as skimage.color.rgb2gray
 
 
@@ -441,7 +435,7 @@ def check_channels(
     hint = "convert it to the network's channels (e.g. colour to grey, or --rgb_to_grey true for a 1-channel network)"
     planar = info.axes.lstrip("Q").startswith("S")  # tifffile's planar RGB: maybe a small stack
     if in_channels == 1 and info.channels in (3, 4) and pixels is not None and not planar:
-        if is_grey_colour(np.moveaxis(pixels(), -1, 0)):
+        if colour_to_grey(np.moveaxis(pixels(), -1, 0), luminance=False) is not None:  # grey saved as colour
             return
         hint = "R, G and B differ: pass --rgb_to_grey true to predict its luminance, convert it to grey, or train a network on colour"
     if planar and in_channels == 1:
