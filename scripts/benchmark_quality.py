@@ -1,36 +1,62 @@
 #!/usr/bin/env python
-"""Segmentation quality for a fixed training budget: the paper's recipe against a plain MONAI baseline.
+"""Segmentation quality on ISBI 2012 at a fixed CPU budget: the project's recipe against two peers, over seeds.
 
-Both methods train on ISBI 2012 sections 0-19 for the same wall-clock budget (``--minutes`` each,
-counted from the first training iteration, so data loading and caching are not charged) with the
-same number of CPU threads, then predict the held-out sections 20-24:
+Protocol (issue 17). The 25 labelled sections (0-24 of the challenge's 30) are split once, and nothing is chosen on the
+sections that are reported:
 
-(a) ``paper``     the bundle (``bundles/em_unet``) with ``configs/isbi2012.yaml`` and
-    ``configs/isbi2012_cpu.yaml``: valid U-Net 16..256 with BatchNorm, 572x572 tiles, batch 1,
-    Adam 1e-3 with polynomial decay (``lr_power``) whose horizon is the budget, weighted
-    cross-entropy with the border weight map, elastic deformation. It runs as
-    ``python -m monai.bundle run training`` in a subprocess with one extra overlay written here,
-    which sets a huge ``num_epochs``, turns periodic validation off (the baseline does not
-    validate either, and the final weights are scored) and adds three handlers to the trainer:
-    set the learning rate from the time spent, stop when the budget is spent, and write the
-    iteration count. ``model_final.pt`` (the weights
-    at the deadline) is predicted with ``pipeline.inferers.OverlapTileInferer``, with the recipe's
-    ``adapt_norm`` (BatchNorm statistics re-estimated on each section: AdaBN).
-(b) ``monai``     ``monai.networks.nets.BasicUNet`` (default features), ``DiceCELoss``, random
-    256x256 crops with flips on both axes, batch 4, Adam 1e-3, in a subprocess of this script;
-    predicted with ``monai.inferers.SlidingWindowInferer(roi 256, overlap 0.25, sw_batch_size 4)``.
+- sections 0-14 train every method (each method holds out of them what its own recipe holds out);
+- sections 15-19 choose settings: ``--phase tune`` (default budget 10 minutes) scores them;
+- sections 20-24 are reported: ``--phase final`` (default budget 20 minutes) scores them, with
+  settings frozen beforehand.
 
-Scores (``pipeline.metrics``, foreground = cell interior, threshold 0.5, per section and averaged
-over the 5 sections): pixel error, V_rand and V_info after border thinning (the official ISBI 2012
-form), warping error, Dice; plus V_rand maximised over the thresholds 0.0..1.0 (per-section mean
-at each threshold, then the maximum, as Fiji does).
+Every (phase, method, variant, seed, budget, threads) run is recorded in ``--json`` as soon as it
+completes, and a later call skips the runs already recorded, so the comparison (hours of
+machine time on 2 cores) can be spread over sessions and survive an interruption. ``--report``
+prints the tables from the JSON alone.
+
+Methods (each trains for ``--minutes`` of wall-clock time with ``--threads`` CPU threads, counted
+from its first training iteration; ``--seed`` sets the initial weights, the data order and the
+augmentation):
+
+``paper``     the bundle: ``python -m monai.bundle run training`` with ``bundles/em_unet/configs/train.yaml``,
+    ``configs/isbi2012.yaml`` and ``configs/isbi2012_cpu.yaml`` (the documented CPU recipe), plus a
+    budget overlay written here (the recipe's polynomial learning-rate decay runs over the time
+    budget; the final weights are scored). ``--variant NAME --set KEY=VALUE ...`` records a variant
+    with other bundle keys. Predicted with ``pipeline.inferers.OverlapTileInferer`` with the
+    recipe's ``adapt_norm`` (AdaBN), with and without the 8-fold test-time augmentation (``tta``).
+``monai``     ``monai.networks.nets.BasicUNet`` (default features) with ``DiceCELoss``, random 256x256
+    crops with flips, batch 4, Adam 1e-3; predicted with ``SlidingWindowInferer(256, overlap 0.25)``.
+``torch_em``  torch-em's documented 2D boundary recipe for ISBI 2012
+    (``experiments/neuron-segmentation/isbi2012/train_boundaries_2d.py``): ``UNet2d`` (depth 4,
+    32 initial features, sigmoid), ``DiceLoss`` on the membrane map, 512x512 patches, batch 1,
+    AdamW 1e-4 with ReduceLROnPlateau, its default augmentations, 2 of its training sections
+    (13-14) held out for validation and the best checkpoint scored, as its trainer does;
+    predicted with ``torch_em.util.prediction.predict_with_padding``. It runs in its own
+    environment (``--torch-em-python``), not a project dependency; create it with::
+
+        python -m venv .venv-bench
+        .venv-bench/bin/pip install torch==2.14.1 torchvision==0.29.1 torch-em==0.10.9
+
+    (torch-em's logger needs torchvision, and PyPI's torchvision does not import beside the CPU
+    build of torch 2.13.0; torch 2.14.1 + torchvision 0.29.1 run on the CPU.) Differences from the
+    script: ``mixed_precision=False`` and ``num_workers=0`` (a CPU run, as the other methods), the
+    membrane labels as its boundary target (the challenge's labels; its script derives boundaries
+    from a 3D re-segmentation not shipped with the challenge data). Its trainer compiles the model
+    (``torch.compile``, its default with torch 2); the compilation counts as training time.
+
+Scores (``pipeline.metrics``, foreground = cell interior, per section and averaged over the 5
+sections of the phase): pixel error, V_rand and V_info after border thinning (the official ISBI
+2012 form), adapted Rand error of 4-connected cells (SNEMI3D / CREMI form), warping error, Dice.
+Each at threshold 0.5 and at a threshold chosen on the training sections 0-14 (the one with the
+best mean V_rand over 0.1 .. 0.9 on them; no scored section takes part).
 
 Usage::
 
-    python scripts/benchmark_quality.py                          # 20 min per method, 2 threads
-    python scripts/benchmark_quality.py --minutes 0.5 --json out.json
-    python scripts/benchmark_quality.py --methods b --work-dir /tmp/bq
-    python scripts/benchmark_quality.py --work-dir /tmp/bq --score-only --paper-set adapt_norm=false
+    python scripts/benchmark_quality.py --phase tune --methods paper --seeds 0 1 2
+    python scripts/benchmark_quality.py --phase tune --methods paper --variant w0_20 --set weight_w0=20
+    python scripts/benchmark_quality.py --phase final --methods paper monai torch_em --seeds 0 1 2
+    python scripts/benchmark_quality.py --report                       # tables from the JSON alone
+    python scripts/benchmark_quality.py --phase tune --minutes 0.3 --json /tmp/q.json   # a smoke run
 """
 
 from __future__ import annotations
@@ -38,6 +64,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,13 +76,18 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_CONFIGS = ["bundles/em_unet/configs/train.yaml", "configs/isbi2012.yaml", "configs/isbi2012_cpu.yaml"]
-VAL_SLICES = (20, 25)  # [start, stop): sections 20-24 held out, 0-19 train
-LABELS = {"a": "(a) paper recipe, CPU widths", "b": "(b) MONAI BasicUNet baseline"}
-PAPER_TABLE1 = dict(warping_error=0.000353, rand_error=0.0382, pixel_error=0.0611)
-COLUMNS = [  # key, header, format
-    ("pixel_error", "pixel err", "{:.4f}"), ("v_rand", "V_rand", "{:.4f}"), ("v_info", "V_info", "{:.4f}"),
-    ("warping_error", "warp err", "{:.6f}"), ("dice", "Dice", "{:.4f}"), ("v_rand_max", "V_rand max", "{:.4f}"),
-    ("iterations", "iters", "{:d}"), ("train_seconds", "train s", "{:.0f}"),
+TRAIN, TUNE, REPORT = (0, 15), (15, 20), (20, 25)  # [start, stop) section ranges
+PHASES = {"tune": dict(sections=TUNE, minutes=10.0), "final": dict(sections=REPORT, minutes=20.0)}
+TORCH_EM_VAL = (13, 15)  # torch-em holds out the last sections of its training data for validation
+METHODS = ("paper", "monai", "torch_em")
+MODES = {"paper": ("plain", "tta"), "monai": ("plain",), "torch_em": ("plain",)}
+CURVE_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
+DEFAULT_JSON = REPO / "docs" / "benchmark_quality_runs.json"
+DEFAULT_PEER_PYTHON = REPO / ".venv-bench" / "bin" / "python"
+METRICS = [  # key, header, format, better
+    ("pixel_error", "pixel err", "{:.4f}", "min"), ("v_rand", "V_rand", "{:.4f}", "max"),
+    ("v_info", "V_info", "{:.4f}", "max"), ("adapted_rand_error", "adapted RE", "{:.4f}", "min"),
+    ("warping_error", "warp err", "{:.5f}", "min"), ("dice", "Dice", "{:.4f}", "max"),
 ]
 
 
@@ -63,15 +96,19 @@ def default_data_dir() -> Path:
     return Path(env) / "isbi2012" if env else REPO.parent / "shared" / "data" / "isbi2012"
 
 
+def sections(span: tuple[int, int]) -> list[int]:
+    return list(range(*span))
+
+
 def load_isbi(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The 25 training sections, normalised per section as in training, and their 0/1 labels."""
+    """The 25 labelled sections, normalised per section as in training, and their 0/1 labels (1 = interior)."""
     from monai.transforms import NormalizeIntensity
 
     from pipeline.io import read_image
 
     images, _ = read_image(data_dir / "train-volume.tif")
     labels, _ = read_image(data_dir / "train-labels.tif")
-    if images.shape != labels.shape or images.ndim != 3 or images.shape[0] < VAL_SLICES[1]:
+    if images.shape != labels.shape or images.ndim != 3 or images.shape[0] < REPORT[1]:
         sys.exit(f"unexpected ISBI data in {data_dir}: volume {images.shape}, labels {labels.shape}")
     norm = NormalizeIntensity()
     images = np.stack([np.asarray(norm(s.astype(np.float32))) for s in images])
@@ -87,21 +124,25 @@ def thread_env(threads: int) -> dict:
     return env
 
 
-def run_logged(cmd: list[str], log: Path, threads: int, timeout: float) -> None:
-    print(f"  $ {' '.join(cmd)}\n  log: {log}", flush=True)
+def run_logged(cmd: list, log: Path, threads: int, timeout: float) -> float:
+    """Runs ``cmd`` with its output in ``log``; returns the CPU seconds the subprocess used."""
+    print(f"  $ {' '.join(map(str, cmd))}\n  log: {log}", flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=thread_env(threads), stdout=f, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
+            rc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=thread_env(threads), stdout=f,
+                                stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     if rc != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
         sys.exit(f"training subprocess failed ({rc}); last lines of {log}:\n" + "\n".join(tail))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-# ---------------------------------------------------------------- (a) the bundle
-def train_paper(args, work: Path) -> dict:
+# ---------------------------------------------------------------- paper: the bundle's recipe
+def train_paper(args, work: Path, seed: int, settings: dict) -> dict:
     import yaml
 
     base = yaml.safe_load((REPO / BUNDLE_CONFIGS[0]).read_text())
@@ -113,7 +154,7 @@ def train_paper(args, work: Path) -> dict:
     ev = "ignite.engine.Events"
     # No expression may contain the word "import" (MONAI then parses it raw, @references and all),
     # so the stats path, which might, enters as a config value (a lambda's default argument).
-    hooks = [  # the clock starts at STARTED (after the dataset is cached), as in the baseline
+    hooks = [  # the clock starts at STARTED (after the dataset is cached), as for the other methods
         f"$@train#trainer.add_event_handler({ev}.STARTED, lambda e: setattr(e.state, 't0', time.time()))",
         # the recipe's polynomial decay (lr_power) runs over the time budget instead of num_epochs
         f"$@train#trainer.add_event_handler({ev}.ITERATION_STARTED, lambda e, s=@budget_seconds, lr=@learning_rate, "
@@ -131,17 +172,17 @@ def train_paper(args, work: Path) -> dict:
                "training": training[: at[0]] + hooks + training[at[0]:]}
     (work / "budget.yaml").write_text(yaml.safe_dump(overlay, width=1000))
     configs = [str(REPO / c) for c in BUNDLE_CONFIGS] + [str(work / "budget.yaml")]
+    # val_slices [15, 25] leaves sections 0-14 for training (validation is off: val_interval)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", repr(configs),
-           "--dataset_dir", str(args.data_dir), "--val_slices", repr(list(VAL_SLICES)),
-           "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"),
-           "--data_cache_dir", str(work / "cache")]
-    for key, value in args.paper_set.items():
+           "--dataset_dir", args.data_dir, "--val_slices", repr([TRAIN[1], REPORT[1]]), "--seed", seed,
+           "--ckpt_dir", work / "models", "--output_dir", work / "eval", "--data_cache_dir", work / "cache"]
+    for key, value in settings.items():
         cmd += [f"--{key}", json.dumps(value).replace(" ", "")]
-    run_logged(cmd, work / "train.log", args.threads, timeout=args.minutes * 90 + 900)
-    return json.loads(stats.read_text())
+    cpu = run_logged(cmd, work / "train.log", args.threads, timeout=args.minutes * 90 + 900)
+    return {**json.loads(stats.read_text()), "cpu_seconds": cpu}
 
 
-def predict_paper(args, work: Path, images: np.ndarray):
+def predictor_paper(args, work: Path, settings: dict, mode: str):
     import torch
     from monai.bundle import ConfigParser
 
@@ -149,22 +190,25 @@ def predict_paper(args, work: Path, images: np.ndarray):
 
     parser = ConfigParser()
     parser.read_config([str(REPO / c) for c in BUNDLE_CONFIGS])  # its `$import` lines run when parsed
-    for key, value in args.paper_set.items():
+    for key, value in settings.items():
         parser[key] = value
     net = parser.get_parsed_content("network_def")
     state = torch.load(work / "models" / "model_final.pt", map_location="cpu", weights_only=True)
     net.load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
-    return net, OverlapTileInferer(adapt_norm=bool(parser.get_parsed_content("adapt_norm")))
+    net.eval()
+    inferer = OverlapTileInferer(adapt_norm=bool(parser.get_parsed_content("adapt_norm")), tta=mode == "tta")
+    images = args.isbi[0]
+    return lambda z: torch.softmax(inferer(torch.from_numpy(images[z][None, None]), net), 1)[0, 1].numpy()
 
 
-# ---------------------------------------------------------------- (b) the MONAI baseline
+# ---------------------------------------------------------------- monai: a plain MONAI user
 def baseline_net():
     from monai.networks.nets import BasicUNet
 
     return BasicUNet(spatial_dims=2, in_channels=1, out_channels=2)
 
 
-def train_baseline_here(args) -> None:
+def train_monai_here(args) -> None:
     """Runs inside the subprocess: trains until the budget is spent, saves model.pt + stats.json."""
     import torch
     from monai.data import DataLoader, Dataset
@@ -173,14 +217,14 @@ def train_baseline_here(args) -> None:
     from monai.utils import set_determinism
 
     torch.set_num_threads(args.threads)
-    set_determinism(seed=0)
-    out = Path(args.baseline_out)
+    set_determinism(seed=args.seed)
+    out = Path(args.monai_out)
     images, labels = load_isbi(args.data_dir)
-    train = [{"image": images[z][None], "label": labels[z][None]} for z in range(len(images)) if
-             not VAL_SLICES[0] <= z < VAL_SLICES[1]]
+    train = [{"image": images[z][None], "label": labels[z][None]} for z in sections(TRAIN)]
     keys = ["image", "label"]
     transform = Compose([RandSpatialCropd(keys, roi_size=(256, 256), random_size=False),
                          RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1)])
+    transform.set_random_state(seed=args.seed)
     loader = DataLoader(Dataset(train, transform), batch_size=4, shuffle=True, num_workers=0)
     net = baseline_net()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -204,136 +248,378 @@ def train_baseline_here(args) -> None:
     (out / "stats.json").write_text(json.dumps(dict(iterations=iterations, epochs=epochs, train_seconds=seconds)))
 
 
-def train_baseline(args, work: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-out", str(work), "--minutes", repr(args.minutes),
-           "--threads", str(args.threads), "--data-dir", str(args.data_dir)]
-    run_logged(cmd, work / "train.log", args.threads, timeout=args.minutes * 90 + 900)
-    return json.loads((work / "stats.json").read_text())
+def train_monai(args, work: Path, seed: int, settings: dict) -> dict:
+    cmd = [sys.executable, Path(__file__).resolve(), "--monai-out", work, "--seed-here", seed,
+           "--minutes", repr(args.minutes), "--threads", args.threads, "--data-dir", args.data_dir]
+    cpu = run_logged(cmd, work / "train.log", args.threads, timeout=args.minutes * 90 + 900)
+    return {**json.loads((work / "stats.json").read_text()), "cpu_seconds": cpu}
 
 
-def predict_baseline(args, work: Path, images: np.ndarray):
+def predictor_monai(args, work: Path, settings: dict, mode: str):
     import torch
     from monai.inferers import SlidingWindowInferer
 
     net = baseline_net()
     net.load_state_dict(torch.load(work / "model.pt", map_location="cpu", weights_only=True))
-    return net, SlidingWindowInferer(roi_size=(256, 256), sw_batch_size=4, overlap=0.25)
+    net.eval()
+    inferer = SlidingWindowInferer(roi_size=(256, 256), sw_batch_size=4, overlap=0.25)
+    images = args.isbi[0]
+    return lambda z: torch.softmax(inferer(torch.from_numpy(images[z][None, None]), net), 1)[0, 1].numpy()
 
 
-# ---------------------------------------------------------------- scoring and report
-def score(net, inferer, images: np.ndarray, labels: np.ndarray) -> dict:
-    """Foreground probabilities of the validation sections and their averaged scores."""
+# ---------------------------------------------------------------- torch_em: torch-em's recipe, own environment
+def train_torch_em_here(args) -> None:
+    """Runs inside the subprocess, in torch-em's environment (no `pipeline`, no MONAI there)."""
+    import random
+    from functools import partial
+
+    import h5py
+    import tifffile
     import torch
+    import torch_em
+    from torch_em.model import UNet2d
+    from torch_em.trainer import DefaultTrainer
+    from torch_em.util.prediction import predict_with_padding
 
+    class BudgetSpent(Exception):
+        pass
+
+    budget = args.minutes * 60.0
+
+    class BudgetTrainer(DefaultTrainer):  # stops after the optimizer step that spends the budget
+        t0 = None  # set when fit() starts: torch-em's default torch.compile counts as training time
+
+        def _backprop(self, loss):
+            super()._backprop(loss)
+            if time.time() - self.t0 > budget:
+                raise BudgetSpent
+
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    out = Path(args.torch_em_out)
+    raw = tifffile.imread(args.data_dir / "train-volume.tif")
+    labels = tifffile.imread(args.data_dir / "train-labels.tif")
+    with h5py.File(out / "isbi.h5", "w") as f:
+        f["raw"] = raw
+        f["labels/membranes"] = (labels == 0).astype("float32")  # the boundary target: 1 = membrane
+    normalization = partial(torch_em.transform.raw.normalize, minval=0, maxval=255)
+    common = dict(raw_paths=str(out / "isbi.h5"), raw_key="raw", label_paths=str(out / "isbi.h5"),
+                  label_key="labels/membranes", patch_shape=[1, 512, 512], ndim=2, raw_transform=normalization,
+                  batch_size=1, num_workers=0, shuffle=True)
+    train_loader = torch_em.default_segmentation_loader(**common, rois=np.s_[TRAIN[0]:TORCH_EM_VAL[0], :, :])
+    val_loader = torch_em.default_segmentation_loader(**common, rois=np.s_[TORCH_EM_VAL[0]:TORCH_EM_VAL[1], :, :])
+    model = UNet2d(in_channels=1, out_channels=1, final_activation="Sigmoid")
+    loss = torch_em.loss.DiceLoss()
+    trainer = torch_em.default_segmentation_trainer(
+        name="boundary-model", model=model, train_loader=train_loader, val_loader=val_loader, loss=loss,
+        metric=loss, learning_rate=1e-4, mixed_precision=False, log_image_interval=50, device="cpu",
+        save_root=str(out), trainer_class=BudgetTrainer)
+    trainer.t0 = time.time()
+    try:
+        trainer.fit(iterations=10**9)
+    except BudgetSpent:
+        pass
+    seconds = time.time() - trainer.t0
+    best = Path(trainer.checkpoint_folder) / "best.pt"
+    if not best.is_file():
+        sys.exit(f"torch-em finished no epoch within the budget: no {best}")
+    state = torch.load(best, map_location="cpu", weights_only=False)
+    prefix = "_orig_mod."  # the weights of torch-em's default compiled model
+    model.load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state["model_state"].items()})
+    model.eval()
+    wanted = [int(z) for z in args.predict_sections.split(",")]
+    with torch.no_grad():
+        boundary = np.stack([predict_with_padding(model, normalization(raw[z].astype("float32")), (16, 16), "cpu")
+                             for z in wanted])
+    np.save(out / "interior.npy", (1.0 - boundary.reshape(len(wanted), *raw.shape[1:])).astype(np.float32))
+    (out / "predicted_sections.json").write_text(json.dumps(wanted))
+    (out / "stats.json").write_text(json.dumps(dict(
+        iterations=trainer.iteration + 1, epochs=trainer.epoch, train_seconds=seconds, best_epoch=state.get("epoch"),
+        torch=torch.__version__, torch_em=torch_em.__version__)))
+
+
+def train_torch_em(args, work: Path, seed: int, settings: dict) -> dict:
+    peer = Path(args.torch_em_python)
+    if not peer.is_file():
+        sys.exit(f"torch-em's environment not found: {peer} (--torch-em-python). Create it with\n"
+                 "  python -m venv .venv-bench && .venv-bench/bin/pip install torch==2.14.1 torchvision==0.29.1 "
+                 "torch-em==0.10.9")
+    wanted = sections(TRAIN) + sections(PHASES[args.phase]["sections"])
+    cmd = [peer, Path(__file__).resolve(), "--torch-em-out", work, "--seed-here", seed, "--minutes", repr(args.minutes),
+           "--threads", args.threads, "--data-dir", args.data_dir, "--predict-sections", ",".join(map(str, wanted))]
+    cpu = run_logged(cmd, work / "train.log", args.threads, timeout=args.minutes * 90 + 900)
+    return {**json.loads((work / "stats.json").read_text()), "cpu_seconds": cpu}
+
+
+def predictor_torch_em(args, work: Path, settings: dict, mode: str):
+    probs = np.load(work / "interior.npy")  # predicted in torch-em's environment, after training
+    index = {z: k for k, z in enumerate(json.loads((work / "predicted_sections.json").read_text()))}
+    return lambda z: probs[index[z]]
+
+
+TRAINERS = {"paper": (train_paper, predictor_paper), "monai": (train_monai, predictor_monai),
+            "torch_em": (train_torch_em, predictor_torch_em)}
+
+
+# ---------------------------------------------------------------- scoring
+def score_at(prob: np.ndarray, gt: np.ndarray, threshold: float) -> dict:
     from pipeline.metrics import dice, evaluate
 
-    net.eval()
-    val = range(*VAL_SLICES)
+    res = evaluate(prob, gt, threshold, sweep=False, warping=True)
+    res["dice"] = float(np.mean([dice(p, g, threshold) for p, g in zip(prob, gt)]))  # per section, as the rest
+    return {k: float(v) for k, v in res.items()}
+
+
+def threshold_curve(prob: np.ndarray, gt: np.ndarray) -> dict:
+    """Mean V_rand, pixel error and adapted Rand error over the sections, at CURVE_THRESHOLDS."""
+    from pipeline.metrics import adapted_rand_error, pixel_error, v_rand
+
+    return {f"{t:.1f}": dict(v_rand=v_rand(prob, gt, t), pixel_error=pixel_error(prob, gt, t),
+                             adapted_rand_error=adapted_rand_error(prob, gt, t)) for t in CURVE_THRESHOLDS}
+
+
+def choose_threshold(curve: dict) -> float:
+    """The threshold with the best mean V_rand on the training sections (ties: the one nearest 0.5)."""
+    return float(max(curve, key=lambda t: (curve[t]["v_rand"], -abs(float(t) - 0.5))))
+
+
+def score_run(args, method: str, work: Path, settings: dict) -> dict:
+    import torch
+
+    labels = args.isbi[1]
+    train_z, eval_z = sections(TRAIN), sections(PHASES[args.phase]["sections"])
+    out = {}
+    for mode in MODES[method]:
+        predict = TRAINERS[method][1](args, work, settings, mode)
+        t0 = time.time()
+        with torch.no_grad():
+            train_p = np.stack([predict(z) for z in train_z]).astype(np.float64)
+            eval_p = np.stack([predict(z) for z in eval_z]).astype(np.float64)
+        infer_seconds = time.time() - t0
+        curve = threshold_curve(train_p, labels[TRAIN[0]:TRAIN[1]])
+        chosen = choose_threshold(curve)
+        gt = labels[eval_z[0]:eval_z[-1] + 1]
+        out[mode] = {"0.5": score_at(eval_p, gt, 0.5), "chosen": {**score_at(eval_p, gt, chosen), "threshold": chosen},
+                     "train_curve": curve, "infer_seconds_all_sections": infer_seconds}
+        print(f"  {mode}: V_rand {out[mode]['0.5']['v_rand']:.4f} pixel error {out[mode]['0.5']['pixel_error']:.4f} "
+              f"at 0.5; threshold chosen on sections 0-14: {chosen:.1f} -> V_rand {out[mode]['chosen']['v_rand']:.4f} "
+              f"pixel error {out[mode]['chosen']['pixel_error']:.4f}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------- the record (resumable)
+def run_key(phase: str, method: str, variant: str, seed: int, minutes: float, threads: int) -> str:
+    return f"{phase}/{method}/{variant}/seed={seed}/minutes={minutes:g}/threads={threads}"
+
+
+def load_runs(path: Path) -> dict:
+    if not path.is_file():
+        return {"runs": {}}
+    return json.loads(path.read_text())
+
+
+def save_runs(path: Path, runs: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(runs, indent=1, sort_keys=True))
+    os.replace(tmp, path)  # a run recorded is never half-written
+
+
+def machine() -> str:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown CPU"
+    return f"{os.cpu_count()} cores, {cpu}"
+
+
+def recipe_sha() -> str:
+    """Short hash of the recipe's overlays: a variant is its settings over this recipe."""
+    import hashlib
+
+    return hashlib.sha256(b"".join((REPO / c).read_bytes() for c in BUNDLE_CONFIGS[1:])).hexdigest()[:8]
+
+
+def run_one(args, method: str, seed: int, runs: dict) -> None:
+    import torch
+
+    variant = args.variant if method == "paper" else "default"
+    settings = args.set if method == "paper" else {}
+    recipe = recipe_sha() if method == "paper" else None
+    key = run_key(args.phase, method, variant, seed, args.minutes, args.threads)
+    known = runs["runs"].get(key)
+    if known is not None:
+        if (known["settings"], known.get("recipe_sha")) != (settings, recipe):
+            sys.exit(f"{key} is recorded with the settings {known['settings']} over the recipe "
+                     f"{known.get('recipe_sha')}, not {settings} over {recipe} ({', '.join(BUNDLE_CONFIGS[1:])} "
+                     "changed?): name this variant otherwise (--variant)")
+        print(f"{key}: recorded {known['finished']}, skipped", flush=True)
+        return
+    work = args.work_dir / key.replace("=", "")
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"\n{key}: training for {args.minutes:g} min ({work})", flush=True)
+    started, load_before = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg()[0]
     t0 = time.time()
-    with torch.no_grad():
-        prob = np.stack([torch.softmax(inferer(torch.from_numpy(images[z][None, None]), net), 1)[0, 1].numpy()
-                         for z in val]).astype(np.float64)
-    infer_seconds = time.time() - t0
-    gt = labels[VAL_SLICES[0]:VAL_SLICES[1]]
-    # a stack is scored slice by slice and averaged (macro), except Dice, which evaluate() pools
-    res = evaluate(prob, gt, sweep=True, warping=True)
-    res["dice"] = float(np.mean([dice(p, g) for p, g in zip(prob, gt)]))
-    res["infer_seconds"] = infer_seconds
-    return res
+    stats = TRAINERS[method][0](args, work, seed, settings)
+    stats.update(wall_seconds=time.time() - t0, load_average_1min=[load_before, os.getloadavg()[0]])
+    print(f"  {stats['iterations']} iterations in {stats['train_seconds']:.0f} s "
+          f"({stats['cpu_seconds'] / max(stats['wall_seconds'], 1e-9):.2f} CPU s per s); scoring", flush=True)
+    record = dict(phase=args.phase, method=method, variant=variant, settings=settings, recipe_sha=recipe, seed=seed,
+                  minutes=args.minutes, threads=args.threads, started=started,
+                  finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), machine=machine(),
+                  torch=stats.pop("torch", torch.__version__), stats=stats,
+                  eval_sections=list(PHASES[args.phase]["sections"]),
+                  scores=score_run(args, method, work, settings))
+    import fcntl
+
+    with open(args.json.with_suffix(".lock"), "w") as lock:  # another process may record runs meanwhile
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = load_runs(args.json)
+        runs["runs"][key] = record
+        save_runs(args.json, runs)
+    print(f"  recorded in {args.json}", flush=True)
 
 
-def print_report(results: dict) -> dict:
-    widths = [max(len(h), 10) for _, h, _ in COLUMNS]
-    name_w = max(len(v) for v in LABELS.values())
-    print("\nISBI 2012, trained on sections 0-19, scored on 20-24 (threshold 0.5, mean over sections)")
-    print(f"{'method':<{name_w}}  " + "  ".join(f"{h:>{w}}" for (_, h, _), w in zip(COLUMNS, widths)))
-    for m, r in results.items():
-        cells = [f.format(r[k]) if isinstance(r.get(k), (int, float)) else "-" for k, _, f in COLUMNS]
-        print(f"{LABELS[m]:<{name_w}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
-    print("pixel err, V_rand (thinned), V_info (thinned), warp err: at threshold 0.5; V_rand max: best over "
-          "thresholds 0.0..1.0; iters: (a) batch 1 x 572^2, (b) batch 4 x 256^2.")
-    print(f"Paper, Table 1 (Ronneberger et al. 2015): warping error {PAPER_TABLE1['warping_error']}, Rand error "
-          f"{PAPER_TABLE1['rand_error']}, pixel error {PAPER_TABLE1['pixel_error']} -- measured on the challenge's "
-          "hidden test labels with the 2012 definitions, not on sections 20-24: for orientation only.")
-    targets = {}
-    if "a" in results and "b" in results:
-        a, b = results["a"], results["b"]
-        targets = {"v_rand": a["v_rand"] > b["v_rand"], "pixel_error": a["pixel_error"] < b["pixel_error"]}
-        met = all(targets.values())
-        print(f"Target (a beats b on V_rand and pixel error): {'met' if met else 'not met'} "
-              f"(V_rand {a['v_rand']:.4f} vs {b['v_rand']:.4f}: {'yes' if targets['v_rand'] else 'no'}; "
-              f"pixel error {a['pixel_error']:.4f} vs {b['pixel_error']:.4f}: "
-              f"{'yes' if targets['pixel_error'] else 'no'})")
-        targets["met"] = met
-    return targets
+# ---------------------------------------------------------------- report
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
+
+
+def configurations(runs: dict, phase: str) -> dict:
+    """(method, variant, minutes, threads, mode, policy) -> per-seed score dicts of one phase."""
+    groups: dict = {}
+    for rec in runs["runs"].values():
+        if rec["phase"] != phase:
+            continue
+        for mode, by_policy in rec["scores"].items():
+            for policy in ("0.5", "chosen"):
+                name = (rec["method"], rec["variant"], rec["minutes"], rec["threads"], mode, policy)
+                groups.setdefault(name, {})[rec["seed"]] = {**by_policy[policy], "iterations": rec["stats"]["iterations"]}
+    return groups
+
+
+def label(name: tuple) -> str:
+    method, variant, minutes, threads, mode, policy = name
+    who = method if variant == "default" else f"{method}/{variant}"
+    return f"{who} {mode} t={policy} ({minutes:g} min, {threads} thr)"
+
+
+def print_report(runs: dict, phase: str) -> None:
+    groups = configurations(runs, phase)
+    if not groups:
+        print(f"no {phase} runs recorded")
+        return
+    shown = PHASES[phase]["sections"]
+    print(f"\nISBI 2012, phase {phase}: trained on sections 0-14, scored on {shown[0]}-{shown[1] - 1}; mean +- sd over "
+          "seeds (sample sd), per section averages")
+    width = max(len(label(n)) for n in groups)
+    print(f"{'configuration':<{width}}  seeds  " + "  ".join(f"{h:>17}" for _, h, _, _ in METRICS) + "  iterations")
+    for name in sorted(groups):
+        per_seed = groups[name]
+        cells = []
+        for key, _, fmt, _ in METRICS:
+            m, s = _mean_sd([r[key] for r in per_seed.values()])
+            cells.append(f"{fmt.format(m)} +- {fmt.format(s) if s == s else '-'}")
+        its = _mean_sd([r["iterations"] for r in per_seed.values()])[0]
+        print(f"{label(name):<{width}}  {len(per_seed):>5}  " + "  ".join(f"{c:>17}" for c in cells) + f"  {its:>10.0f}")
+    print("\nper seed (pixel error / V_rand / adapted Rand error):")
+    for name in sorted(groups):
+        print(f"  {label(name):<{width}}  " + "   ".join(
+            f"seed {s}: {r['pixel_error']:.4f} / {r['v_rand']:.4f} / {r['adapted_rand_error']:.4f}"
+            for s, r in sorted(groups[name].items())))
+
+
+def compare(runs: dict, phase: str, ours: tuple, peers: list[tuple]) -> None:
+    """Done-when check: ours beats each peer on mean V_rand and mean pixel error by more than one pooled sd."""
+    groups = configurations(runs, phase)
+    if ours not in groups:
+        return
+    for peer in peers:
+        if peer not in groups:
+            continue
+        print(f"\n{label(ours)} against {label(peer)}:")
+        for key, better in (("v_rand", "max"), ("pixel_error", "min")):
+            a_m, a_s = _mean_sd([r[key] for r in groups[ours].values()])
+            b_m, b_s = _mean_sd([r[key] for r in groups[peer].values()])
+            pooled = float(np.sqrt((a_s ** 2 + b_s ** 2) / 2))
+            gain = (a_m - b_m) if better == "max" else (b_m - a_m)
+            print(f"  {key}: {a_m:.4f} vs {b_m:.4f}, gain {gain:+.4f}, pooled sd {pooled:.4f} -> "
+                  f"{'decisive' if gain > pooled else 'not decisive'} ({len(groups[ours])} vs {len(groups[peer])} seeds)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=20.0, help="training budget per method (default 20)")
+    ap.add_argument("--phase", choices=tuple(PHASES), default="tune",
+                    help="tune: score sections 15-19 (choosing settings); final: score 20-24 (settings frozen)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=["paper"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--minutes", type=float, default=None, help="training budget per run (default: tune 10, final 20)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for training and inference (default 2)")
-    ap.add_argument("--methods", nargs="+", choices=("a", "b"), default=["a", "b"],
-                    help="a: paper recipe (bundle), b: MONAI BasicUNet baseline")
+    ap.add_argument("--variant", default="recipe", help="name of the paper variant recorded (default: recipe, "
+                    "the bundle's documented CPU recipe)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="bundle keys of the paper variant, values in YAML, e.g. weight_w0=20 batch_size=2")
     ap.add_argument("--data-dir", type=Path, default=default_data_dir(),
                     help="folder with train-volume.tif and train-labels.tif (default: $EM_DATA_DIR/isbi2012 "
                          "or <repo>/../shared/data/isbi2012)")
-    ap.add_argument("--work-dir", type=Path, default=None, help="checkpoints and logs (default: a temporary folder)")
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
-    ap.add_argument("--paper-set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override bundle keys for (a), values in YAML, e.g. dropout=0 elastic_prob=0.5")
-    ap.add_argument("--score-only", action="store_true",
-                    help="score the models an earlier run left in --work-dir, without training (e.g. with other --paper-set "
-                         "inference keys such as adapt_norm=false)")
-    ap.add_argument("--baseline-out", default=None, help=argparse.SUPPRESS)  # internal: the (b) training subprocess
+    ap.add_argument("--work-dir", type=Path, default=None, help="checkpoints, logs (default: a temporary folder)")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"the record of runs (default {DEFAULT_JSON})")
+    ap.add_argument("--torch-em-python", default=str(DEFAULT_PEER_PYTHON),
+                    help="python of torch-em's environment (default .venv-bench/bin/python)")
+    ap.add_argument("--report", action="store_true", help="print the tables of the recorded runs and exit")
+    ap.add_argument("--compare", default="paper/recipe:tta:chosen",
+                    help="the configuration checked against the peers' plain runs at 0.5 in the report")
+    # internal: the training subprocesses
+    ap.add_argument("--monai-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--torch-em-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seed-here", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--predict-sections", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.seed = args.seed_here
+    if args.monai_out or args.torch_em_out:
+        args.data_dir = args.data_dir.expanduser().resolve()
+        return train_monai_here(args) if args.monai_out else train_torch_em_here(args)
     import yaml
 
     try:
-        args.paper_set = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.paper_set)}
+        args.set = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     except ValueError:
-        ap.error(f"--paper-set takes KEY=VALUE items, got {args.paper_set}")
-    if args.score_only and not args.work_dir:
-        ap.error("--score-only needs the --work-dir of an earlier run")
+        ap.error(f"--set takes KEY=VALUE items, got {args.set}")
+    if args.set and args.variant == "recipe":
+        ap.error("--set changes the recipe: name the variant with --variant")
+    args.minutes = PHASES[args.phase]["minutes"] if args.minutes is None else args.minutes
     if args.minutes <= 0 or args.threads < 1:
         ap.error("--minutes must be > 0 and --threads >= 1")
+    args.json = args.json.expanduser().resolve()
+    runs = load_runs(args.json)
+    if args.report:
+        for phase in PHASES:
+            print_report(runs, phase)
+            who, mode, policy = args.compare.split(":")
+            method, _, variant = who.partition("/")
+            compare(runs, phase, (method, variant or "default", PHASES[phase]["minutes"], args.threads, mode, policy),
+                    [(m, "default", PHASES[phase]["minutes"], args.threads, "plain", p)
+                     for m in ("monai", "torch_em") for p in ("0.5", "chosen")])
+        return
     args.data_dir = args.data_dir.expanduser().resolve()
     missing = [f for f in ("train-volume.tif", "train-labels.tif") if not (args.data_dir / f).is_file()]
     if missing:
         sys.exit(f"ISBI 2012 data not found: {', '.join(missing)} missing in {args.data_dir}. Fetch it with "
                  "scripts/fetch_isbi2012.py, or point --data-dir / $EM_DATA_DIR at it.")
-    if args.baseline_out:
-        return train_baseline_here(args)
-
     import torch
 
     torch.set_num_threads(args.threads)
-    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="benchmark_quality_"))).resolve()
-    images, labels = load_isbi(args.data_dir)
-    print(f"data: {args.data_dir} {images.shape}; budget {args.minutes:g} min per method, "
-          f"{args.threads} threads; work dir {work}", flush=True)
-    trainers = {"a": (train_paper, predict_paper), "b": (train_baseline, predict_baseline)}
-    results = {}
-    for m in args.methods:
-        mdir = work / m
-        train, predict = trainers[m]
-        if args.score_only:
-            stats = json.loads((mdir / "stats.json").read_text())
-            print(f"\n{LABELS[m]}: the model trained earlier in {mdir}", flush=True)
-        else:
-            mdir.mkdir(parents=True, exist_ok=True)
-            print(f"\n{LABELS[m]}: training for {args.minutes:g} min", flush=True)
-            t0 = time.time()
-            stats = train(args, mdir)
-            stats["wall_seconds"] = time.time() - t0
-        print(f"  {stats['iterations']} iterations in {stats['train_seconds']:.0f} s; scoring sections 20-24", flush=True)
-        results[m] = {**stats, **score(*predict(args, mdir, images), images, labels)}
-    targets = print_report(results)
-    if args.json:
-        payload = dict(minutes=args.minutes, threads=args.threads, data_dir=str(args.data_dir), work_dir=str(work),
-                       val_slices=list(VAL_SLICES), paper_set=args.paper_set, methods={LABELS[m]: r for m, r in results.items()},
-                       targets=targets, paper_table1=PAPER_TABLE1)
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"results written to {args.json}")
+    args.work_dir = (args.work_dir or Path(tempfile.mkdtemp(prefix="benchmark_quality_"))).resolve()
+    args.isbi = load_isbi(args.data_dir)
+    print(f"data: {args.data_dir} {args.isbi[0].shape}; phase {args.phase}, {args.minutes:g} min per run, "
+          f"{args.threads} threads; record {args.json}; work dir {args.work_dir}", flush=True)
+    for seed in args.seeds:  # seeds outermost: an interrupted series has every method at the same seeds
+        for method in args.methods:
+            run_one(args, method, seed, runs)
+    print_report(load_runs(args.json), args.phase)
 
 
 if __name__ == "__main__":

@@ -408,3 +408,20 @@ def test_other_bad_arguments():
         M.info_scores(-np.ones((2, 2), int), np.ones((2, 2), int))
     with pytest.raises(ValueError, match="average must be"):
         M.v_rand(p, g, average="mean")
+
+
+def test_adapted_rand_error_by_hand():
+    # ground truth: two 2-pixel cells A = {0, 1}, B = {3, 4}; pixel 2 is membrane (ignored)
+    label = np.array([[1, 1, 0, 1, 1]])
+    assert M.adapted_rand_error(label.astype(float), label) == 0.0
+    # one predicted cell over everything: pairs (no self-pairs) inside A and B: 2 + 2 = 4 of
+    # the 12 pairs of the predicted cell -> precision 1 (= 4 / 4 GT pairs), recall 4/12, F = 0.5
+    assert M.adapted_rand_error(np.ones((1, 5)), label) == pytest.approx(0.5)
+    # the predicted membrane is one segment: A and B predicted as membrane except pixel 0 and 4
+    # -> segments {0}, {1, 2, 3} (label 0), {4}: pairs in A and B: none -> F = 0, error 1
+    assert M.adapted_rand_error(np.array([[1.0, 0, 0, 0, 1]]), label) == pytest.approx(1.0)
+    # a stack is the mean of its slices; a slice without ground-truth cells is skipped
+    stack_p = np.stack([np.ones((1, 5)), label.astype(float), np.ones((1, 5))])
+    stack_g = np.stack([label, label, np.zeros((1, 5), int)])
+    assert M.adapted_rand_error(stack_p, stack_g) == pytest.approx(0.25)
+    assert M.evaluate(np.ones((1, 5)), label, sweep=False, warping=False)["adapted_rand_error"] == pytest.approx(0.5)

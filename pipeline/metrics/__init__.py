@@ -51,6 +51,13 @@ V_rand (foreground-restricted Rand F-score)
   Pairs are counted with self-pairs (the "N^2 normalisation" of Fiji's
   ``getForegroundRestrictedRandIndexStatsN2``). ``V_rand = 1 - adapted Rand error``.
 
+Adapted Rand error (SNEMI3D / CREMI)
+  ``1 - F`` of the Rand precision and recall between the 4-connected cells of the
+  prediction and of the ground truth, with scikit-image's ``adapted_rand_error``: ground-truth
+  boundary pixels are ignored, the predicted boundary is one ordinary segment and self-pairs
+  are not counted, so a prediction whose membranes are too thick is penalised (V_rand,
+  which thins them, is not). Stacks: mean of the per-slice errors.
+
 V_info (foreground-restricted information-theoretic score)
   ``I(S;T)`` the mutual information of the same joint distribution (natural log)::
 
@@ -107,7 +114,7 @@ Differences from other implementations
 
 from pipeline.metrics.common import ISBI_THRESHOLDS, WARPING_THRESHOLDS, binarize_label, segment, thin_boundaries
 from pipeline.metrics.pixel import dice, iou, pixel_error
-from pipeline.metrics.rand import Scores, best_over_thresholds, info_scores, info_terms, rand_scores, v_info, v_rand
+from pipeline.metrics.rand import Scores, adapted_rand_error, best_over_thresholds, info_scores, info_terms, rand_scores, v_info, v_rand
 from pipeline.metrics.summary import evaluate
 from pipeline.metrics.warping import classify_mismatches, simple_point_lut, simple_point_warp, warping_error
 
@@ -126,6 +133,7 @@ __all__ = [
     "info_terms",
     "v_rand",
     "v_info",
+    "adapted_rand_error",
     "best_over_thresholds",
     "simple_point_lut",
     "simple_point_warp",

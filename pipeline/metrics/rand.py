@@ -252,6 +252,32 @@ def v_info(prob, label, threshold: float = 0.5, *, thin: bool = True, return_par
     return res if return_parts else res.score
 
 
+def adapted_rand_error(prob, label, threshold: float = 0.5) -> float:
+    """Adapted Rand error of the 4-connected cells, per slice, averaged (lower is better).
+
+    The SNEMI3D / CREMI form, computed by ``skimage.metrics.adapted_rand_error``: the
+    ground-truth cells are the 4-connected components of ``label``'s foreground (its
+    boundary pixels, label 0, are ignored), the predicted cells those of
+    ``prob > threshold``; unlike :func:`v_rand`, the predicted boundary (label 0) is one
+    ordinary segment, and self-pairs are not counted. ``are = 1 - F`` of the Rand
+    precision and recall (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142).
+
+    Args:
+        prob: foreground probabilities, one slice ``(H, W)`` or a stack ``(Z, H, W)``.
+        label: ground truth of the same shape (foreground = cell interior).
+        threshold: ``prob > threshold`` is foreground.
+
+    Returns:
+        The mean over slices with ground-truth foreground; NaN when no slice has any.
+    """
+    from skimage.metrics import adapted_rand_error as skimage_are
+
+    p, g = _check_pair(prob, label)
+    t = _check_threshold(threshold)
+    errors = [skimage_are(gt, _components(ps > t))[0] for ps, gt in zip(_slices(p), _gt_labels(g)) if gt.any()]
+    return float(np.mean(errors)) if errors else float("nan")
+
+
 def best_over_thresholds(metric: Callable[..., float], prob, label,
                          thresholds: Sequence[float] = ISBI_THRESHOLDS, *,
                          mode: str | None = None, **kwargs) -> tuple[float, float]:

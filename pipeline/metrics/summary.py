@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.metrics.common import ISBI_THRESHOLDS, WARPING_THRESHOLDS, _check_pair, _check_threshold
 from pipeline.metrics.pixel import dice, iou, pixel_error
-from pipeline.metrics.rand import _nanmean0, _rand_from_sums, _v_curves, best_over_thresholds
+from pipeline.metrics.rand import _nanmean0, adapted_rand_error, _rand_from_sums, _v_curves, best_over_thresholds
 from pipeline.metrics.warping import _warping_counts, warping_error
 
 
@@ -23,7 +23,8 @@ def evaluate(prob, label, threshold: float = 0.5, *,
     Keys (at ``threshold``): ``pixel_error``, ``dice``, ``iou`` (foreground),
     ``dice_membrane``, ``iou_membrane``, ``v_rand``, ``v_rand_merge``, ``v_rand_split``,
     ``v_info``, ``v_info_merge``, ``v_info_split`` (thinned, official form),
-    ``v_rand_unthinned``, ``v_info_unthinned``; with ``warping``: ``warping_error`` and
+    ``v_rand_unthinned``, ``v_info_unthinned``, ``adapted_rand_error`` (4-connected
+    cells, SNEMI3D form; :func:`~pipeline.metrics.adapted_rand_error`); with ``warping``: ``warping_error`` and
     ``warping_error_splits_mergers``.
 
     With ``sweep`` (over ``thresholds``, default :data:`ISBI_THRESHOLDS`):
@@ -52,6 +53,7 @@ def evaluate(prob, label, threshold: float = 0.5, *,
     rand_u, info_u, sums_u = _v_curves(p, g, all_th, thin=False)
     out["v_rand_unthinned"] = float(_nanmean0(rand_u)[0, 0])
     out["v_info_unthinned"] = float(_nanmean0(info_u)[0, 0])
+    out["adapted_rand_error"] = adapted_rand_error(p, g, t)
     if ths:
         def best(curve):
             if np.all(np.isnan(curve)):
