@@ -75,6 +75,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's `pipeline`, also when another one is installed (a frozen copy)
 BUNDLE_CONFIGS = ["bundles/em_unet/configs/train.yaml", "configs/isbi2012.yaml", "configs/isbi2012_cpu.yaml"]
 TRAIN, TUNE, REPORT = (0, 15), (15, 20), (20, 25)  # [start, stop) section ranges
 PHASES = {"tune": dict(sections=TUNE, minutes=10.0), "final": dict(sections=REPORT, minutes=20.0)}
