@@ -7,6 +7,8 @@
   values, and writing the final checkpoint only when a run completes.
 - :func:`latest_checkpoint` / :func:`check_resume`: which checkpoint ``--resume true`` reads, and
   whether it fits the run.
+- :func:`init_weights` / :data:`PRETRAINED`: ``init_from``, training that starts from shipped
+  pretrained weights or from another run's checkpoint.
 """
 
 from __future__ import annotations
@@ -221,6 +223,72 @@ def check_resume(ckpt_dir: str | os.PathLike, network: Any, optimizer_name: str)
             f"checkpoint {path} was trained with the {saved} optimizer, but this run builds {own}; resume with "
             f"--optimizer_name {saved} (as that run), or start a new run in another --ckpt_dir"
         )
+    return str(path)
+
+
+#: ``init_from`` names of the weights shipped in the package (``pipeline/pretrained/``), with how they were made
+PRETRAINED = {
+    "synthetic": ("synthetic_unet16_valid_bn.pt",
+                  "the CPU recipe's network (configs/em_cpu.yaml: features [16, 32, 64, 128, 256], valid, "
+                  "BatchNorm, 2 output channels) trained on the embedded synthetic EM default by "
+                  "scripts/pretrain_synthetic.py"),
+}
+
+
+def pretrained_path(name: str) -> Path:
+    """The file of a shipped pretrained network (:data:`PRETRAINED`).
+
+    Raises:
+        ValueError: an unknown name, listing the known ones.
+        FileNotFoundError: the file is not in this installation (say how to make it).
+    """
+    if name not in PRETRAINED:
+        raise ValueError(f"init_from {name!r} names no shipped weights; valid: {', '.join(PRETRAINED)}, a checkpoint "
+                         "path, or null (random initial weights)")
+    path = Path(__file__).resolve().parent / "pretrained" / PRETRAINED[name][0]
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from {name!r}: {path} is missing from this installation; make it with "
+                                "python scripts/pretrain_synthetic.py, or set --init_from null")
+    return path
+
+
+def init_weights(network: torch.nn.Module, init_from: str | os.PathLike | None) -> str | None:
+    """Start training from earlier weights: the bundle key ``init_from`` (a pre-flight check, then the load).
+
+    Args:
+        network: the network to be trained (a ``DistributedDataParallel`` wrapper is unwrapped).
+        init_from: ``None`` (keep the random initial weights), a name of :data:`PRETRAINED`
+            (``"synthetic"``), or the path of a checkpoint (``model.pt``, ``model_final.pt`` or a
+            resume checkpoint, whose ``model`` is used). The optimizer and schedule start afresh, as
+            in fine-tuning; ``resume: true`` loads its own checkpoint over these weights.
+
+    Returns:
+        The file the weights were read from, or ``None``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: an unknown name; a file that cannot be read; weights of another architecture
+            (the settings that differ, and the keys to set), non-finite weights.
+    """
+    if init_from in (None, "", "null", "none"):
+        return None
+    path = pretrained_path(str(init_from)) if str(init_from) in PRETRAINED else Path(init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from {str(init_from)!r}: no such file; valid: {', '.join(PRETRAINED)}, a "
+                                "checkpoint path, or null")
+    target = getattr(network, "module", network)
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    try:
+        check_state_dict(target, state, path)
+    except ValueError as err:
+        what = PRETRAINED[str(init_from)][1] if str(init_from) in PRETRAINED else "the network it was trained as"
+        message = str(err).replace(ARCHITECTURE_ADVICE, "").rstrip(". ")
+        raise ValueError(f"init_from {str(init_from)!r}: {message}. It holds {what}: set the network keys "
+                         "(--features, --padding, --norm, --loss_name) to match, or --init_from null") from None
+    target.load_state_dict(state)
+    logging.getLogger(__name__).info("initial weights from %s (init_from %s)", path, init_from)
     return str(path)
 
 

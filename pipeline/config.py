@@ -194,7 +194,14 @@ RANGES: dict[str, tuple] = {
     "threshold": (0, 1, False, False, False),
     "num_val": (0, None, False, False, True),
     "num_images": (1, None, False, False, True),
+    "train_minutes": (0, None, True, False, False),
 }
+
+
+def optional(value: Any) -> Any:
+    """``None`` for the ways a command line spells it (``null``, ``none``, any case; MONAI's CLI
+    passes ``--key null`` on as the string ``"null"``), any other value unchanged."""
+    return None if isinstance(value, str) and value.strip().lower() in ("null", "none") else value
 
 
 def check_hyperparameters(**values: Any) -> None:

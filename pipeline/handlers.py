@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -260,6 +261,73 @@ class StopOnNonFiniteLoss:
             f"{engine.state.iteration} ({lr}); the run diverged. Lower --learning_rate (e.g. by 10x), or use "
             "--optimizer_name adam; no checkpoint was written from this point, earlier ones are kept"
         )
+
+
+class TrainingTimeBudget:
+    """Train for a time budget instead of a number of epochs, the learning rate decaying over it.
+
+    The bundle key ``train_minutes``. The budget counts the seconds of training iterations only:
+    from fetching a batch (``GET_BATCH_STARTED``) to the end of the step (``ITERATION_COMPLETED``),
+    so building the dataset cache, validation and checkpoint saves are not charged. Before each
+    iteration every optimizer group's learning rate is set to
+    ``learning_rate * (1 - spent / budget) ** power``: the polynomial ("poly") schedule of
+    :class:`pipeline.optim.PolynomialDecay`, over the budget instead of over ``num_epochs``. After
+    the iteration that spends the budget the trainer terminates (ignite then completes the run, so
+    ``model_final.pt`` is saved). ``num_epochs`` stays an upper bound.
+
+    A resumed run (``resume: true``) gets a budget of its own. In a distributed run rank 0's clock
+    decides (broadcast every iteration), so all ranks use the same learning rate and stop together.
+    ``engine.state.train_seconds`` holds the seconds spent.
+
+    Args:
+        minutes: the budget, > 0.
+        optimizer: the trainer's optimizer.
+        learning_rate: the rate at the start (the bundle's ``learning_rate``).
+        power: the decay's exponent (the bundle's ``lr_power``; 0 keeps the rate constant).
+
+    Raises:
+        ValueError: a budget that is not a positive number, or a negative ``power``.
+    """
+
+    def __init__(self, minutes: float, optimizer, learning_rate: float, power: float = 0.9) -> None:
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes < math.inf:
+            raise ValueError(f"train_minutes must be a positive number of minutes (or null: train num_epochs), got {minutes!r}")
+        if power < 0:
+            raise ValueError(f"lr_power must be >= 0, got {power!r}")
+        self.budget, self.optimizer = 60.0 * float(minutes), optimizer
+        self.learning_rate, self.power = float(learning_rate), float(power)
+        self.spent, self._start = 0.0, None
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._begin)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._set_rate)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._end)
+
+    def _reset(self, engine) -> None:
+        self.spent, self._start = 0.0, None
+        engine.state.train_seconds = 0.0
+
+    def _begin(self, engine) -> None:
+        self._start = time.perf_counter()
+
+    def _agreed(self) -> float:
+        if idist.get_world_size() > 1:
+            return float(idist.broadcast(torch.tensor(self.spent, dtype=torch.float64), src=0))
+        return self.spent
+
+    def _set_rate(self, engine) -> None:
+        rate = self.learning_rate * max(0.0, 1.0 - self._agreed() / self.budget) ** self.power
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+
+    def _end(self, engine) -> None:
+        if self._start is not None:
+            self.spent += time.perf_counter() - self._start
+            self._start = None
+        engine.state.train_seconds = self.spent
+        if self._agreed() >= self.budget:
+            engine.terminate()
 
 
 def attach(engine, *handlers) -> None:

@@ -18,10 +18,10 @@ Methods (each trains for ``--minutes`` of wall-clock time with ``--threads`` CPU
 from its first training iteration; ``--seed`` sets the initial weights, the data order and the
 augmentation):
 
-``paper``     the bundle: ``python -m monai.bundle run training`` with ``bundles/em_unet/configs/train.yaml``,
-    ``configs/isbi2012.yaml`` and ``configs/isbi2012_cpu.yaml`` (the documented CPU recipe), plus a
-    budget overlay written here (the recipe's polynomial learning-rate decay runs over the time
-    budget; the final weights are scored). ``--variant NAME --set KEY=VALUE ...`` records a variant
+``paper``     the bundle: ``python -m monai.bundle run training`` with ``bundles/em_unet/configs/train.yaml``
+    and ``configs/em_cpu.yaml`` (the documented CPU recipe, as the bundle README gives it for one's
+    own data: ``--images``, ``--labels``, ``--val_slices``), its time budget ``--train_minutes`` (the
+    polynomial learning-rate decay runs over it; validation off; the final weights are scored). ``--variant NAME --set KEY=VALUE ...`` records a variant
     with other bundle keys. Predicted with ``pipeline.inferers.OverlapTileInferer`` with the
     recipe's ``adapt_norm`` (AdaBN), with and without the 8-fold test-time augmentation (``tta``).
 ``monai``     ``monai.networks.nets.BasicUNet`` (default features) with ``DiceCELoss``, random 256x256
@@ -55,6 +55,8 @@ Usage::
     python scripts/benchmark_quality.py --phase tune --methods paper --seeds 0 1 2
     python scripts/benchmark_quality.py --phase tune --methods paper --variant w0_20 --set weight_w0=20
     python scripts/benchmark_quality.py --phase final --methods paper monai torch_em --seeds 0 1 2
+    python scripts/benchmark_quality.py --phase tune --variant synthetic_0min --set init_from=synthetic --minutes 0
+    python scripts/benchmark_quality.py --phase final --recipe gpu --seeds 0 1 2 --minutes 60  # the paper's widths, GPU
     python scripts/benchmark_quality.py --report                       # tables from the JSON alone
     python scripts/benchmark_quality.py --phase tune --minutes 0.3 --json /tmp/q.json   # a smoke run
 """
@@ -76,7 +78,18 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's `pipeline`, also when another one is installed (a frozen copy)
-BUNDLE_CONFIGS = ["bundles/em_unet/configs/train.yaml", "configs/isbi2012.yaml", "configs/isbi2012_cpu.yaml"]
+RECIPES = {  # the bundle's configs of each recipe: the CPU recipe (documented default) and the paper's, for a GPU
+    "cpu": ["bundles/em_unet/configs/train.yaml", "configs/em_cpu.yaml"],
+    "gpu": ["bundles/em_unet/configs/train.yaml", "configs/isbi2012.yaml"],
+}
+#: keys that do not change what is trained (data, bookkeeping, budget): left out of a recipe's hash
+NOT_RECIPE = {"dataset_dir", "images", "labels", "val_slices", "val_files", "image_key", "label_key", "datalist",
+              "datalists", "train_datalist", "val_datalist", "num_images", "num_val", "image_size", "data_cache_dir",
+              "num_epochs", "val_interval", "ckpt_interval", "log_interval", "train_minutes", "init_from", "resume",
+              "seed", "imports", "bundle_root", "ckpt_dir", "output_dir", "device", "rank", "world_size",
+              "distributed_setup", "summary_writer", "flags", "checks", "initialize", "training", "run",
+              "checkpointing", "validate", "train"}
+BUNDLE_CONFIGS = RECIPES["cpu"]
 TRAIN, TUNE, REPORT = (0, 15), (15, 20), (20, 25)  # [start, stop) section ranges
 PHASES = {"tune": dict(sections=TUNE, minutes=10.0), "final": dict(sections=REPORT, minutes=20.0)}
 TORCH_EM_VAL = (13, 15)  # torch-em holds out the last sections of its training data for validation
@@ -120,7 +133,8 @@ def thread_env(threads: int) -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU benchmark
+    if BUNDLE_CONFIGS is RECIPES["cpu"]:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU benchmark
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
@@ -144,38 +158,39 @@ def run_logged(cmd: list, log: Path, threads: int, timeout: float) -> float:
 
 # ---------------------------------------------------------------- paper: the bundle's recipe
 def train_paper(args, work: Path, seed: int, settings: dict) -> dict:
+    import shutil
+
     import yaml
 
+    if args.minutes == 0:  # zero-shot: the initial weights, untrained
+        from pipeline.checkpoints import PRETRAINED, pretrained_path
+
+        source = settings.get("init_from")
+        if not source:
+            sys.exit("--minutes 0 scores the initial weights untrained: name them with --set init_from=...")
+        (work / "models").mkdir(exist_ok=True)
+        shutil.copyfile(pretrained_path(source) if source in PRETRAINED else source, work / "models" / "model_final.pt")
+        return dict(iterations=0, epochs=0, train_seconds=0.0, cpu_seconds=0.0)
     base = yaml.safe_load((REPO / BUNDLE_CONFIGS[0]).read_text())
     training = base["training"]
     at = [i for i, item in enumerate(training) if "@train#trainer.run()" in item]
     if len(at) != 1:
         sys.exit(f"{BUNDLE_CONFIGS[0]}: expected one '@train#trainer.run()' in `training`, got {training}")
     stats = work / "stats.json"
-    ev = "ignite.engine.Events"
     # No expression may contain the word "import" (MONAI then parses it raw, @references and all),
     # so the stats path, which might, enters as a config value (a lambda's default argument).
-    hooks = [  # the clock starts at STARTED (after the dataset is cached), as for the other methods
-        f"$@train#trainer.add_event_handler({ev}.STARTED, lambda e: setattr(e.state, 't0', time.time()))",
-        # the recipe's polynomial decay (lr_power) runs over the time budget instead of num_epochs
-        f"$@train#trainer.add_event_handler({ev}.ITERATION_STARTED, lambda e, s=@budget_seconds, lr=@learning_rate, "
-        "p=@lr_power: [g.update(lr=lr * max(0.0, 1.0 - (time.time() - e.state.t0) / s) ** p) "
-        "for g in @optimizer.param_groups])",
-        f"$@train#trainer.add_event_handler({ev}.ITERATION_COMPLETED, lambda e, s=@budget_seconds: "
-        "e.terminate() if time.time() - e.state.t0 > s else None)",
-        f"$@train#trainer.add_event_handler({ev}.COMPLETED, lambda e, p=@budget_stats, o=@optimizer: open(p, 'w').write("
-        "json.dumps(dict(iterations=e.state.iteration, epochs=e.state.epoch, train_seconds=time.time() - e.state.t0, "
-        "final_lr=o.param_groups[0]['lr']))))",
-    ]
-    overlay = {"imports": base["imports"] + ["$import time", "$import json"],
-               "budget_seconds": args.minutes * 60.0, "budget_stats": str(stats),
-               "num_epochs": 1_000_000, "val_interval": 1_000_000_000,
-               "training": training[: at[0]] + hooks + training[at[0]:]}
+    hook = ("$@train#trainer.add_event_handler(ignite.engine.Events.COMPLETED, lambda e, p=@budget_stats: open(p, 'w')"
+            ".write(json.dumps(dict(iterations=e.state.iteration, epochs=e.state.epoch, "
+            "train_seconds=e.state.train_seconds))))")
+    overlay = {"imports": base["imports"] + ["$import json"], "budget_stats": str(stats),
+               "num_epochs": 1_000_000, "val_interval": 1_000_000_000,  # the budget ends the run; no validation
+               "training": training[: at[0]] + [hook] + training[at[0]:]}
     (work / "budget.yaml").write_text(yaml.safe_dump(overlay, width=1000))
     configs = [str(REPO / c) for c in BUNDLE_CONFIGS] + [str(work / "budget.yaml")]
-    # val_slices [15, 25] leaves sections 0-14 for training (validation is off: val_interval)
+    # val_slices [15, 25] leaves sections 0-14 for training
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", repr(configs),
-           "--dataset_dir", args.data_dir, "--val_slices", repr([TRAIN[1], REPORT[1]]), "--seed", seed,
+           "--images", args.data_dir / "train-volume.tif", "--labels", args.data_dir / "train-labels.tif",
+           "--val_slices", repr([TRAIN[1], REPORT[1]]), "--seed", seed, "--train_minutes", repr(args.minutes),
            "--ckpt_dir", work / "models", "--output_dir", work / "eval", "--data_cache_dir", work / "cache"]
     for key, value in settings.items():
         cmd += [f"--{key}", json.dumps(value).replace(" ", "")]
@@ -196,10 +211,11 @@ def predictor_paper(args, work: Path, settings: dict, mode: str):
     net = parser.get_parsed_content("network_def")
     state = torch.load(work / "models" / "model_final.pt", map_location="cpu", weights_only=True)
     net.load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
-    net.eval()
+    device = "cuda" if BUNDLE_CONFIGS is RECIPES["gpu"] and torch.cuda.is_available() else "cpu"
+    net.to(device).eval()
     inferer = OverlapTileInferer(adapt_norm=bool(parser.get_parsed_content("adapt_norm")), tta=mode == "tta")
     images = args.isbi[0]
-    return lambda z: torch.softmax(inferer(torch.from_numpy(images[z][None, None]), net), 1)[0, 1].numpy()
+    return lambda z: torch.softmax(inferer(torch.from_numpy(images[z][None, None]).to(device), net), 1)[0, 1].cpu().numpy()
 
 
 # ---------------------------------------------------------------- monai: a plain MONAI user
@@ -436,11 +452,20 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}"
 
 
-def recipe_sha() -> str:
-    """Short hash of the recipe's overlays: a variant is its settings over this recipe."""
+def recipe_sha(configs: list[str] | None = None) -> str:
+    """Short hash of what the recipe trains: its merged config keys, except data, bookkeeping and budget
+    (``NOT_RECIPE``), plus the training augmentation. Comments, file names and key order do not count,
+    so a reorganised recipe that trains the same keeps its hash; a variant is its settings over it."""
     import hashlib
 
-    return hashlib.sha256(b"".join((REPO / c).read_bytes() for c in BUNDLE_CONFIGS[1:])).hexdigest()[:8]
+    import yaml
+
+    merged: dict = {}
+    for c in configs or BUNDLE_CONFIGS:
+        merged.update(yaml.safe_load((REPO / c).read_text()))
+    recipe = {k: v for k, v in merged.items() if k not in NOT_RECIPE}
+    recipe["train#random_transforms"] = merged["train"]["random_transforms"]
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def run_one(args, method: str, seed: int, runs: dict) -> None:
@@ -559,8 +584,11 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--minutes", type=float, default=None, help="training budget per run (default: tune 10, final 20)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for training and inference (default 2)")
-    ap.add_argument("--variant", default="recipe", help="name of the paper variant recorded (default: recipe, "
-                    "the bundle's documented CPU recipe)")
+    ap.add_argument("--recipe", choices=tuple(RECIPES), default="cpu",
+                    help="cpu: the documented CPU recipe (configs/em_cpu.yaml); gpu: the paper's full-width recipe "
+                         "(configs/isbi2012.yaml), on a GPU when one is visible")
+    ap.add_argument("--variant", default=None, help="name of the paper variant recorded (default: recipe, the "
+                    "bundle's documented recipe; with --recipe gpu: gpu_recipe)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="bundle keys of the paper variant, values in YAML, e.g. weight_w0=20 batch_size=2")
     ap.add_argument("--data-dir", type=Path, default=default_data_dir(),
@@ -589,11 +617,14 @@ def main() -> None:
         args.set = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     except ValueError:
         ap.error(f"--set takes KEY=VALUE items, got {args.set}")
-    if args.set and args.variant == "recipe":
+    global BUNDLE_CONFIGS
+    BUNDLE_CONFIGS = RECIPES[args.recipe]
+    args.variant = args.variant or {"cpu": "recipe", "gpu": "gpu_recipe"}[args.recipe]
+    if args.set and args.variant in ("recipe", "gpu_recipe"):
         ap.error("--set changes the recipe: name the variant with --variant")
     args.minutes = PHASES[args.phase]["minutes"] if args.minutes is None else args.minutes
-    if args.minutes <= 0 or args.threads < 1:
-        ap.error("--minutes must be > 0 and --threads >= 1")
+    if args.minutes < 0 or (args.minutes == 0 and args.methods != ["paper"]) or args.threads < 1:
+        ap.error("--minutes must be > 0 (0: --methods paper with --set init_from=..., scored untrained) and --threads >= 1")
     args.json = args.json.expanduser().resolve()
     runs = load_runs(args.json)
     if args.report:

@@ -100,3 +100,69 @@ def test_verify_net_in_out_for_every_shipped_overlay(overlay):
     if overlay == "seed_variant.yaml":  # the fragment is what makes it pass
         with pytest.raises(ValueError, match="output channel number `1` doesn't match: `2`"):
             verify_net_in_out(net_id="network_def", meta_file=meta[:1], config_file=configs, n=2)
+
+
+@pytest.mark.slow
+def test_init_from_starts_training_from_those_weights(tmp_path):
+    """--init_from: training starts from a checkpoint's weights (fine-tuning); one of another
+    architecture is refused by the pre-flight, naming the key, before anything is written."""
+    run_bundle(tmp_path / "a", "--num_epochs", "1", "--seed", "0")
+    start = torch.load(tmp_path / "a/models/model_final.pt", weights_only=True)
+    # a learning rate of 1e-12 keeps the weights where they started, to ~1e-11 (Adam steps ~ lr)
+    run_bundle(tmp_path / "b", "--num_epochs", "1", "--seed", "1", "--learning_rate", "1e-12",
+               "--init_from", str(tmp_path / "a/models/model_final.pt"))
+    tuned = torch.load(tmp_path / "b/models/model_final.pt", weights_only=True)
+    scratch = UNet(features=(4, 8, 16, 32, 64)).state_dict()  # a fresh network: far from `start`
+    assert torch.allclose(tuned["head.weight"], start["head.weight"], atol=1e-9)
+    assert all(torch.allclose(tuned[k], start[k], atol=1e-9) for k in start if k.endswith("weight"))
+    assert not torch.allclose(scratch["head.weight"], start["head.weight"], atol=1e-3)
+    wrong = run_bundle(tmp_path / "c", "--features", "[8,16,32,64,128]", "--init_from",
+                       str(tmp_path / "a/models/model_final.pt"), check=False)
+    assert wrong.returncode != 0
+    assert "init_from" in wrong.stderr and "features: checkpoint [4, 8, 16, 32, 64], network [8, 16, 32, 64, 128]" in wrong.stderr
+    assert not (tmp_path / "c/models").exists() or not any((tmp_path / "c/models").iterdir())
+
+
+def test_init_from_names_and_missing_files(tmp_path):
+    from pipeline.checkpoints import init_weights, pretrained_path
+
+    net = UNet(features=(4, 8, 16, 32, 64))
+    before = {k: v.clone() for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert init_weights(net, None) is None and init_weights(net, "null") is None
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items() if isinstance(v, torch.Tensor))
+    with pytest.raises(FileNotFoundError, match="nothing.pt': no such file; valid: synthetic, a checkpoint path, or null"):
+        init_weights(net, str(tmp_path / "nothing.pt"))
+    with pytest.raises(ValueError, match="'imagenet' names no shipped weights; valid: synthetic"):
+        pretrained_path("imagenet")
+
+
+def test_training_time_budget_counts_iterations_and_decays_the_rate():
+    """train_minutes: the budget counts training iterations only (not what runs between epochs, such
+    as validation), sets lr = lr0 * (1 - spent / budget) ** power before each iteration, and stops
+    the run after the iteration that spends it."""
+    import time
+
+    from ignite.engine import Engine, Events
+
+    from pipeline.handlers import TrainingTimeBudget
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.5)
+    budget = TrainingTimeBudget(minutes=0.1 / 60, optimizer=optimizer, learning_rate=0.01, power=0.9)
+    seen = []
+
+    def step(engine, batch):
+        seen.append((optimizer.param_groups[0]["lr"], budget.spent))
+        time.sleep(0.01)
+
+    engine = Engine(step)
+    budget.attach(engine)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: time.sleep(0.3))  # "validation": 3x the budget
+    engine.run(range(2), max_epochs=1000)
+    assert seen[0] == (0.01, 0.0)  # the first iteration trains at the full rate
+    assert all(lr == 0.01 * (1 - spent / 0.1) ** 0.9 for lr, spent in seen)
+    assert [lr for lr, _ in seen] == sorted((lr for lr, _ in seen), reverse=True)
+    assert len(seen) > 2  # the sleeps between epochs were not charged: more than one epoch ran
+    assert 0.1 <= engine.state.train_seconds < 0.1 + 0.05 and seen[-1][1] < 0.1  # stopped once spent
+    with pytest.raises(ValueError, match="train_minutes must be a positive number"):
+        TrainingTimeBudget(minutes=0, optimizer=optimizer, learning_rate=0.01)
