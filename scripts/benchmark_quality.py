@@ -415,11 +415,14 @@ def score_run(args, method: str, work: Path, settings: dict) -> dict:
             train_p = np.stack([predict(z) for z in train_z]).astype(np.float64)
             eval_p = np.stack([predict(z) for z in eval_z]).astype(np.float64)
         infer_seconds = time.time() - t0
+        np.savez_compressed(work / f"probabilities_{mode}.npz", train=train_p.astype(np.float16),
+                            eval=eval_p.astype(np.float16), train_sections=train_z, eval_sections=eval_z)
         curve = threshold_curve(train_p, labels[TRAIN[0]:TRAIN[1]])
         chosen = choose_threshold(curve)
         gt = labels[eval_z[0]:eval_z[-1] + 1]
         out[mode] = {"0.5": score_at(eval_p, gt, 0.5), "chosen": {**score_at(eval_p, gt, chosen), "threshold": chosen},
-                     "train_curve": curve, "infer_seconds_all_sections": infer_seconds}
+                     "train_curve": curve, "eval_curve": threshold_curve(eval_p, gt),
+                     "infer_seconds_all_sections": infer_seconds}
         print(f"  {mode}: V_rand {out[mode]['0.5']['v_rand']:.4f} pixel error {out[mode]['0.5']['pixel_error']:.4f} "
               f"at 0.5; threshold chosen on sections 0-14: {chosen:.1f} -> V_rand {out[mode]['chosen']['v_rand']:.4f} "
               f"pixel error {out[mode]['chosen']['pixel_error']:.4f}", flush=True)
@@ -468,6 +471,31 @@ def recipe_sha(configs: list[str] | None = None) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def record_run(path: Path, key: str, record: dict) -> None:
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:  # another process may record runs meanwhile
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = load_runs(path)
+        runs["runs"][key] = record
+        save_runs(path, runs)
+
+
+def rescore(args, runs: dict) -> None:
+    """Score the recorded runs of this phase again from the weights in their work folders (the
+    training stats stay): for scores added after a run was recorded."""
+    for key, rec in sorted(runs["runs"].items()):
+        if (rec["phase"], rec["minutes"], rec["threads"]) != (args.phase, args.minutes, args.threads) or \
+                rec["method"] not in args.methods or rec["seed"] not in args.seeds or \
+                (rec["method"] == "paper" and rec["variant"] != args.variant):
+            continue
+        work = args.work_dir / key.replace("=", "")
+        print(f"\n{key}: scoring again from {work}", flush=True)
+        rec.update(scores=score_run(args, rec["method"], work, rec["settings"]),
+                   rescored=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+        record_run(args.json, key, rec)
+
+
 def run_one(args, method: str, seed: int, runs: dict) -> None:
     import torch
 
@@ -498,13 +526,7 @@ def run_one(args, method: str, seed: int, runs: dict) -> None:
                   torch=stats.pop("torch", torch.__version__), stats=stats,
                   eval_sections=list(PHASES[args.phase]["sections"]),
                   scores=score_run(args, method, work, settings))
-    import fcntl
-
-    with open(args.json.with_suffix(".lock"), "w") as lock:  # another process may record runs meanwhile
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        runs = load_runs(args.json)
-        runs["runs"][key] = record
-        save_runs(args.json, runs)
+    record_run(args.json, key, record)
     print(f"  recorded in {args.json}", flush=True)
 
 
@@ -599,6 +621,8 @@ def main() -> None:
     ap.add_argument("--torch-em-python", default=str(DEFAULT_PEER_PYTHON),
                     help="python of torch-em's environment (default .venv-bench/bin/python)")
     ap.add_argument("--report", action="store_true", help="print the tables of the recorded runs and exit")
+    ap.add_argument("--rescore", action="store_true", help="score the recorded runs of --phase/--methods/--seeds/"
+                    "--variant again from the weights in --work-dir (the training stats stay)")
     ap.add_argument("--compare", default="paper/recipe:tta:chosen",
                     help="the configuration checked against the peers' plain runs at 0.5 in the report")
     # internal: the training subprocesses
@@ -625,6 +649,8 @@ def main() -> None:
     args.minutes = PHASES[args.phase]["minutes"] if args.minutes is None else args.minutes
     if args.minutes < 0 or (args.minutes == 0 and args.methods != ["paper"]) or args.threads < 1:
         ap.error("--minutes must be > 0 (0: --methods paper with --set init_from=..., scored untrained) and --threads >= 1")
+    if args.rescore and args.work_dir is None:
+        ap.error("--rescore needs the --work-dir of the recorded runs")
     args.json = args.json.expanduser().resolve()
     runs = load_runs(args.json)
     if args.report:
@@ -648,6 +674,8 @@ def main() -> None:
     args.isbi = load_isbi(args.data_dir)
     print(f"data: {args.data_dir} {args.isbi[0].shape}; phase {args.phase}, {args.minutes:g} min per run, "
           f"{args.threads} threads; record {args.json}; work dir {args.work_dir}", flush=True)
+    if args.rescore:
+        return rescore(args, runs)
     for seed in args.seeds:  # seeds outermost: an interrupted series has every method at the same seeds
         for method in args.methods:
             run_one(args, method, seed, runs)
