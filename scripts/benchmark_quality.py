@@ -623,8 +623,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="print the tables of the recorded runs and exit")
     ap.add_argument("--rescore", action="store_true", help="score the recorded runs of --phase/--methods/--seeds/"
                     "--variant again from the weights in --work-dir (the training stats stay)")
-    ap.add_argument("--compare", default="paper/recipe:tta:chosen",
-                    help="the configuration checked against the peers' plain runs at 0.5 in the report")
+    ap.add_argument("--compare", default="paper/recipe:tta:0.5",
+                    help="the configuration checked against the peers (at 0.5 and at their chosen thresholds) in the report")
     # internal: the training subprocesses
     ap.add_argument("--monai-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--torch-em-out", default=None, help=argparse.SUPPRESS)
