@@ -226,7 +226,9 @@ def check_resume(ckpt_dir: str | os.PathLike, network: Any, optimizer_name: str)
     return str(path)
 
 
-#: ``init_from`` names of the weights shipped in the package (``pipeline/pretrained/``), with how they were made
+#: ``init_from`` names of weights the package ships in ``pipeline/pretrained/``, with how they are made. The file
+#: of ``synthetic`` is made by ``scripts/pretrain_synthetic.py``; it is shipped once it is measured to help
+#: (issue 17) and until then is missing, which :func:`pretrained_path` reports
 PRETRAINED = {
     "synthetic": ("synthetic_unet16_valid_bn.pt",
                   "the CPU recipe's network (configs/em_cpu.yaml: features [16, 32, 64, 128, 256], valid, "

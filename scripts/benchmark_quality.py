@@ -98,6 +98,8 @@ MODES = {"paper": ("plain", "tta"), "monai": ("plain",), "torch_em": ("plain",)}
 CURVE_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
 DEFAULT_JSON = REPO / "docs" / "benchmark_quality_runs.json"
 DEFAULT_PEER_PYTHON = REPO / ".venv-bench" / "bin" / "python"
+PEER_ENV_MISSING = ("torch-em's environment not found: {} (--torch-em-python). Create it with\n  python -m venv "
+                    ".venv-bench && .venv-bench/bin/pip install torch==2.14.1 torchvision==0.29.1 torch-em==0.10.9")
 METRICS = [  # key, header, format, better
     ("pixel_error", "pixel err", "{:.4f}", "min"), ("v_rand", "V_rand", "{:.4f}", "max"),
     ("v_info", "V_info", "{:.4f}", "max"), ("adapted_rand_error", "adapted RE", "{:.4f}", "min"),
@@ -360,9 +362,7 @@ def train_torch_em_here(args) -> None:
 def train_torch_em(args, work: Path, seed: int, settings: dict) -> dict:
     peer = Path(args.torch_em_python)
     if not peer.is_file():
-        sys.exit(f"torch-em's environment not found: {peer} (--torch-em-python). Create it with\n"
-                 "  python -m venv .venv-bench && .venv-bench/bin/pip install torch==2.14.1 torchvision==0.29.1 "
-                 "torch-em==0.10.9")
+        sys.exit(PEER_ENV_MISSING.format(peer))
     wanted = sections(TRAIN) + sections(PHASES[args.phase]["sections"])
     cmd = [peer, Path(__file__).resolve(), "--torch-em-out", work, "--seed-here", seed, "--minutes", repr(args.minutes),
            "--threads", args.threads, "--data-dir", args.data_dir, "--predict-sections", ",".join(map(str, wanted))]
@@ -573,6 +573,8 @@ def print_report(runs: dict, phase: str) -> None:
             cells.append(f"{fmt.format(m)} +- {fmt.format(s) if s == s else '-'}")
         its = _mean_sd([r["iterations"] for r in per_seed.values()])[0]
         print(f"{label(name):<{width}}  {len(per_seed):>5}  " + "  ".join(f"{c:>17}" for c in cells) + f"  {its:>10.0f}")
+    print("t=0.5: threshold 0.5; t=chosen: the threshold with the best mean V_rand on the training sections 0-14; "
+          "tta: 8 flips/rotations averaged; adapted RE: adapted Rand error of 4-connected cells (SNEMI3D form)")
     print("\nper seed (pixel error / V_rand / adapted Rand error):")
     for name in sorted(groups):
         print(f"  {label(name):<{width}}  " + "   ".join(
@@ -581,7 +583,8 @@ def print_report(runs: dict, phase: str) -> None:
 
 
 def compare(runs: dict, phase: str, ours: tuple, peers: list[tuple]) -> None:
-    """Done-when check: ours beats each peer on mean V_rand and mean pixel error by more than one pooled sd."""
+    """Done-when check (issue 17): ours beats each peer on mean V_rand and mean pixel error by more than one pooled
+    sd, sqrt((sd_a^2 + sd_b^2) / 2), over at least 3 seeds each ("decisive")."""
     groups = configurations(runs, phase)
     if ours not in groups:
         return
@@ -594,16 +597,20 @@ def compare(runs: dict, phase: str, ours: tuple, peers: list[tuple]) -> None:
             b_m, b_s = _mean_sd([r[key] for r in groups[peer].values()])
             pooled = float(np.sqrt((a_s ** 2 + b_s ** 2) / 2))
             gain = (a_m - b_m) if better == "max" else (b_m - a_m)
-            print(f"  {key}: {a_m:.4f} vs {b_m:.4f}, gain {gain:+.4f}, pooled sd {pooled:.4f} -> "
-                  f"{'decisive' if gain > pooled else 'not decisive'} ({len(groups[ours])} vs {len(groups[peer])} seeds)")
+            seeds = min(len(groups[ours]), len(groups[peer]))
+            verdict = "too few seeds (< 3)" if seeds < 3 else "decisive" if gain > pooled else "not decisive"
+            print(f"  {key}: {a_m:.4f} vs {b_m:.4f}, gain {gain:+.4f}, pooled sd {pooled:.4f} -> {verdict} "
+                  f"({len(groups[ours])} vs {len(groups[peer])} seeds)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", choices=tuple(PHASES), default="tune",
                     help="tune: score sections 15-19 (choosing settings); final: score 20-24 (settings frozen)")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=["paper"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=["paper"],
+                    help="paper: the bundle's recipe; monai: BasicUNet + DiceCE; torch_em: torch-em's recipe (own env)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                    help="seeds of initial weights, data order and augmentation (default 0 1 2)")
     ap.add_argument("--minutes", type=float, default=None, help="training budget per run (default: tune 10, final 20)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for training and inference (default 2)")
     ap.add_argument("--recipe", choices=tuple(RECIPES), default="cpu",
@@ -667,6 +674,8 @@ def main() -> None:
     if missing:
         sys.exit(f"ISBI 2012 data not found: {', '.join(missing)} missing in {args.data_dir}. Fetch it with "
                  "scripts/fetch_isbi2012.py, or point --data-dir / $EM_DATA_DIR at it.")
+    if "torch_em" in args.methods and not args.rescore and not Path(args.torch_em_python).is_file():
+        sys.exit(PEER_ENV_MISSING.format(args.torch_em_python))
     import torch
 
     torch.set_num_threads(args.threads)

@@ -55,9 +55,12 @@ def test_train_yaml_is_rank_aware_and_the_overlay_only_sets_the_rank():
     """train.yaml's writers carry `_disabled_: "$@rank > 0"`; the overlay redefines no list of train.yaml."""
     base = ConfigParser()
     base.read_config(TRAIN)
-    every_rank = {"ValidationHandler", "LrScheduleHandler", "pipeline.handlers.StopOnNonFiniteLoss"}  # the others log or write files
+    every_rank = {"ValidationHandler", "pipeline.handlers.StopOnNonFiniteLoss"}  # the others log or write files
+    # the learning rate: an epoch schedule or a time budget (one of the two, on every rank)
+    by_budget = {"LrScheduleHandler": "$pipeline.config.optional(@train_minutes) is not None",
+                 "pipeline.handlers.TrainingTimeBudget": "$pipeline.config.optional(@train_minutes) is None"}
     for handler in base["train#handlers"]:
-        expected = None if handler["_target_"] in every_rank else RANK0_ONLY
+        expected = None if handler["_target_"] in every_rank else by_budget.get(handler["_target_"], RANK0_ONLY)
         assert handler.get("_disabled_") == expected, handler["_target_"]
     for handler in base["validate#handlers"]:  # all of them log or write files
         assert handler.get("_disabled_") == RANK0_ONLY, handler["_target_"]

@@ -703,7 +703,7 @@ def test_config_check_helpers():
     assert config.cli_overrides(["run", "training", "--a", "1", "--b=2", "--flag", "--c", "x"]) == {"a": "1", "b": "2", "flag": "", "c": "x"}
     train_yaml, quick, isbi = ROOT / TRAIN, ROOT / "configs/quickstart.yaml", ROOT / "configs/isbi2012.yaml"
     config.check_cli_keys(["run", "--config_file", f"['{train_yaml}','{quick}']", "--train#dataloader#num_workers", "2"])
-    with pytest.raises(ValueError, match=r"--val_slice \(did you mean --val_slices\?\)"):
+    with pytest.raises(ValueError, match=r"--val_slice \(did you mean --val_slices, --val_files\?\)"):
         config.check_cli_keys(["run", "--config_file", f"{train_yaml},{isbi}", "--val_slice", "[0,5]"])
     with pytest.raises(ValueError, match=r"num_epochs=0 is out of range; valid: \[1, inf\]; momentum=1 is out of range"):
         config.check_hyperparameters(num_epochs=0, momentum=1, learning_rate=None)
