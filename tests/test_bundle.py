@@ -166,3 +166,24 @@ def test_training_time_budget_counts_iterations_and_decays_the_rate():
     assert 0.1 <= engine.state.train_seconds < 0.1 + 0.05 and seen[-1][1] < 0.1  # stopped once spent
     with pytest.raises(ValueError, match="train_minutes must be a positive number"):
         TrainingTimeBudget(minutes=0, optimizer=optimizer, learning_rate=0.01)
+
+
+@pytest.mark.slow
+def test_train_on_a_stack_named_by_images_and_labels(tmp_path):
+    """The own-data keys: --images/--labels/--val_slices train on a stack's sections, and the
+    synthetic default is not written."""
+    import numpy as np
+    import tifffile
+
+    from pipeline.synthetic import make_image, to_uint8
+
+    pairs = [make_image((96, 96), seed) for seed in range(5)]
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([to_uint8(image) for image, _ in pairs]))
+    tifffile.imwrite(tmp_path / "labels.tif", np.stack([label for _, label in pairs]))
+    run_bundle(tmp_path, "--num_epochs", "2", "--images", str(tmp_path / "stack.tif"),
+               "--labels", str(tmp_path / "labels.tif"), "--val_slices", "[3,5]")
+    events = EventAccumulator(str(tmp_path / "eval"))
+    events.Reload()
+    assert len(events.Scalars("train_loss")) == 2 * 3  # sections 0-2 train, 3-4 validate
+    assert set(events.Tags()["images"]) == {"validation/sample_0", "validation/sample_1"}
+    assert not (tmp_path / "data").exists()  # no synthetic dataset was written
