@@ -296,7 +296,7 @@ class TrainingTimeBudget:
             raise ValueError(f"lr_power must be >= 0, got {power!r}")
         self.budget, self.optimizer = 60.0 * float(minutes), optimizer
         self.learning_rate, self.power = float(learning_rate), float(power)
-        self.spent, self._start = 0.0, None
+        self.spent, self.agreed, self._start = 0.0, 0.0, None
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -305,19 +305,14 @@ class TrainingTimeBudget:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._end)
 
     def _reset(self, engine) -> None:
-        self.spent, self._start = 0.0, None
+        self.spent, self.agreed, self._start = 0.0, 0.0, None
         engine.state.train_seconds = 0.0
 
     def _begin(self, engine) -> None:
         self._start = time.perf_counter()
 
-    def _agreed(self) -> float:
-        if idist.get_world_size() > 1:
-            return float(idist.broadcast(torch.tensor(self.spent, dtype=torch.float64), src=0))
-        return self.spent
-
     def _set_rate(self, engine) -> None:
-        rate = self.learning_rate * max(0.0, 1.0 - self._agreed() / self.budget) ** self.power
+        rate = self.learning_rate * max(0.0, 1.0 - self.agreed / self.budget) ** self.power
         for group in self.optimizer.param_groups:
             group["lr"] = rate
 
@@ -326,7 +321,10 @@ class TrainingTimeBudget:
             self.spent += time.perf_counter() - self._start
             self._start = None
         engine.state.train_seconds = self.spent
-        if self._agreed() >= self.budget:
+        # one collective per iteration: rank 0's seconds, used for this stop and the next rate
+        self.agreed = float(idist.broadcast(torch.tensor(self.spent, dtype=torch.float64), src=0)) \
+            if idist.get_world_size() > 1 else self.spent
+        if self.agreed >= self.budget:
             engine.terminate()
 
 
