@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from pipeline import data, io
+from pipeline.labels import check_label_mode, class_indices, instance_ids
 from pipeline.losses import LOSSES, make_loss, output_channels
 from pipeline.metrics.common import binary_foreground
 
@@ -222,18 +223,24 @@ def check_hyperparameters(**values: Any) -> None:
         raise ValueError("invalid hyper-parameter(s): " + "; ".join(errors))
 
 
-def check_loss(loss_name: str, out_channels: int) -> None:
-    """The training loss fits the network's output channels (softmax losses need >= 2, ``bce`` 1).
+def check_loss(loss_name: str, out_channels: int, label_mode: str = "binary", num_classes: int = 2, class_values: Any = None) -> None:
+    """The training loss fits the labels (:func:`pipeline.labels.check_label_mode`) and the network's output
+    channels (``num_classes`` for the soft-max losses, 1 for ``bce``).
 
     Raises:
-        ValueError: an unknown ``--loss_name``, or ``--out_channels`` that does not fit it, naming the value that does.
+        ValueError: an unknown ``--loss_name`` or ``--label_mode``, label settings that do not fit together, or
+            ``--out_channels`` that does not fit, naming the value that does.
     """
-    try:
-        make_loss(loss_name, out_channels)
-    except ValueError as err:
-        if loss_name not in LOSSES:
-            raise ValueError(f"{err} (--loss_name)") from None
-        raise ValueError(f"{err}; set --out_channels {output_channels(loss_name)} for --loss_name {loss_name}") from None
+    if loss_name not in LOSSES:
+        raise ValueError(f"unknown loss {loss_name!r}; valid choices: {', '.join(LOSSES)} (--loss_name)")
+    check_label_mode(label_mode, num_classes, loss_name, class_values)
+    expected = output_channels(loss_name, num_classes)
+    if out_channels != expected:
+        raise ValueError(
+            f"--loss_name {loss_name} with --num_classes {num_classes} needs {expected} output channel(s), but --out_channels "
+            f"is {out_channels}; set --out_channels {expected} (or leave it to its default)"
+        )
+    make_loss(loss_name, out_channels)
 
 
 def check_writable_dir(*paths: str | os.PathLike | None) -> None:
@@ -431,16 +438,21 @@ def check_datalists(**datalists: Any) -> None:
         raise ValueError("train_datalist is empty: there is nothing to train on; check --num_images / --num_val or the dataset keys")
 
 
-def check_labels(datalist: Sequence[dict], mask_threshold: float | None = None) -> None:
-    """Every label file (or container dataset) of a datalist binarises by the one rule
-    (:func:`pipeline.metrics.common.binary_foreground`), checked on the whole file before any output:
-    a third value in one section would otherwise stop a run halfway, or pass unseen when no single
-    section holds all values. Skipped with a ``--mask_threshold``, which binarises any values.
+def check_labels(
+    datalist: Sequence[dict], mask_threshold: float | None = None, label_mode: str = "binary", num_classes: int = 2,
+    class_values: Any = None,
+) -> None:
+    """Every label file (or container dataset) of a datalist reads by ``label_mode``'s rule, checked on the
+    whole file before any output: binary masks by the one binarisation rule
+    (:func:`pipeline.metrics.common.binary_foreground`; skipped with a ``--mask_threshold``, which binarises
+    any values), instance ids by :func:`pipeline.labels.instance_ids`, classes by
+    :func:`pipeline.labels.class_indices`. A bad value in one section would otherwise stop a run halfway,
+    or pass unseen when no single section holds all values.
 
     Raises:
-        ValueError: naming the label file and the values found, and the key to set.
+        ValueError: naming the label file, the values found, and the key to set.
     """
-    if mask_threshold is not None:
+    if label_mode == "binary" and mask_threshold is not None:
         return
     seen = set()
     for item in datalist:
@@ -455,12 +467,20 @@ def check_labels(datalist: Sequence[dict], mask_threshold: float | None = None) 
                 "as one channel of values (0 = background)"
             )
         try:
-            binary_foreground(array, "label")
+            if label_mode == "instances":
+                instance_ids(array)
+            elif label_mode == "classes":
+                class_indices(array, num_classes, class_values)
+            else:
+                binary_foreground(array, "label")
         except ValueError as err:
-            raise ValueError(
-                f"{item['label']}: {err}; set --mask_threshold T (foreground = value > T), or --foreground_invert true "
-                "if 0 is the foreground"
-            ) from None
+            hint = ""
+            if label_mode == "binary":
+                many = np.issubdtype(array.dtype, np.integer)
+                hint = ("; set --mask_threshold T (foreground = value > T), or --foreground_invert true if 0 is the foreground"
+                        + ("; a label of object ids is --label_mode instances, one of classes --label_mode classes "
+                           "--num_classes N" if many else ""))
+            raise ValueError(f"{item['label']}: {err}{hint} (--label_mode {label_mode})") from None
 
 
 def check_inference(

@@ -18,6 +18,7 @@ from monai.handlers import from_engine
 from torch.utils.tensorboard import SummaryWriter
 
 from pipeline import metrics
+from pipeline.instances import make_instances, parse_rules
 from pipeline.io import replace_atomically, stem
 
 
@@ -33,6 +34,34 @@ def select_channel(keys: Sequence[str], channel: int) -> Callable:
         return tuple([item[channel : channel + 1] for item in items] for items in get(output))
 
     return transform
+
+
+def class_names(label_mode: str = "binary", num_classes: int = 2, names: Sequence[str] | None = None) -> list[str]:
+    """Names of the target's classes: ``names`` when given (one per class), else ``membrane, interior``
+    (binary, instances of 2 classes), ``background, boundary, interior`` (instances of 3) or ``class_0, ...``.
+
+    Raises:
+        ValueError: ``names`` not one per class (``--class_names``).
+    """
+    if names is not None:
+        names = [str(n) for n in names]
+        if len(names) != num_classes:
+            raise ValueError(f"--class_names needs {num_classes} names (--num_classes), got {names}")
+        return names
+    if label_mode in ("binary", "instances") and num_classes == 2:
+        return ["membrane", "interior"]
+    if label_mode == "instances":
+        return ["background", "boundary", "interior"]
+    return [f"class_{k}" for k in range(num_classes)]
+
+
+def class_dice_metrics(label_mode: str = "binary", num_classes: int = 2, names: Sequence[str] | None = None) -> dict:
+    """``{"val_dice_<class>": MeanDice}`` for every class of the target (:func:`class_names`): the per-class
+    Dice the training bundle logs at each validation (one-hot ``pred`` and ``label``)."""
+    from monai.handlers import MeanDice
+
+    return {f"val_dice_{name}": MeanDice(include_background=True, output_transform=select_channel(["pred", "label"], k))
+            for k, name in enumerate(class_names(label_mode, num_classes, names))}
 
 
 class LearningRateLogger:
@@ -66,17 +95,22 @@ class TensorBoardImages:
     Attach to an evaluator: at each of its first ``n_samples`` iterations (batch size 1
     expected) it writes one grey-scale panel under ``{tag}/sample_{i}`` at the evaluator's
     epoch (the trainer's epoch when run by ``ValidationHandler``). Each part is scaled to
-    [0, 1] on its own; the prediction is the foreground channel of the post-processed
-    ``pred``. A 3D sample shows its middle section.
+    [0, 1] on its own; label and prediction are shown as class indices (the arg-max of their
+    one-hot channels: the foreground of two classes). A 3D sample shows its middle section.
+
+    With ``instances`` (``{name: rule}``, :func:`pipeline.instances.parse_rules`), each sample also gets
+    ``{tag}/{name}_{i}``: the instances of the prediction by that rule over the image, each in its colour.
 
     Args:
         summary_writer: the writer shared with the other TensorBoard handlers.
         n_samples: samples to show per run.
         tag: tag prefix.
+        instances: instance rules to show (None: none).
     """
 
-    def __init__(self, summary_writer: SummaryWriter, n_samples: int = 3, tag: str = "validation") -> None:
+    def __init__(self, summary_writer: SummaryWriter, n_samples: int = 3, tag: str = "validation", instances=None) -> None:
         self.writer, self.n_samples, self.tag = summary_writer, n_samples, tag
+        self.rules = parse_rules(instances)
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -96,7 +130,7 @@ class TensorBoardImages:
         # MONAI engines decollate: state.output / state.batch are lists of per-sample dicts;
         # the output holds image, label and pred, the batch every loaded key (weight too)
         item, sample = engine.state.output[0], engine.state.batch[0]
-        parts = [item["image"], item["label"], item["pred"][-1:]]
+        parts = [item["image"], _class_map(item["label"]), _class_map(item["pred"])]
         if "weight" in sample:
             parts.append(sample["weight"])
         planes = [self._plane(p) for p in parts]
@@ -104,7 +138,35 @@ class TensorBoardImages:
         planes = [torch.nn.functional.pad(p, (0, 2, 0, height - p.shape[0]), value=1.0) for p in planes]
         panel = torch.cat(planes, dim=1)[None]
         self.writer.add_image(f"{self.tag}/sample_{index}", panel, engine.state.epoch, dataformats="CHW")
+        for name, rule in self.rules.items():  # instances of the (hard) prediction over the image, each its colour
+            pred = torch.as_tensor(item["pred"]).detach().float().cpu().numpy()
+            if pred.shape[0] == 1:
+                pred = np.concatenate([1 - pred, pred])
+            ids = make_instances(pred, rule)
+            self.writer.add_image(f"{self.tag}/{name}_{index}", instance_overlay(self._plane(item["image"]).numpy(), self._middle(ids)),
+                                  engine.state.epoch, dataformats="HWC")
         self.writer.flush()
+
+    @staticmethod
+    def _middle(ids: np.ndarray) -> np.ndarray:
+        return ids[ids.shape[0] // 2] if ids.ndim > 2 else ids
+
+
+def instance_overlay(grey: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB ``(H, W, 3)`` float in [0, 1]: the grey image with each instance blended in its own colour
+    (colours drawn from a fixed seed per id; id 0 keeps the image)."""
+    ids = np.asarray(ids)
+    palette = np.random.default_rng(0).uniform(0.2, 1.0, (int(ids.max(initial=0)) + 1, 3))
+    rgb = np.repeat(np.clip(np.asarray(grey, np.float32), 0, 1)[..., None], 3, axis=-1)
+    inside = ids > 0
+    rgb[inside] = (1 - alpha) * rgb[inside] + alpha * palette[ids[inside]]
+    return rgb
+
+
+def _class_map(x: torch.Tensor) -> torch.Tensor:
+    """A one-hot ``(C, *spatial)`` as class indices ``(1, *spatial)`` (one channel stays as it is)."""
+    x = torch.as_tensor(x)
+    return x.argmax(0, keepdim=True).float() if x.shape[0] > 1 else x
 
 
 class EMMetric(Metric):

@@ -14,10 +14,11 @@ from torch import nn
 LOSSES = ("dice_ce", "bce", "weighted_ce")
 
 
-def output_channels(name: str) -> int:
-    """Logit channels a loss expects: 1 for ``bce`` (sigmoid), 2 for soft-max losses."""
+def output_channels(name: str, num_classes: int = 2) -> int:
+    """Logit channels a loss expects: 1 for ``bce`` (sigmoid, two classes), ``num_classes`` for the
+    soft-max losses (``dice_ce``, ``weighted_ce``)."""
     check_loss_name(name)
-    return 1 if name == "bce" else 2
+    return 1 if name == "bce" else int(num_classes)
 
 
 def check_loss_name(name: str) -> None:

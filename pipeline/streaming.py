@@ -412,6 +412,8 @@ def predict_zarr(
     net = unwrap(network)
     geometry = net.geometry
     write = check_output_settings(write, threshold)
+    if "instances" in write:
+        raise ValueError("streaming writes probabilities and masks; instances need --streaming false")
     tile_size = check_tile_settings(network, tile_size, batch_size, memory_budget_mb, context, padding_mode)
     src = LazySource(source, net.spatial_dims, net.in_channels, tiff_series, key, rgb_to_grey)
     if not allow_missing_chunks:

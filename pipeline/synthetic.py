@@ -141,9 +141,12 @@ def _tessellate(sites, weight, u_thick, t_lo, t_hi, qx, qy, t_mod):
     return cell, partner, (walls.min(0) + half) / np.maximum(stretch, 0.3) - half, half
 
 
-def _paint_mitochondria(img, mito, cell, margin, xx, yy, z, d) -> None:
-    """Draw into ``img`` (in place) the sections at depth ``z`` of ellipsoidal organelles."""
-    for cx, cy, cz, a, b, c, angle, kind, phase in mito[np.abs(mito[:, 2] - z) < mito[:, 5]]:
+def _paint_mitochondria(img, mito, cell, margin, xx, yy, z, d, ids=None) -> None:
+    """Draw into ``img`` (in place) the sections at depth ``z`` of ellipsoidal organelles; where a
+    mitochondrion covers more than half a pixel, write its number (1-based, the same in every section)
+    into ``ids``."""
+    cut = np.flatnonzero(np.abs(mito[:, 2] - z) < mito[:, 5])
+    for number, (cx, cy, cz, a, b, c, angle, kind, phase) in zip(cut + 1, mito[cut]):
         shrink = np.sqrt(1 - ((z - cz) / c) ** 2)
         a, b, ix, iy = a * shrink, b * shrink, int(cx), int(cy)
         if b < 2 or margin[iy, ix] < 0.5 * b:  # too small, or centre not well inside a cell
@@ -155,13 +158,18 @@ def _paint_mitochondria(img, mito, cell, margin, xx, yy, z, d) -> None:
         alpha = np.clip(edge + 0.5, 0, 1) * ((cell[sl] == cell[iy, ix]) & (margin[sl] > 1))  # kept in its cell
         if kind < 0.85:  # mitochondrion: dark double membrane, cristae across the long axis
             val = np.where(edge < 2.2, 0.22, 0.42 + 0.07 * np.cos(2 * np.pi * u / (0.1 * d) + phase))
+            if ids is not None:
+                ids[sl][alpha > 0.5] = number
         else:  # dense body
             val = 0.26 + 0.04 * np.cos(v)
         img[sl] = img[sl] * (1 - alpha) + alpha * val
 
 
-def _render(rng, depth, height, width, *, cell_diameter, membrane_thickness, noise, blur_sigma, blob_density, z_step):
-    """Render ``depth`` sections of one synthetic volume: float32 images, uint8 labels."""
+def _render(rng, depth, height, width, *, cell_diameter, membrane_thickness, noise, blur_sigma, blob_density, z_step,
+            targets=None):
+    """Render ``depth`` sections of one synthetic volume: float32 images, uint8 labels; with a dict
+    ``targets``, also its ``cells`` and ``mitochondria`` (uint32 ids, 0 = none) and ``classes`` (uint8:
+    0 cytoplasm, 1 membrane, 2 mitochondria), from the same random numbers (the images do not change)."""
     d, (t_lo, t_hi), zs = float(cell_diameter), membrane_thickness, np.arange(depth) * float(z_step)
     hp, wp = -(-height // _BLOCK) * _BLOCK, -(-width // _BLOCK) * _BLOCK
     lo, hi = np.array([-d, -d]), np.array([wp + d, hp + d])
@@ -190,6 +198,8 @@ def _render(rng, depth, height, width, *, cell_diameter, membrane_thickness, noi
     core_w, mem_level = rng.uniform(0.45, 0.9), rng.uniform(0.18, 0.28)  # staining varies between samples
 
     images, labels = np.empty((depth, height, width), np.float32), np.empty((depth, height, width), np.uint8)
+    if targets is not None:
+        targets.update(cells=np.zeros((depth, height, width), np.uint32), mitochondria=np.zeros((depth, height, width), np.uint32))
     yy, xx = np.mgrid[0:hp, 0:wp].astype(np.float32)
     for k, z in enumerate(zs):
         sites = (lo + np.mod(centres + drift * z - lo, hi - lo)).astype(np.float32)  # wrap within the box
@@ -204,7 +214,11 @@ def _render(rng, depth, height, width, *, cell_diameter, membrane_thickness, noi
         for kernel, amp in kernels:
             hits = (rng.random((hp, wp)) < vesicle_rate[cell]) & (margin > 0.1 * d)
             img -= amp * fftconvolve(hits.astype(np.float32), kernel, mode="same")
-        _paint_mitochondria(img, mito, cell, margin, xx, yy, z, d)
+        ids = None if targets is None else np.zeros((hp, wp), np.uint32)
+        _paint_mitochondria(img, mito, cell, margin, xx, yy, z, d, ids)
+        if targets is not None:  # a tube is one cell through the stack: its index + 1 is its id
+            targets["cells"][k] = np.where(labels[k] > 0, cell[:height, :width] + 1, 0)
+            targets["mitochondria"][k] = np.where(labels[k] > 0, ids[:height, :width], 0)
         # stain: dark along each wall's middle and from ~1 px inside the label's membrane edge
         mem = np.maximum(expit((0.5 - margin - (1 - core_w) * half) / 0.4), expit(-(margin + 1.2) / 0.5))
         mem = np.maximum(mem, 0.15 * expit(-margin / 0.7))
@@ -215,7 +229,53 @@ def _render(rng, depth, height, width, *, cell_diameter, membrane_thickness, noi
         img -= 0.12 * np.clip(_smooth(rng, (hp, wp), 1.2 * d) - 0.8, 0, None)  # dark stain clouds
         gain = (1 + 0.06 * rng.standard_normal()) * (1 + 0.1 * _smooth(rng, (hp, wp), 2 * d))
         images[k] = np.clip(img * gain, 0, 1)[:height, :width]
+    if targets is not None:
+        targets["classes"] = np.where(targets["mitochondria"] > 0, 2, np.where(labels > 0, 0, 1)).astype(np.uint8)
     return images, labels
+
+
+#: what :func:`make_targets` gives besides the image and its binary label
+TARGETS = ("cells", "mitochondria", "classes")
+#: the folder of each array of :func:`write_dataset`
+FOLDERS = {"image": "images", "label": "labels", **{t: t for t in TARGETS}}
+#: the labels of :func:`write_dataset` that each ``label_mode`` trains on
+LABELS_OF_MODE = {"binary": "label", "instances": "cells", "classes": "classes"}
+
+
+def make_targets(
+    shape: tuple[int, ...] = (256, 256), seed: int = 0, **params: Any,
+) -> dict[str, np.ndarray]:
+    """One synthetic section ``(Y, X)`` or stack ``(Z, Y, X)`` with all its labels.
+
+    The image and ``label`` are those of :func:`make_image` / :func:`make_stack` for the same arguments;
+    besides them:
+
+    - ``cells``: uint32 instance ids of the cells' interiors (0 on membranes), one id per neurite through
+      the whole stack (3D instances);
+    - ``mitochondria``: uint32 ids of the mitochondria (ellipsoids cut by the sections; dense bodies are
+      not mitochondria), 0 elsewhere;
+    - ``classes``: uint8 class map, 0 = cytoplasm, 1 = membrane, 2 = mitochondrion.
+
+    Args:
+        shape: ``(Y, X)`` or ``(Z, Y, X)``.
+        seed, **params: as :func:`make_image` (2D) or :func:`make_stack` (3D, ``z_step`` too).
+
+    Returns:
+        ``{"image", "label", "cells", "mitochondria", "classes"}``.
+    """
+    if len(shape) == 2:
+        height, width = _check_shape(shape, 2, "make_targets")
+        depth, params = 1, {**_IMAGE_DEFAULTS, **params, "z_step": 1.0}
+    else:
+        depth, height, width = _check_shape(shape, 3, "make_targets")
+        params = {**_IMAGE_DEFAULTS, "z_step": 20.0, **params}
+    _check_params(**params)
+    out: dict[str, np.ndarray] = {}
+    out["image"], out["label"] = _render(np.random.default_rng(seed), depth, height, width, **params, targets=out)
+    return {k: v[0] for k, v in out.items()} if len(shape) == 2 else out
+
+
+_IMAGE_DEFAULTS = dict(cell_diameter=50.0, membrane_thickness=(3.0, 8.0), noise=0.1, blur_sigma=0.7, blob_density=1.0)
 
 
 def make_image(
@@ -343,14 +403,18 @@ def write_dataset(
     n_images: int = 40,
     shape: tuple[int, int] = (256, 256),
     seed: int = 0,
+    label_mode: str = "binary",
     **params: Any,
 ) -> list[dict[str, str]]:
     """Write synthetic images and labels as TIFFs; return a MONAI datalist.
 
     Image ``i`` is ``make_image(shape, seed + i, **params)``, whatever ``n_images``,
     stored as ``directory/images/img_{i:03d}.tif`` (uint8, :func:`to_uint8`) and its
-    label as ``directory/labels/img_{i:03d}.tif`` (uint8, 0 = membrane, 255 = interior).
-    ``directory/manifest.json`` is written last; a call whose arguments and
+    labels (:func:`make_targets`) under the same name in ``labels/`` (uint8, 0 = membrane,
+    255 = interior), ``cells/`` and ``mitochondria/`` (uint32 instance ids) and ``classes/``
+    (uint8: 0 cytoplasm, 1 membrane, 2 mitochondrion). The datalist's ``label`` is the folder
+    ``label_mode`` trains on (:data:`LABELS_OF_MODE`: binary ``labels/``, instances ``cells/``,
+    classes ``classes/``). ``directory/manifest.json`` is written last; a call whose arguments and
     :data:`GENERATOR_VERSION` match it, with all files present, writes nothing. Only a folder
     that this module made is written to (:func:`claim_folder`).
 
@@ -359,6 +423,7 @@ def write_dataset(
         n_images: number of image/label pairs (>= 1).
         shape: ``(Y, X)`` size of each image.
         seed: seed of image 0.
+        label_mode: ``binary``, ``instances`` or ``classes``: which labels the datalist names.
         **params: keyword arguments of :func:`make_image` (JSON-serialisable).
 
     Returns:
@@ -374,19 +439,24 @@ def write_dataset(
     if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
         raise ValueError(f"n_images must be a positive int, got {n_images!r}")
     shape = _check_shape(shape, 2, "write_dataset")
+    if label_mode not in LABELS_OF_MODE:
+        raise ValueError(f"--label_mode {label_mode!r} is unknown; valid: {', '.join(LABELS_OF_MODE)}")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # several processes (DDP): rank 0 writes, the others wait, then find it up to date (no write races)
         written = _write_dataset(directory, n_images, shape, seed, params) if dist.get_rank() == 0 else None
         dist.barrier()
-        return written or _write_dataset(directory, n_images, shape, seed, params)
-    return _write_dataset(directory, n_images, shape, seed, params)
+        datalist = written or _write_dataset(directory, n_images, shape, seed, params)
+    else:
+        datalist = _write_dataset(directory, n_images, shape, seed, params)
+    return [{"image": item["image"], "label": item[LABELS_OF_MODE[label_mode]]} for item in datalist]
 
 
 def _write_dataset(directory: str | os.PathLike, n_images: int, shape: tuple[int, int], seed: int, params: dict) -> list[dict[str, str]]:
+    """Write (or find up to date) the images and every label folder; items name them all."""
     root, names = Path(directory), [f"img_{i:03d}.tif" for i in range(n_images)]
-    datalist = [{"image": str(root / "images" / f), "label": str(root / "labels" / f)} for f in names]
-    manifest = json.dumps({"generator_version": GENERATOR_VERSION, "n_images": int(n_images),
-                           "shape": list(shape), "seed": int(seed), "params": params}, indent=2, sort_keys=True)
+    datalist = [{key: str(root / sub / f) for key, sub in FOLDERS.items()} for f in names]
+    manifest = json.dumps({"generator_version": GENERATOR_VERSION, "n_images": int(n_images), "shape": list(shape),
+                           "seed": int(seed), "params": params, "folders": FOLDERS}, indent=2, sort_keys=True)
     manifest_path = root / "manifest.json"
     claim_folder(root)
     if manifest_path.is_file() and manifest_path.read_text() == manifest:
@@ -395,15 +465,16 @@ def _write_dataset(directory: str | os.PathLike, n_images: int, shape: tuple[int
             return datalist
     logger.info("writing %d synthetic %dx%d images to %s", n_images, *shape, root)
     manifest_path.unlink(missing_ok=True)  # the folder is incomplete until the manifest is back
-    for sub in ("images", "labels"):
+    for sub in FOLDERS.values():
         (root / sub).mkdir(parents=True, exist_ok=True)
         for stale in (root / sub).glob("img_[0-9][0-9][0-9].tif"):
             if stale.name not in names:  # left by an earlier, larger dataset
                 stale.unlink()
     for i, entry in enumerate(datalist):
-        image, label = make_image(shape, seed + i, **params)
-        replace_atomically(Path(entry["image"]), lambda tmp: tifffile.imwrite(tmp, to_uint8(image)))
-        replace_atomically(Path(entry["label"]), lambda tmp: tifffile.imwrite(tmp, label))
+        arrays = make_targets(shape, seed + i, **params)
+        arrays["image"] = to_uint8(arrays["image"])
+        for what, path in entry.items():
+            replace_atomically(Path(path), lambda tmp: tifffile.imwrite(tmp, arrays[what]))
     replace_atomically(manifest_path, lambda tmp: tmp.write_text(manifest))
     return datalist
 

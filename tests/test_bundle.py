@@ -35,7 +35,7 @@ def test_train_bundle_end_to_end(tmp_path, loss_name, channels):
     tags = set(events.Tags()["scalars"])
     assert {"train_loss", "learning_rate", "val_mean_dice", "val_dice_membrane", "val_dice_interior"} <= tags
     # image panels (input | label | prediction | weight map) for the 2 validation samples
-    assert set(events.Tags()["images"]) == {"validation/sample_0", "validation/sample_1"}
+    assert set(events.Tags()["images"]) == {f"validation/{kind}_{i}" for kind in ("sample", "cells") for i in (0, 1)}  # panels, instances
     panel = events.Images("validation/sample_0")[0]
     assert (panel.height, panel.width) == (96, 4 * 96 + 4 * 2)
     assert len(events.Scalars("train_loss")) == 2 * 3  # 2 epochs x 3 training images, batch 1
@@ -185,5 +185,5 @@ def test_train_on_a_stack_named_by_images_and_labels(tmp_path):
     events = EventAccumulator(str(tmp_path / "eval"))
     events.Reload()
     assert len(events.Scalars("train_loss")) == 2 * 3  # sections 0-2 train, 3-4 validate
-    assert set(events.Tags()["images"]) == {"validation/sample_0", "validation/sample_1"}
+    assert set(events.Tags()["images"]) == {f"validation/{kind}_{i}" for kind in ("sample", "cells") for i in (0, 1)}
     assert not (tmp_path / "data").exists()  # no synthetic dataset was written

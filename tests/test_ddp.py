@@ -122,7 +122,7 @@ def test_torchrun_two_processes(ddp_run):
     assert len(events.Scalars("train_loss")) == 2 * per_epoch
     # validation is split too (1 of the 2 images per rank), its metrics gathered from both ranks
     assert [e.step for e in events.Scalars("val_mean_dice")] == [1, 2]
-    assert set(events.Tags()["images"]) == {"validation/sample_0"}  # rank 0's share
+    assert set(events.Tags()["images"]) == {"validation/sample_0", "validation/cells_0"}  # rank 0's share
 
     # the synthetic data was written once, completely
     data = root / "data"

@@ -408,6 +408,58 @@ def _(tmp):
     return train(tmp, "--data_cache_dir", str(tmp / "images"))
 
 
+def labelled_stack(tmp, labels):
+    """``stack.tif`` (uint8 noise) and ``lab.tif`` (``labels``, their dtype kept): 2 sections of 40 x 44."""
+    tifffile.imwrite(tmp / "stack.tif", np.random.default_rng(0).integers(0, 255, (2, 40, 44), dtype=np.uint8))
+    tifffile.imwrite(tmp / "lab.tif", labels, photometric="minisblack")
+    return ["--images", str(tmp / "stack.tif"), "--labels", str(tmp / "lab.tif"), "--val_slices", "[1,2]"]
+
+
+def cell_ids(dtype=np.uint32, n=6):
+    """Instance ids 1..n in vertical bands, 2 sections of 40 x 44."""
+    return np.broadcast_to(1 + np.arange(44) * n // 44, (2, 40, 44)).astype(dtype)
+
+
+@row("cli-train-instance-ids-as-binary", BundleError, r"lab.tif: cannot binarize a label with 44 distinct values \(1, 2, 3, 4, 5, 6, \.\.\.\).*--label_mode instances.*--label_mode classes --num_classes N")
+def _(tmp):
+    return train(tmp, *labelled_stack(tmp, cell_ids(np.uint32, 44)))
+
+
+@row("cli-train-negative-instance-ids", BundleError, r"lab.tif: instance ids \(--label_mode instances\) must be >= 0 \(0 = background\); the label holds negative values \(minimum -1\)")
+def _(tmp):
+    ids = cell_ids(np.int32)
+    ids[1, :5] = -1
+    return train(tmp, *labelled_stack(tmp, ids), "--label_mode", "instances")
+
+
+@row("cli-train-float-instance-label", BundleError, r"lab.tif: instance ids \(--label_mode instances\) must be integers .*; the label holds dtype float32 \(7 distinct values \(0, 1, 2, 3, 4, 5, \.\.\.\)\); save it with an integer dtype")
+def _(tmp):
+    ids = cell_ids(np.float32)
+    ids[0, 0, 0] = 0
+    return train(tmp, *labelled_stack(tmp, ids), "--label_mode", "instances")
+
+
+@row("cli-train-more-classes-than-num-classes", BundleError, r"lab.tif: the label holds 4 distinct values \(0, 1, 2, 3\), more than --num_classes 3 allows \(0 \.\. 2\); set --num_classes, or --class_values")
+def _(tmp):
+    return train(tmp, *labelled_stack(tmp, cell_ids(np.uint8, 4) - 1), "--label_mode", "classes", "--num_classes", "3")
+
+
+@row("cli-train-value-not-in-class-values", BundleError, r"lab.tif: the label holds 3 distinct values \(0, 128, 255\); \[128\] is not in --class_values \[0, 255\]")
+def _(tmp):
+    values = np.array([0, 128, 255], np.uint8)[cell_ids(np.uint8, 3) - 1]
+    return train(tmp, *labelled_stack(tmp, values), "--label_mode", "classes", "--class_values", "[0,255]")
+
+
+@row("cli-train-bce-with-classes", BundleError, r"--loss_name bce predicts one foreground channel; with --num_classes 4 use dice_ce or weighted_ce")
+def _(tmp):
+    return train(tmp, "--label_mode", "classes", "--num_classes", "4", "--loss_name", "bce")
+
+
+@row("cli-train-instances-of-4-classes", BundleError, r"--label_mode instances makes 2 classes \(boundary, interior\) or 3 \(background, boundary, interior\), got --num_classes 4")
+def _(tmp):
+    return train(tmp, "--label_mode", "instances", "--num_classes", "4")
+
+
 @row("cli-inference-cache-dir-holds-user-files", BundleError, r"--data_cache_dir .*mine' holds files that the synthetic-data writer did not make \(notes.txt\)")
 def _(tmp):
     tiny_checkpoint(tmp)
@@ -534,7 +586,7 @@ def _(tmp):
     return train(tmp, "--resume", "true", "--loss_name", "bce", "--out_channels", "1")
 
 
-@row("cli-loss-without-its-channels", BundleError, r"loss 'bce' needs 1 output channel, but the network has 2; set --out_channels 1 for --loss_name bce")
+@row("cli-loss-without-its-channels", BundleError, r"--loss_name bce with --num_classes 2 needs 1 output channel\(s\), but --out_channels is 2; set --out_channels 1")
 def _(tmp):
     return train(tmp, "--loss_name", "bce", "--out_channels", "2")
 

@@ -7,28 +7,33 @@ how the bundle configs name them.
 - :mod:`.io`: ``LoadSectiond`` (a file, or one section of a stack: the one read path),
   ``WritePredictiond`` (probabilities and masks in the input's format);
 - :mod:`.intensity`: ``NormalizeSectionsd`` (zero mean, unit variance per section);
-- :mod:`.labels`: ``BinarizeMask(d)``, ``border_weight_map`` / ``BorderWeightMapd`` (paper eq. 2);
-- :mod:`.post`: ``LogitsToOneHot(d)``, ``foreground_probability``, ``ForegroundProbabilityd``,
-  ``encode_prediction`` and ``check_output_settings`` (the one output step of both writers);
+- :mod:`.labels`: ``BinarizeMask(d)``, ``LabelsToTargetd`` (binary, instances, classes: :mod:`pipeline.labels`),
+  ``border_weight_map`` / ``BorderWeightMapd`` (paper eq. 2);
+- :mod:`.post`: ``LogitsToOneHot(d)``, ``class_probabilities``, ``foreground_probability``, ``ForegroundProbabilityd``,
+  ``encode_prediction`` / ``encode_classes`` and ``check_output_settings`` (the one output step of both writers);
 - :mod:`.spatial`: ``RandElasticGridd`` (the paper's elastic deformation).
 """
 
 from pipeline.transforms.intensity import NormalizeSectionsd
 from pipeline.transforms.io import LoadSectiond, WritePredictiond
-from pipeline.transforms.labels import BinarizeMask, BinarizeMaskd, BorderWeightMapd, border_weight_map
+from pipeline.transforms.labels import BinarizeMask, BinarizeMaskd, BorderWeightMapd, LabelsToTargetd, border_weight_map
 from pipeline.transforms.post import (
     OUTPUTS,
+    WRITABLE,
     ForegroundProbabilityd,
     LogitsToOneHot,
     LogitsToOneHotd,
     check_output_settings,
+    class_probabilities,
+    encode_classes,
     encode_prediction,
     foreground_probability,
 )
 from pipeline.transforms.spatial import RandElasticGridd
 
 __all__ = [
-    "OUTPUTS", "BinarizeMask", "BinarizeMaskd", "BorderWeightMapd", "ForegroundProbabilityd", "LoadSectiond",
+    "OUTPUTS", "BinarizeMask", "BinarizeMaskd", "BorderWeightMapd", "ForegroundProbabilityd", "LabelsToTargetd", "LoadSectiond",
     "LogitsToOneHot", "LogitsToOneHotd", "NormalizeSectionsd", "RandElasticGridd",
-    "WritePredictiond", "border_weight_map", "check_output_settings", "encode_prediction", "foreground_probability",
+    "WRITABLE", "WritePredictiond", "border_weight_map", "check_output_settings", "class_probabilities", "encode_classes",
+    "encode_prediction", "foreground_probability",
 ]

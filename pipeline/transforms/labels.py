@@ -1,4 +1,5 @@
-"""Labels: mask binarisation and the paper's border weight map (eq. 2)."""
+"""Labels: mask binarisation, targets of instance ids and classes (:mod:`pipeline.labels`), and the paper's
+border weight map (eq. 2)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
+from pipeline.labels import check_label_mode, class_indices, instance_targets, weight_map
 from pipeline.metrics.common import binary_foreground
 
 
@@ -110,16 +112,69 @@ class BinarizeMaskd(MapTransform):
         return d
 
 
+# ---------------------------------------------------------------- targets of instance ids and classes
+class LabelsToTargetd(MapTransform):
+    """Read the label under ``keys`` by ``label_mode`` (:mod:`pipeline.labels`) and replace it with the training
+    target: class indices ``(1, *spatial)`` as float32 (the form :class:`BinarizeMaskd` gives and MONAI's
+    ``DiceCELoss(to_onehot_y=True)`` takes).
+
+    - ``binary``: :class:`BinarizeMask` (``threshold``, ``invert``).
+    - ``instances``: :func:`pipeline.labels.instance_targets` (2 or 3 classes); the interior ids go to
+      ``cells_key`` for :class:`BorderWeightMapd` (the cells of eq. 2).
+    - ``classes``: :func:`pipeline.labels.class_indices` (``num_classes``, ``class_values``).
+
+    A one-channel label ``(1, *spatial)`` is expected (a grey label saved as RGB is reduced to one).
+
+    Raises:
+        ValueError: naming the file, the values found and the key to set (``--label_mode``,
+            ``--num_classes``, ``--class_values``, ``--mask_threshold``).
+    """
+
+    def __init__(
+        self, keys: KeysCollection, label_mode: str = "binary", num_classes: int = 2, class_values=None,
+        threshold: float | None = None, invert: bool = False, cells_key: str = "cells", allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        check_label_mode(label_mode, num_classes, class_values=class_values)
+        self.mode, self.num_classes, self.class_values, self.cells_key = label_mode, int(num_classes), class_values, cells_key
+        self.binarize = BinarizeMask(threshold, None, invert)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            name = getattr(label, "meta", {}).get("filename_or_obj", key)
+            try:
+                if self.mode == "binary":
+                    d[key] = self.binarize(label)
+                    continue
+                values = _one_channel(label)
+                if self.mode == "instances":
+                    classes, cells = instance_targets(values, self.num_classes)
+                    d[self.cells_key] = cells[None]
+                else:
+                    classes = class_indices(values, self.num_classes, self.class_values)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            target = torch.from_numpy(classes.astype(np.float32))[None]
+            d[key] = MetaTensor(target, meta=dict(label.meta)) if isinstance(label, MetaTensor) else target
+        return d
+
+
+def _one_channel(label) -> np.ndarray:
+    """The label's values ``(*spatial)`` from ``(1, *spatial)`` (or equal channels: grey saved as RGB)."""
+    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    if arr.ndim < 2:
+        raise ValueError(f"expected a channel-first label (C, *spatial), got shape {arr.shape}")
+    if arr.shape[0] > 1 and not (arr == arr[:1]).all():
+        raise ValueError(f"the label has {arr.shape[0]} channels that differ; save it as one channel of values")
+    return arr[0]
+
+
 # ---------------------------------------------------------------- border weight map
 def border_weight_map(foreground: np.ndarray, w0: float = 10.0, sigma: float = 5.0, class_balance: bool = True) -> np.ndarray:
-    """The paper's weight map (eq. 2): ``w = w_c + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))``.
-
-    ``d1``, ``d2`` are the distances to the nearest and the second nearest cell, the cells
-    being the connected components of the foreground; ``w_c`` balances the class
-    frequencies (``n_pixels / (2 * n_class)``, so its mean is 1; 1 everywhere when
-    ``class_balance`` is False or only one class is present). Distances to a cell are
-    computed with scipy's Euclidean distance transform inside the cell's bounding box
-    grown by ``6 * sigma``; farther away the border term is below ``w0 * exp(-18)``.
+    """The paper's weight map (eq. 2) of a binary label, its cells being the connected components of the
+    foreground (face connectivity): :func:`pipeline.labels.weight_map` with classes = foreground.
 
     Args:
         foreground: boolean array ``(*spatial)``, True for cell interiors.
@@ -130,48 +185,43 @@ def border_weight_map(foreground: np.ndarray, w0: float = 10.0, sigma: float = 5
     from scipy import ndimage as ndi
 
     fg = np.asarray(foreground).astype(bool)
-    instances, n = ndi.label(fg)
-    d1 = np.full(fg.shape, np.inf)
-    d2 = np.full(fg.shape, np.inf)
-    reach = int(np.ceil(6 * sigma))
-    for i, box in enumerate(ndi.find_objects(instances), start=1):
-        window = tuple(slice(max(b.start - reach, 0), min(b.stop + reach, s)) for b, s in zip(box, fg.shape))
-        d = ndi.distance_transform_edt(instances[window] != i)
-        w1, w2 = d1[window], d2[window]
-        d2[window] = np.minimum(w2, np.maximum(w1, d))
-        d1[window] = np.minimum(w1, d)
-    border = np.zeros(fg.shape) if n < 2 else w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2))
-    wc = np.ones(fg.shape)
-    n_fg = int(fg.sum())
-    if class_balance and 0 < n_fg < fg.size:
-        wc = np.where(fg, fg.size / (2.0 * n_fg), fg.size / (2.0 * (fg.size - n_fg)))
-    return (wc + border).astype(np.float32)
+    return weight_map(fg.astype(np.int64), ndi.label(fg)[0], w0, sigma, class_balance)
 
 
 class BorderWeightMapd(MapTransform):
-    """Write the paper's weight map of a binary label ``(1, *spatial)`` to ``weight_key``.
+    """Write the paper's weight map (eq. 2) of a target of class indices ``(1, *spatial)`` to ``weight_key``.
 
-    Compute it before augmentation (it is deterministic, so a ``CacheDataset`` keeps it),
-    then warp and crop it with the label: the bundle's configs crop ``label`` and
-    ``weight`` to the network's output size in the same transform.
+    The cells of its border term are the ids under ``cells_key`` when the item has them
+    (:class:`LabelsToTargetd` with instances; the key is removed), else the connected components of a
+    binary target's foreground; a target of more classes without cells gets the class balance alone.
+    Compute it before augmentation (it is deterministic, so a ``CacheDataset`` keeps it), then warp and
+    crop it with the label: the bundle's configs crop ``label`` and ``weight`` to the network's output
+    size in the same transform.
     """
 
     def __init__(
         self, keys: KeysCollection, weight_key: str = "weight", w0: float = 10.0, sigma: float = 5.0,
-        class_balance: bool = True, allow_missing_keys: bool = False,
+        class_balance: bool = True, cells_key: str = "cells", allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if w0 < 0 or sigma <= 0:
             raise ValueError(f"w0 must be >= 0 and sigma > 0, got w0={w0}, sigma={sigma}")
-        self.weight_key, self.w0, self.sigma, self.class_balance = weight_key, w0, sigma, class_balance
+        self.weight_key, self.w0, self.sigma, self.class_balance, self.cells_key = weight_key, w0, sigma, class_balance, cells_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
+        cells = d.pop(self.cells_key, None)
         for key in self.key_iterator(d):
             label = convert_to_tensor(d[key], track_meta=True)
             if label.shape[0] != 1:
-                raise ValueError(f"the weight map needs a one-channel binary label, got shape {tuple(label.shape)}")
-            w = border_weight_map(label[0].cpu().numpy() > 0.5, self.w0, self.sigma, self.class_balance)
+                raise ValueError(f"the weight map needs a one-channel target of class indices, got shape {tuple(label.shape)}")
+            classes = label[0].cpu().numpy()
+            if cells is not None:
+                w = weight_map(classes.astype(np.int64), np.asarray(cells)[0], self.w0, self.sigma, self.class_balance)
+            elif classes.max(initial=0) <= 1:
+                w = border_weight_map(classes > 0.5, self.w0, self.sigma, self.class_balance)
+            else:
+                w = weight_map(classes.astype(np.int64), None, self.w0, self.sigma, self.class_balance)
             weight = torch.from_numpy(w)[None]
             d[self.weight_key] = MetaTensor(weight, meta=dict(label.meta)) if isinstance(label, MetaTensor) else weight
         return d

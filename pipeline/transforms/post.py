@@ -1,9 +1,9 @@
-"""Post-processing of network outputs: logits to one-hot, to foreground probability, to the
-written probabilities and masks (MONAI ``transforms/post``)."""
+"""Post-processing of network outputs: logits to one-hot, to class and foreground probabilities, to the
+written probabilities, masks and instances (MONAI ``transforms/post``)."""
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
 from pipeline.config import check_hyperparameters
+from pipeline.instances import parse_rules
 
 
 class LogitsToOneHot(Transform):
@@ -44,8 +45,10 @@ class LogitsToOneHotd(MapTransform):
         return d
 
 
-#: what the prediction writers (:class:`WritePredictiond`, :func:`pipeline.streaming.predict_zarr`) write
+#: the per-pixel outputs of the prediction writers (:class:`WritePredictiond`, :func:`pipeline.streaming.predict_zarr`)
 OUTPUTS = ("probabilities", "mask")
+#: what ``write`` may list: the per-pixel outputs and ``instances`` (:mod:`pipeline.instances`)
+WRITABLE = OUTPUTS + ("instances",)
 
 
 def foreground_probability(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -57,15 +60,28 @@ def foreground_probability(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.sigmoid(logits.select(dim, 0))
 
 
-def check_output_settings(write: Sequence[str], threshold: float) -> tuple[str, ...]:
-    """The writers' one rule: ``write`` lists some of :data:`OUTPUTS`; ``threshold`` in [0, 1].
+def class_probabilities(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Probabilities of every class, at least two: the soft-max of ``C > 1`` logits, or ``[1 - p, p]`` for the
+    sigmoid ``p`` of one channel. ``(C, *spatial) -> (max(C, 2), *spatial)`` with ``dim=0``."""
+    logits = logits.detach().float()
+    if logits.shape[dim] > 1:
+        return torch.softmax(logits, dim)
+    p = torch.sigmoid(logits)
+    return torch.cat([1.0 - p, p], dim)
+
+
+def check_output_settings(write: Sequence[str], threshold: float, instances: Any = None) -> tuple[str, ...]:
+    """The writers' one rule: ``write`` lists some of :data:`WRITABLE`; ``threshold`` in [0, 1]; ``instances``
+    (rules, :func:`pipeline.instances.parse_rules`) given when ``write`` lists them.
 
     Raises:
-        ValueError: naming the bad value and the valid ones.
+        ValueError: naming the bad value and the valid ones (``--write``, ``--instances``).
     """
-    if not write or set(write) - set(OUTPUTS):
-        raise ValueError(f"write must list some of {OUTPUTS}, got {list(write)}")
+    if not write or set(write) - set(WRITABLE):
+        raise ValueError(f"write must list some of {WRITABLE}, got {list(write)}")
     check_hyperparameters(threshold=threshold)
+    if "instances" in write and not parse_rules(instances):
+        raise ValueError("--write lists instances but --instances names no rule; e.g. --instances \"{cells: {method: watershed}}\"")
     return tuple(write)
 
 
@@ -79,6 +95,18 @@ def encode_prediction(
     if nodata is not None:
         prob = np.where(np.asarray(nodata, dtype=bool), np.float32(np.nan), prob)
     encode = {"probabilities": lambda: prob.astype(np.float32, copy=False), "mask": lambda: (prob > threshold).astype(np.uint8) * 255}
+    return {name: encode[name]() for name in write}
+
+
+def encode_classes(probabilities: torch.Tensor, write: Sequence[str] = OUTPUTS, nodata: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The files' contents from the probabilities ``(C, *spatial)`` of a network of more than two classes:
+    ``probabilities`` as float32 ``(C, *spatial)``, ``mask`` as the uint8 class index of the arg-max. Pixels
+    marked ``nodata`` get NaN probabilities and class 0."""
+    probs = probabilities.detach().float().cpu().numpy()
+    if nodata is not None:
+        probs = np.where(np.asarray(nodata, dtype=bool)[None], np.float32(np.nan), probs)
+    encode = {"probabilities": lambda: probs.astype(np.float32, copy=False),
+              "mask": lambda: np.where(np.isnan(probs[0]), 0, np.nan_to_num(probs, nan=-1.0).argmax(0)).astype(np.uint8)}
     return {name: encode[name]() for name in write}
 
 
