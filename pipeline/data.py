@@ -130,12 +130,15 @@ def paired_items(
     sections: Sequence[int] | None = None,
     image_key: str | None = None,
     label_key: str | None = None,
+    volumes: bool = False,
 ) -> list[dict]:
     """Every item of an image/label pair of stacks, volumes, files or folders, checked.
 
     Items are ``{"image", "label"}`` for 2D files and ``{"image", "label", "slice"}`` for the
     sections of 3D files, in file then section order. ``sections = [start, stop)`` keeps only the
-    sections of 3D files in that range (2D files, which have none, are dropped then). In HDF5 and zarr
+    sections of 3D files in that range (2D files, which have none, are dropped then). With ``volumes``,
+    a 3D file is one item, whole or, with ``sections``, ``{"image", "label", "slices": [start, stop]}``
+    (clipped to the file; files with no section in the range are dropped). In HDF5 and zarr
     containers the datasets ``image_key`` / ``label_key`` are read (default: the only one); images and
     labels may be two datasets of one file.
 
@@ -156,8 +159,16 @@ def paired_items(
             raise ValueError(f"image {image} is empty (shape {shape})")
         if len(shape) == 2:
             items.append(item)
+        elif volumes:
+            start, stop = (0, shape[0]) if sections is None else (max(int(sections[0]), 0), min(int(sections[1]), shape[0]))
+            if start < stop:
+                items.append(item if sections is None else {**item, "slices": [start, stop]})
         else:
             items.extend({**item, "slice": z} for z in range(shape[0]))
+    if volumes:
+        if not items:
+            raise ValueError(f"no section of {images} lies in {list(sections)} (eval_slices)")
+        return items
     if sections is not None:
         start, stop = sections
         kept = [item for item in items if start <= item.get("slice", -1) < stop]

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -202,23 +203,50 @@ class EMMetric(Metric):
         return float(np.nanmean(self._scores)) if self._scores else float("nan")
 
 
+def evaluation_key_metric(label_mode: str = "binary", name: str = "v_rand", threshold: float = 0.5) -> dict | None:
+    """The evaluator's key metric: ``{name: EMMetric(name, threshold)}`` for binary labels; None for instances
+    and classes, whose scores :class:`EvaluationReport` computes once and logs."""
+    return {name: EMMetric(name, threshold)} if label_mode == "binary" else None
+
+
 class EvaluationReport:
     """Per-sample scores as CSV and JSON, and an overlay PNG per sample, written at the end of a run.
 
-    Attach to an evaluator whose post-processed ``pred`` is a foreground probability
-    ``(1, H, W)`` and whose ``label`` is binary. Each row holds the file, the section and
-    every score of :func:`pipeline.metrics.evaluate`; the overlay shows the image in grey,
-    false foreground (predicted interior on a membrane) in red and missed foreground
-    (predicted membrane inside a cell) in blue. Files are written atomically.
+    By ``label_mode`` (:mod:`pipeline.labels`):
+
+    - ``binary``: ``pred`` is a foreground probability ``(1, *spatial)`` and ``label`` binary; each row holds
+      every score of :func:`pipeline.metrics.evaluate`; the overlay shows the image in grey, false
+      foreground (predicted interior on a membrane) in red and missed foreground (predicted membrane
+      inside a cell) in blue.
+    - ``instances``: ``pred`` holds the class probabilities ``(C, *spatial)``, ``label`` instance ids; for each
+      rule of ``instances`` (:mod:`pipeline.instances`) the row holds ``<rule>_<score>`` of
+      :func:`pipeline.metrics.object_scores` (adapted Rand error, VI split/merge, matching at ``iou_threshold``,
+      average precision), on the whole sample (a stack or volume in 3D); the overlay shows the first rule's
+      instances, each in its colour.
+    - ``classes``: ``pred`` as for instances, ``label`` class indices; the row holds
+      :func:`pipeline.metrics.class_scores` of the arg-max; the overlay marks wrong pixels in red.
+
+    A stack's overlay shows its middle section. Files are written atomically.
 
     Args:
         output_dir: folder for ``report.csv``, ``report.json`` and ``overlays/``.
-        threshold: probability threshold of the foreground.
-        sweep: also score V_rand / V_info at their best threshold (slower).
+        threshold: probability threshold of the foreground (binary).
+        sweep: also score V_rand / V_info at their best threshold (binary; slower).
+        label_mode, num_classes: what the labels hold (the bundle keys of these names).
+        names: the class names (``--class_names``; :func:`class_names`).
+        instances: ``{name: rule}`` (instances mode).
+        iou_threshold: the IoU of a matched object pair (instances mode).
     """
 
-    def __init__(self, output_dir: str, threshold: float = 0.5, sweep: bool = True) -> None:
+    def __init__(self, output_dir: str, threshold: float = 0.5, sweep: bool = True, label_mode: str = "binary",
+                 instances=None, num_classes: int = 2, names: Sequence[str] | None = None,
+                 iou_threshold: float = 0.5) -> None:
         self.output_dir, self.threshold, self.sweep = output_dir, threshold, sweep
+        self.label_mode, self.num_classes, self.iou_threshold = label_mode, int(num_classes), float(iou_threshold)
+        self.rules = parse_rules(instances) if label_mode == "instances" else {}
+        if label_mode == "instances" and not self.rules:
+            raise ValueError("--label_mode instances scores instances made by --instances, which names no rule")
+        self.names = class_names(label_mode, self.num_classes, names) if label_mode == "classes" else None
         self.rows: list[dict] = []
 
     def attach(self, engine) -> None:
@@ -228,33 +256,61 @@ class EvaluationReport:
 
     def collect(self, engine) -> None:
         for item in engine.state.output:
-            prob, label = item["pred"][0].cpu().numpy(), item["label"][0].cpu().numpy()
+            pred, label = item["pred"].detach().float().cpu().numpy(), item["label"][0].cpu().numpy()
             meta = getattr(item["image"], "meta", {})
             name = Path(str(meta.get("filename_or_obj", f"sample{len(self.rows)}"))).name
-            section = meta.get("slice")
-            row = {"file": name, "slice": None if section is None else int(section)}
-            row.update(metrics.evaluate(prob, label, self.threshold, sweep=self.sweep))
-            self.rows.append(row)
+            section = meta.get("slice", meta.get("slices"))  # a section, or a range [start, stop) of a stack
+            if section is not None:
+                section = [int(v) for v in section] if np.ndim(section) else int(section)
+            row = {"file": name, "slice": section}
             image = item["image"][0].cpu().numpy()
-            lo, hi = np.percentile(image, [1, 99])
-            grey = np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1)
-            rgb = np.stack([grey] * 3, axis=-1)
-            pred, truth = prob > self.threshold, label > 0.5
-            rgb[pred & ~truth] = (1.0, 0.1, 0.1)
-            rgb[~pred & truth] = (0.1, 0.3, 1.0)
+            if self.label_mode == "binary":
+                prob = pred[0]
+                row.update(metrics.evaluate(prob, label, self.threshold, sweep=self.sweep))
+                rgb = self._grey(image)
+                fg, truth = prob > self.threshold, label > 0.5
+                rgb[fg & ~truth] = (1.0, 0.1, 0.1)
+                rgb[~fg & truth] = (0.1, 0.3, 1.0)
+            elif self.label_mode == "instances":
+                first = None
+                for rule_name, rule in self.rules.items():
+                    ids = make_instances(pred, rule)
+                    first = ids if first is None else first
+                    scores = metrics.object_scores(label.astype(np.int64), ids, self.iou_threshold)
+                    row.update({f"{rule_name}_{k}": v for k, v in scores.items()})
+                rgb = instance_overlay(self._grey(image)[..., 0], first)
+            else:
+                classes = pred.argmax(0)
+                row.update(metrics.class_scores(classes, label.astype(np.int64), self.num_classes, self.names))
+                rgb = self._grey(image)
+                rgb[classes != label] = (1.0, 0.1, 0.1)
+            self.rows.append(row)
+            rgb = rgb[rgb.shape[0] // 2] if rgb.ndim == 4 else rgb  # a stack: its middle section
             replace_atomically(self.overlay_path(name, section), lambda p: _save_png(p, (rgb * 255).astype(np.uint8)))
 
-    def overlay_path(self, image: str, section: int | None = None) -> Path:
-        """``output_dir/overlays/<image name without suffix>[_z<section>].png``."""
+    @staticmethod
+    def _grey(image: np.ndarray) -> np.ndarray:
+        lo, hi = np.percentile(image, [1, 99])
+        grey = np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1)
+        return np.stack([grey] * 3, axis=-1)
 
-        return Path(self.output_dir) / "overlays" / f"{stem(image)}{'' if section is None else f'_z{int(section):04d}'}.png"
+    def overlay_path(self, image: str, section: int | Sequence[int] | None = None) -> Path:
+        """``output_dir/overlays/<image name without suffix>[_z<section>|_z<start>-<stop>].png``."""
+        if section is None:
+            part = ""
+        elif isinstance(section, (list, tuple)):
+            part = f"_z{int(section[0]):04d}-{int(section[1]):04d}"
+        else:
+            part = f"_z{int(section):04d}"
+        return Path(self.output_dir) / "overlays" / f"{stem(image)}{part}.png"
 
     def outputs(self, datalist: Sequence[dict]) -> dict[str, list[Path]]:
         """``{input: [its overlays]}`` for every item's image and label (labels have none), for
         :func:`pipeline.config.check_outputs` before the run writes anything."""
         found: dict[str, list[Path]] = {}
         for item in datalist:
-            found.setdefault(str(item["image"]), []).append(self.overlay_path(Path(item["image"]).name, item.get("slice")))
+            found.setdefault(str(item["image"]), []).append(
+                self.overlay_path(Path(item["image"]).name, item.get("slice", item.get("slices"))))
             found.setdefault(str(item["label"]), [])
         return found
 
@@ -268,7 +324,9 @@ class EvaluationReport:
             return
         keys = list(self.rows[0])
         scores = [k for k in keys if k not in ("file", "slice") and isinstance(self.rows[0][k], (int, float))]
-        mean = {k: float(np.nanmean([r[k] for r in self.rows])) for k in scores}
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a score undefined in every row stays NaN
+            mean = {k: float(np.nanmean([r[k] for r in self.rows])) for k in scores}
 
         def write_csv(path):
             with open(path, "w", newline="") as f:

@@ -7,8 +7,8 @@ The rules, as :class:`InstanceRule` holds them:
   ``p`` the probability of ``channel``; components smaller than ``min_size`` pixels are dropped.
 - ``watershed``: ``b`` the probability of the boundary class ``channel``. The *interior* is ``b < threshold``;
   the *seeds* are the connected components of the interior pixels farther than ``seed_distance`` (px, or
-  physical units with a ``spacing``) from any non-interior pixel (background pixels, below, are not interior) (scipy's Euclidean distance transform),
-  which cuts the thin necks where two cells' interiors meet through a gap in the boundary; seeds smaller
+  physical units with a ``spacing``; Euclidean) from any non-interior pixel (background pixels, below, are not
+  interior), which cuts the thin necks where two cells' interiors meet through a gap in the boundary; seeds smaller
   than ``min_size`` are dropped. Every pixel is then flooded from the seeds over the relief ``b``
   (``skimage.segmentation.watershed``, face connectivity), except pixels whose ``background_channel``
   probability is > 0.5 (they stay 0). torch-em's and elf's boundary watersheds use seeds from distance
@@ -149,17 +149,46 @@ def seeds(boundary: np.ndarray, threshold: float = 0.5, seed_distance: float = 2
     interior = np.asarray(boundary) < threshold
     if background is not None:
         interior &= ~np.asarray(background, bool)
-    if seed_distance > 0:
-        interior &= ndi.distance_transform_edt(interior, sampling=spacing) > seed_distance
-    return components(interior, min_size)
+    return components(_far_inside(interior, seed_distance, spacing), min_size)
 
 
-def watershed(boundary: np.ndarray, markers: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
-    """Flood ``boundary`` from ``markers`` (face connectivity); ``background`` pixels stay 0."""
+def _ball(radius: float, nd: int, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Boolean footprint of the offsets within Euclidean ``radius`` (in the units of ``spacing``)."""
+    sp = np.ones(nd) if spacing is None else np.asarray(spacing, float)
+    grids = np.meshgrid(*[np.arange(-int(radius / s), int(radius / s) + 1) * s for s in sp], indexing="ij")
+    return sum(g**2 for g in grids) <= radius**2 + 1e-9
+
+
+def _far_inside(interior: np.ndarray, distance: float, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Interior pixels farther than ``distance`` from every non-interior pixel of the array: the interior
+    minus the dilation of its outside by a ball of that radius (what ``distance_transform_edt(interior) >
+    distance`` means, without its artefact when an array holds no outside pixel at all). Local: a window
+    grown by ``ceil(distance)`` gives its core exactly."""
+    if distance <= 0:
+        return interior
+    near = ndi.binary_dilation(~interior, structure=_ball(distance, interior.ndim, spacing))
+    return interior & ~near
+
+
+def watershed(boundary: np.ndarray, markers: np.ndarray, background: np.ndarray | None = None,
+              origin: Sequence[int] | None = None, full_shape: Sequence[int] | None = None) -> np.ndarray:
+    """Flood ``boundary`` from ``markers`` (face connectivity, ``skimage.segmentation.watershed``); ``background``
+    pixels stay 0. Equal values are flooded in the order of their index in the whole volume (``full_shape``,
+    the array sitting at ``origin`` in it; default: the array itself), so that a block's window floods its
+    plateaus as the whole volume does (skimage alone breaks ties by queue order, which depends on the window)."""
     from skimage.segmentation import watershed as flood
 
+    relief = np.asarray(boundary, np.float32)
+    origin = [0] * relief.ndim if origin is None else list(origin)
+    full_shape = relief.shape if full_shape is None else tuple(full_shape)
+    strides = np.cumprod((1,) + tuple(full_shape[:0:-1]))[::-1]
+    index = sum((np.arange(n) + o).reshape([-1 if a == k else 1 for a in range(relief.ndim)]) * int(st)
+                for k, (n, o, st) in enumerate(zip(relief.shape, origin, strides)))
+    order = np.lexsort((np.broadcast_to(index, relief.shape).ravel(), relief.ravel()))
+    rank = np.empty(relief.size, np.int64)
+    rank[order] = np.arange(relief.size)
     mask = None if background is None else ~np.asarray(background, bool)
-    return flood(np.asarray(boundary, np.float32), markers=markers, mask=mask, connectivity=1).astype(np.int64)
+    return flood(rank.reshape(relief.shape), markers=markers, mask=mask, connectivity=1).astype(np.int64)
 
 
 def _apply(rule: InstanceRule, probs: np.ndarray, spacing: Sequence[float] | None) -> np.ndarray:
@@ -199,3 +228,193 @@ def make_instances(probabilities: np.ndarray, rule: InstanceRule, spacing: Seque
         out[z] = np.where(section > 0, section + offset, 0)
         offset = max(offset, int(out[z].max(initial=0)))
     return _consecutive(out)
+
+
+# ---------------------------------------------------------------- block by block: volumes larger than memory
+def _grid(shape: Sequence[int], block: Sequence[int]) -> list[tuple[int, ...]]:
+    import itertools
+
+    return list(itertools.product(*(range(-(-s // b)) for s, b in zip(shape, block))))
+
+
+def _box(index: Sequence[int], block: Sequence[int], shape: Sequence[int], halo: Sequence[int] = ()) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The block's ``lo, hi`` and its window ``wlo, whi`` grown by ``halo`` per axis (clipped to the volume)."""
+    halo = list(halo) or [0] * len(shape)
+    lo = [i * b for i, b in zip(index, block)]
+    hi = [min(s + b, n) for s, b, n in zip(lo, block, shape)]
+    return lo, hi, [max(s - h, 0) for s, h in zip(lo, halo)], [min(e + h, n) for e, h, n in zip(hi, halo, shape)]
+
+
+def _relief(values: np.ndarray, rule: InstanceRule) -> np.ndarray:
+    """The probability of the rule's class from a stored foreground probability (class 1 of two)."""
+    return values if rule.channel == 1 else 1.0 - values
+
+
+def _by_section(fn, arr: np.ndarray, sections: bool) -> np.ndarray:
+    return np.stack([fn(a) for a in arr]) if sections else fn(arr)
+
+
+def _block_mask(source, rule: InstanceRule, index, block, shape, sections: bool) -> np.ndarray:
+    """The pixels to label in a block's core: objects (``components``) or seeds (``watershed``), the seeds'
+    distance test read with a halo of ``ceil(seed_distance)`` so that the core is exact."""
+    nd = len(shape)
+    reach = int(np.ceil(rule.seed_distance)) if rule.method == "watershed" and rule.seed_distance > 0 else 0
+    halo = [0 if (sections and a == 0) else reach for a in range(nd)]
+    lo, hi, wlo, whi = _box(index, block, shape, halo)
+    p = _relief(np.asarray(source[tuple(slice(a, b) for a, b in zip(wlo, whi))], np.float32), rule)
+    if rule.method == "components":
+        mask = p > rule.threshold
+    else:
+        mask = _by_section(lambda a: _far_inside(a, rule.seed_distance), p < rule.threshold, sections)
+    return mask[tuple(slice(a - w, b - w) for a, b, w in zip(lo, hi, wlo))]
+
+
+def _structure(nd: int, sections: bool) -> np.ndarray:
+    s = ndi.generate_binary_structure(nd, 1)
+    if sections:  # 2d mode on a stack: no links between sections
+        s[0], s[2] = False, False
+    return s
+
+
+def _label_block(source, rule: InstanceRule, index, block, shape, sections: bool, local) -> tuple[int, np.ndarray]:
+    """Pass 1: label a block's core on its own; write the local ids; return their number and sizes."""
+    mask = _block_mask(source, rule, index, block, shape, sections)
+    labels, n = ndi.label(mask, structure=_structure(len(shape), sections))
+    lo, hi, _, _ = _box(index, block, shape)
+    local[tuple(slice(a, b) for a, b in zip(lo, hi))] = labels.astype(np.uint32)
+    return n, np.bincount(labels.ravel(), minlength=n + 1)
+
+
+def _face_pairs(local, index, block, shape, offsets: dict, sections: bool) -> np.ndarray:
+    """Pairs of global ids that touch across the faces between block ``index`` and its next neighbours."""
+    lo, hi, _, _ = _box(index, block, shape)
+    out = []
+    for axis in range(len(shape)):
+        if (sections and axis == 0) or hi[axis] >= shape[axis]:
+            continue
+        nxt = tuple(i + (a == axis) for a, i in enumerate(index))
+        here = tuple(slice(hi[axis] - 1, hi[axis]) if a == axis else slice(s, e) for a, (s, e) in enumerate(zip(lo, hi)))
+        there = tuple(slice(hi[axis], hi[axis] + 1) if a == axis else slice(s, e) for a, (s, e) in enumerate(zip(lo, hi)))
+        a, b = np.asarray(local[here]).ravel().astype(np.int64), np.asarray(local[there]).ravel().astype(np.int64)
+        both = (a > 0) & (b > 0)
+        out.append(np.stack([a[both] + offsets[index], b[both] + offsets[nxt]], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
+
+
+def _offsets(counts: dict) -> dict:
+    """Where each block's ids start among all blocks' ids (block ``b``'s id ``l`` is ``offsets[b] + l``)."""
+    offsets, total = {}, 0
+    for index in sorted(counts):
+        offsets[index], total = total, total + counts[index]
+    return offsets
+
+
+def _merge(counts: dict, sizes: dict, offsets: dict, pairs: np.ndarray, min_size: int) -> np.ndarray:
+    """The look-up table from global ids (``offsets[b] + l``) to final ids: a union-find over the face pairs
+    (``scipy.sparse.csgraph.connected_components``), objects below ``min_size`` pixels dropped."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = sum(counts.values()) + 1  # node 0: background
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)) if len(pairs) else coo_matrix((n, n))
+    _, comp = connected_components(graph, directed=False)
+    size = np.zeros(n)
+    for index in counts:
+        size[offsets[index] + 1 : offsets[index] + 1 + counts[index]] = sizes[index][1:]
+    comp_size = np.bincount(comp, weights=size, minlength=comp.max() + 1)
+    keep = comp_size >= max(min_size, 1)
+    keep[comp[0]] = False
+    final = np.zeros(comp.max() + 1, np.uint64)
+    final[keep] = np.arange(1, keep.sum() + 1, dtype=np.uint64)
+    return final[comp]
+
+
+def _relabel_block(local, out, index, block, shape, offset: int, lut: np.ndarray) -> None:
+    lo, hi, _, _ = _box(index, block, shape)
+    region = tuple(slice(a, b) for a, b in zip(lo, hi))
+    ids = np.asarray(local[region]).astype(np.int64)
+    out[region] = np.where(ids > 0, lut[ids + offset], 0).astype(out.dtype)
+
+
+def _flood_block(source, seeds, out, rule: InstanceRule, index, block, shape, halo: Sequence[int]) -> None:
+    """Watershed of a block's window (core + ``halo``) from the global seeds; the core is written."""
+    lo, hi, wlo, whi = _box(index, block, shape, halo)
+    window = tuple(slice(a, b) for a, b in zip(wlo, whi))
+    relief = _relief(np.asarray(source[window], np.float32), rule)
+    markers = np.asarray(seeds[window]).astype(np.int64)
+    if rule.mode == "2d" and len(shape) == 3:
+        flooded = np.stack([watershed(r, m, None, wlo[1:], shape[1:]) for r, m in zip(relief, markers)])
+    else:
+        flooded = watershed(relief, markers, None, wlo, shape)
+    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = flooded[tuple(slice(a - w, b - w) for a, b, w in zip(lo, hi, wlo))].astype(out.dtype)
+
+
+def label_zarr(store: str, source: str, rule: InstanceRule, name: str, block: Sequence[int], halo: int = 64,
+               client: Any = None, progress: bool = False) -> str:
+    """Instances of a stored foreground probability, block by block, with the ids of objects that cross block
+    faces merged: the same instances as :func:`make_instances` over the whole volume, up to a relabelling.
+
+    ``components``, and the watershed's seeds, are exact: each block is labelled on its own (the seeds'
+    distance test reads a halo of ``ceil(seed_distance)``), the ids that touch across block faces are
+    joined by a union-find over the face pairs, objects below ``min_size`` are dropped by their global size.
+    The watershed then floods each block's window, the block grown by ``halo`` px, from the global seeds and
+    keeps the block: equal to the whole-volume flood wherever no pixel's flooding path leaves that window
+    (cells narrower than ``halo``).
+
+    Args:
+        store: path of the zarr group (a :func:`pipeline.streaming.predict_zarr` output).
+        source: the array in it holding the foreground probability (class 1 of two), ``(Y, X)`` or ``(Z, Y, X)``.
+        rule: an :class:`InstanceRule` reading class 0 (boundary = 1 - p) or 1 (p), without ``background_channel``.
+        name: the result is written to ``instances/<name>`` (uint32) in the group.
+        block: block size per axis (the prediction's blocks).
+        halo: px around a block that its watershed sees.
+        client: a ``distributed.Client`` to run the per-block passes on, or None (this process).
+
+    Returns:
+        The array's path inside the group.
+
+    Raises:
+        ValueError: a rule reading other classes, or more ids than uint32 holds.
+    """
+    import zarr
+
+    if rule.channel not in (0, 1) or rule.background_channel is not None:
+        raise ValueError(f"instances {name!r}: block-wise instances read the stored foreground probability (class 1 of two): "
+                         "set channel 0 (its boundary) or 1, and no background_channel")
+    group = zarr.open_group(store, mode="r+")
+    src = group[source]
+    shape, block = tuple(src.shape), tuple(int(b) for b in block)
+    sections = rule.mode == "2d" and len(shape) == 3
+    chunks = tuple(min(b, s) for b, s in zip(block, shape))
+    tmp = f"_instances_tmp/{name}"
+    group.create_array(f"{tmp}/local", shape=shape, chunks=chunks, dtype="uint32", fill_value=0, overwrite=True)
+    blocks = _grid(shape, block)
+
+    def run(fn, items):
+        if client is None:
+            return [fn(i) for i in items]
+        return client.gather(client.map(fn, items, pure=False))
+
+    counts, sizes = {}, {}
+    results = run(lambda i: _label_block(zarr.open_group(store, mode="r")[source], rule, i, block, shape, sections,
+                                         zarr.open_group(store, mode="r+")[f"{tmp}/local"]), blocks)
+    for index, (n, sz) in zip(blocks, results):
+        counts[index], sizes[index] = n, sz
+    offsets = _offsets(counts)
+    pairs = np.concatenate([np.zeros((0, 2), np.int64)] + run(
+        lambda i: _face_pairs(zarr.open_group(store, mode="r")[f"{tmp}/local"], i, block, shape, offsets, sections), blocks))
+    lut = _merge(counts, sizes, offsets, pairs, rule.min_size)
+    if lut.max(initial=0) > np.iinfo(np.uint32).max:
+        raise ValueError(f"instances {name!r}: {lut.max()} objects do not fit uint32 ids")
+    target = f"instances/{name}"
+    stage = group.create_array(f"{tmp}/seeds" if rule.method == "watershed" else target, shape=shape, chunks=chunks,
+                               dtype="uint32", fill_value=0, overwrite=True)
+    run(lambda i: _relabel_block(zarr.open_group(store, mode="r")[f"{tmp}/local"], zarr.open_group(store, mode="r+")[stage.path],
+                                 i, block, shape, offsets[i], lut), blocks)
+    if rule.method == "watershed":
+        group.create_array(target, shape=shape, chunks=chunks, dtype="uint32", fill_value=0, overwrite=True)
+        pad = [0 if (sections and a == 0) else int(halo) for a in range(len(shape))]
+        run(lambda i: _flood_block(zarr.open_group(store, mode="r")[source], zarr.open_group(store, mode="r")[f"{tmp}/seeds"],
+                                   zarr.open_group(store, mode="r+")[target], rule, i, block, shape, pad), blocks)
+    del group["_instances_tmp"]
+    return target

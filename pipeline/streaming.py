@@ -65,6 +65,7 @@ import zarr
 from torch import nn
 
 from pipeline.config import check_outputs
+from pipeline.instances import label_zarr, parse_rules, rule_settings
 from pipeline.io import stem
 from pipeline.io.axes import OME_TIFF_UNITS
 from pipeline.io.lazy import LazySource
@@ -345,6 +346,8 @@ def predict_zarr(
     export: str | None = None,
     overlay: bool = False,
     statistics: tuple[np.ndarray, np.ndarray] | None = None,
+    instances: Any = None,
+    instance_halo: int = 64,
 ) -> Path:
     """Predict ``source`` block by block into the zarr group ``output`` (resumable).
 
@@ -388,6 +391,10 @@ def predict_zarr(
             pyramidal OME-TIFF), ``"auto"`` (the input's kind: OME-Zarr for OME-Zarr, OME-TIFF for a
             pyramidal or OME-TIFF, ``<name>.h5`` for HDF5, else nothing) or None. ``"hdf5"``: ``<name>.h5``
             with datasets ``probabilities`` / ``mask``.
+        instances: ``{name: rule}`` (:func:`pipeline.instances.parse_rules`), made when ``write`` lists instances,
+            after the last block, into ``instances/<name>`` (uint32) by :func:`pipeline.instances.label_zarr`: block by
+            block, ids merged across block faces (the probabilities are stored for them). Rules read class 0 or 1.
+        instance_halo: px around a block that its watershed sees (:func:`pipeline.instances.label_zarr`).
         statistics: ``section_stats(source, fill_nan)`` when already computed (:func:`predict_files`), so that
             the source is not read twice for them; used only when ``normalize``.
         overlay: after the last block, write ``<name>_overlay.png``: the input at most :data:`THUMBNAIL`
@@ -411,9 +418,13 @@ def predict_zarr(
     """
     net = unwrap(network)
     geometry = net.geometry
-    write = check_output_settings(write, threshold)
-    if "instances" in write:
-        raise ValueError("streaming writes probabilities and masks; instances need --streaming false")
+    write = check_output_settings(write, threshold, instances)
+    rules = parse_rules(instances) if "instances" in write else {}
+    for rule_name, rule in rules.items():
+        if rule.channel not in (0, 1) or rule.background_channel is not None:
+            raise ValueError(f"--instances {rule_name!r}: streaming stores the foreground probability (class 1 of two); a rule "
+                             "reads channel 0 (its boundary) or 1, without background_channel")
+    stored = stored_outputs(write)
     tile_size = check_tile_settings(network, tile_size, batch_size, memory_budget_mb, context, padding_mode)
     src = LazySource(source, net.spatial_dims, net.in_channels, tiff_series, key, rgb_to_grey)
     if not allow_missing_chunks:
@@ -441,14 +452,14 @@ def predict_zarr(
         amp = run_on.type == "cuda"
     amp = bool(amp)
     settings = {
-        "shape": list(shape), "source_dtype": str(src.dtype), "block_size": list(block), "write": sorted(write),
+        "shape": list(shape), "source_dtype": str(src.dtype), "block_size": list(block), "write": sorted(stored),
         "threshold": threshold, "normalize": normalize, "fill_nan": bool(fill_nan), "padding_mode": padding_mode, "context": context,
         "tile_size": tile_size if isinstance(tile_size, str) else list(tile_size), "network": token,
         "amp": str(amp_dtype).removeprefix("torch.") if amp else None,
         "source": src.identity(), "rgb_to_grey": bool(rgb_to_grey), "skip_background": bool(skip_background),
     }
     arrays = {"probabilities": (shape, chunks, "float32", float("nan")), "mask": (shape, chunks, "uint8", 0)}
-    arrays = {name: spec for name, spec in arrays.items() if name in write}
+    arrays = {name: spec for name, spec in arrays.items() if name in stored}
     arrays[MARKERS] = (grid, (1,) * len(grid), "uint8", 0)
     path = Path(output)
     client, owned = (None, []) if scheduler is None else _client(scheduler, n_workers, threads_per_worker, connect_timeout)
@@ -462,7 +473,7 @@ def predict_zarr(
             pending = _skip_background(src, group, block, pending)
         logger.info("%s: %d blocks of %s, %d to predict%s", path, done.size, block, len(pending), " (resumed)" if resumed else "")
         plan = _Plan(str(path), shape, block, k, tile_size, batch_size, padding_mode, context, memory_budget_mb,
-                     tuple(write), threshold, mean, std, device, amp, amp_dtype, bool(fill_nan))
+                     stored, threshold, mean, std, device, amp, amp_dtype, bool(fill_nan))
         if client is None:
             was_training = network.training
             model = network.eval() if device is None else copy.deepcopy(network).to(device).eval()
@@ -479,17 +490,43 @@ def predict_zarr(
             futures = [client.submit(_worker_block, net_f, token, src_f, plan_f, i, pure=False) for i in pending]
             for future in _progress(as_completed(futures), progress, len(futures)):
                 future.result()  # re-raises a block's error here
+        _instances(path, rules, block, instance_halo, client, progress)
     finally:
         for thing in owned:
             thing.close()
     logger.info("%s: all %d blocks done", path, math.prod(grid))
     if export or overlay:
-        _finish(src, zarr.open_group(str(path), mode="r"), path, export, overlay, [n for n in OUTPUTS if n in write])
+        _finish(src, zarr.open_group(str(path), mode="r"), path, export, overlay, [n for n in OUTPUTS if n in stored])
     src.close()
     return path
 
 
 THUMBNAIL = 2048  # pixels a side of the overlay PNG and of the tissue rule's thumbnail
+
+
+def stored_outputs(write: Sequence[str]) -> tuple[str, ...]:
+    """The per-pixel arrays a streaming output holds (and exports): those ``write`` lists, and the
+    probabilities whenever it lists instances (they are made from them)."""
+    return tuple(n for n in OUTPUTS if n in write or (n == "probabilities" and "instances" in write))
+
+
+def _instances(path: Path, rules: dict, block: Sequence[int], halo: int, client: Any, progress: bool) -> None:
+    """Instances of a complete output by each rule (:func:`pipeline.instances.label_zarr`); a rule already made
+    with the same settings (recorded in the group's attributes) is skipped, so a resumed run does not redo it."""
+    if not rules:
+        return
+    group = zarr.open_group(str(path), mode="r+")
+    if not np.asarray(group[MARKERS][...]).all():
+        raise RuntimeError(f"{path}: blocks are missing; no instances made")
+    done = dict(group.attrs.get("instances", {}))
+    for name, rule in rules.items():
+        settings = {**rule_settings(rule), "halo": int(halo)}
+        if done.get(name) == settings and f"instances/{name}" in group:
+            continue
+        logger.info("%s: instances %r (%s)", path, name, rule.method)
+        label_zarr(str(path), "probabilities", rule, name, block, halo, client, progress)
+        done[name] = settings
+        group.attrs["instances"] = done
 
 
 def _statistics(src: LazySource, normalize: bool, fill_nan: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -672,7 +709,7 @@ def predict_files(network: nn.Module, sources: Sequence[Any], output_dir: str | 
         if kwargs.get("skip_background"):
             _check_tissue_rule(src)
         target = output_path(output_dir, path)
-        extra = export_paths(target, resolve_export(kwargs["export"], src), kwargs.get("overlay", False), kwargs.get("write", OUTPUTS))
+        extra = export_paths(target, resolve_export(kwargs["export"], src), kwargs.get("overlay", False), stored_outputs(kwargs.get("write", OUTPUTS)))
         outputs[str(path)] = [target, *extra]
     check_outputs(outputs)
     fill_nan, normalize = kwargs.get("fill_nan", False), kwargs.get("normalize", True)

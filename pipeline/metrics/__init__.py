@@ -1,8 +1,10 @@
-"""Segmentation metrics of the ISBI 2012 EM challenge, plus pixel error, Dice and IoU.
+"""Segmentation metrics of the ISBI 2012 EM challenge, plus pixel error, Dice and IoU, and object scores.
 
 Split by family: :mod:`.pixel` (pixel error, Dice, IoU), :mod:`.rand` (V_rand, V_info),
 :mod:`.warping` (warping error), :mod:`.summary` (:func:`evaluate`, all at once), :mod:`.common`
-(thresholds, input checks, segments). Every name below is importable from ``pipeline.metrics``.
+(thresholds, input checks, segments), :mod:`.objects` (instances against instance ground truth in
+2D or 3D: matching at IoU thresholds and average precision as StarDist reports them, adapted Rand
+error and VI split/merge; per-class Dice and IoU; see its docstring for the definitions). Every name below is importable from ``pipeline.metrics``.
 
 Conventions
 -----------
@@ -112,6 +114,7 @@ Differences from other implementations
   * Fiji returns V_info = 0 when both segmentations are a single segment; here 1.0.
 """
 
+from pipeline.metrics.objects import AP_THRESHOLDS, average_precision, class_scores, instance_scores, matching, object_scores
 from pipeline.metrics.common import ISBI_THRESHOLDS, WARPING_THRESHOLDS, binarize_label, segment, thin_boundaries
 from pipeline.metrics.pixel import dice, iou, pixel_error
 from pipeline.metrics.rand import Scores, adapted_rand_error, best_over_thresholds, info_scores, info_terms, rand_scores, v_info, v_rand
@@ -119,6 +122,12 @@ from pipeline.metrics.summary import evaluate
 from pipeline.metrics.warping import classify_mismatches, simple_point_lut, simple_point_warp, warping_error
 
 __all__ = [
+    "AP_THRESHOLDS",
+    "average_precision",
+    "class_scores",
+    "instance_scores",
+    "matching",
+    "object_scores",
     "ISBI_THRESHOLDS",
     "WARPING_THRESHOLDS",
     "Scores",

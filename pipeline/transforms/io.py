@@ -25,7 +25,8 @@ class LoadSectiond(MapTransform):
     Axes follow :func:`pipeline.io.channel_first`: colour samples first, spatial axes ``(Z,) Y, X``
     (NIfTI's ``(x, y, z)`` reversed, marked ``meta["axes_reversed"]`` so that
     :class:`WritePredictiond` writes predictions back in the file's order). When the item has a
-    ``slice_key`` entry ``z``, only section ``z`` is returned, so stacks give 2D training samples;
+    ``slice_key`` entry ``z``, only section ``z`` is returned, so stacks give 2D training samples (an entry
+    ``slices`` = ``[start, stop)`` returns those sections as a stack);
     those files are decoded once for all their sections (:func:`pipeline.data.read_cached`). A whole
     file keeps its reader's meta (spacing, affine, origin, ... in the file's axis order) for writing.
 
@@ -51,6 +52,7 @@ class LoadSectiond(MapTransform):
     def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, MetaTensor]:
         d = dict(data)
         z = d.get(self.slice_key)
+        slices = d.get(f"{self.slice_key}s")  # [start, stop): a range of sections, kept as a stack
         for key in self.key_iterator(d):
             path = str(d[key])
             dataset = d.get(f"{key}_dataset")  # inside an HDF5 / zarr container (pipeline.data datalists)
@@ -59,6 +61,13 @@ class LoadSectiond(MapTransform):
             array, reversed_axes = channel_first(array, meta, path, self.rgb_to_grey)
             spacing = [float(v) for v in np.asarray(meta.get("spacing", [1.0] * (array.ndim - 1)), dtype=float).ravel()]
             spacing = (spacing[::-1] if reversed_axes else spacing)[-(array.ndim - 1):]
+            if z is None and slices is not None:
+                start, stop = (int(v) for v in slices)
+                if array.ndim != 4 or not 0 <= start < stop <= array.shape[1]:
+                    raise ValueError(f"{path}: sections [{start}, {stop}) out of range, the file has "
+                                     f"{array.shape[1] if array.ndim == 4 else 0} sections")
+                array = array[:, start:stop]
+                meta = {**meta, "slices": [start, stop]}
             if z is None:
                 meta = {**meta, "filename_or_obj": path, "axes_reversed": reversed_axes}
                 d[key] = MetaTensor(torch.from_numpy(torch_ready(array)), meta=meta)

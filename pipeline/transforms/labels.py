@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-from pipeline.labels import check_label_mode, class_indices, instance_targets, weight_map
+from pipeline.labels import check_label_mode, class_indices, instance_ids, instance_targets, weight_map
 from pipeline.metrics.common import binary_foreground
 
 
@@ -123,7 +123,8 @@ class LabelsToTargetd(MapTransform):
       ``cells_key`` for :class:`BorderWeightMapd` (the cells of eq. 2).
     - ``classes``: :func:`pipeline.labels.class_indices` (``num_classes``, ``class_values``).
 
-    A one-channel label ``(1, *spatial)`` is expected (a grey label saved as RGB is reduced to one).
+    With ``instance_ids`` (evaluation), instance labels are kept as their ids (int64, :func:`pipeline.labels.instance_ids`)
+    instead of targets. A one-channel label ``(1, *spatial)`` is expected (a grey label saved as RGB is reduced to one).
 
     Raises:
         ValueError: naming the file, the values found and the key to set (``--label_mode``,
@@ -132,12 +133,13 @@ class LabelsToTargetd(MapTransform):
 
     def __init__(
         self, keys: KeysCollection, label_mode: str = "binary", num_classes: int = 2, class_values=None,
-        threshold: float | None = None, invert: bool = False, cells_key: str = "cells", allow_missing_keys: bool = False,
+        threshold: float | None = None, invert: bool = False, cells_key: str = "cells", instance_ids: bool = False,
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         check_label_mode(label_mode, num_classes, class_values=class_values)
         self.mode, self.num_classes, self.class_values, self.cells_key = label_mode, int(num_classes), class_values, cells_key
-        self.binarize = BinarizeMask(threshold, None, invert)
+        self.binarize, self.ids = BinarizeMask(threshold, None, invert), bool(instance_ids)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -149,14 +151,16 @@ class LabelsToTargetd(MapTransform):
                     d[key] = self.binarize(label)
                     continue
                 values = _one_channel(label)
-                if self.mode == "instances":
+                if self.mode == "instances" and self.ids:
+                    classes = instance_ids(values)
+                elif self.mode == "instances":
                     classes, cells = instance_targets(values, self.num_classes)
                     d[self.cells_key] = cells[None]
                 else:
                     classes = class_indices(values, self.num_classes, self.class_values)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
-            target = torch.from_numpy(classes.astype(np.float32))[None]
+            target = torch.from_numpy(classes if self.ids and self.mode == "instances" else classes.astype(np.float32))[None]
             d[key] = MetaTensor(target, meta=dict(label.meta)) if isinstance(label, MetaTensor) else target
         return d
 

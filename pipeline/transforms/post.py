@@ -111,10 +111,16 @@ def encode_classes(probabilities: torch.Tensor, write: Sequence[str] = OUTPUTS, 
 
 
 class ForegroundProbabilityd(MapTransform):
-    """Replace logits ``(C, *spatial)`` under ``keys`` by the foreground probability ``(1, *spatial)``."""
+    """Replace logits ``(C, *spatial)`` under ``keys`` by the foreground probability ``(1, *spatial)``, or with
+    ``all_classes`` by the probabilities of every class (:func:`class_probabilities`)."""
+
+    def __init__(self, keys: KeysCollection, all_classes: bool = False, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.all_classes = bool(all_classes)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = foreground_probability(convert_to_tensor(d[key]))[None]
+            logits = convert_to_tensor(d[key])
+            d[key] = class_probabilities(logits) if self.all_classes else foreground_probability(logits)[None]
         return d
