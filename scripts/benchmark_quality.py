@@ -85,7 +85,7 @@ RECIPES = {  # the bundle's configs of each recipe: the CPU recipe (documented d
 #: keys that do not change what is trained (data, bookkeeping, budget): left out of a recipe's hash
 NOT_RECIPE = {"dataset_dir", "images", "labels", "val_slices", "val_files", "image_key", "label_key", "datalist",
               "datalists", "train_datalist", "val_datalist", "num_images", "num_val", "image_size", "data_cache_dir",
-              "num_epochs", "val_interval", "ckpt_interval", "log_interval", "train_minutes", "init_from", "resume",
+              "num_epochs", "val_interval", "ckpt_interval", "log_interval", "train_minutes", "resume",
               "seed", "imports", "bundle_root", "ckpt_dir", "output_dir", "device", "rank", "world_size",
               "distributed_setup", "summary_writer", "flags", "checks", "initialize", "training", "run",
               "checkpointing", "validate", "train"}

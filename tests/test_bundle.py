@@ -136,6 +136,23 @@ def test_init_from_names_and_missing_files(tmp_path):
         pretrained_path("imagenet")
 
 
+def test_shipped_pretrained_weights_match_their_record_and_load_into_the_cpu_recipe():
+    """pipeline/pretrained/: the weights are the file scripts/pretrain_synthetic.py recorded (sha256), and
+    init_from synthetic puts them into the network of configs/em_cpu.yaml."""
+    import hashlib
+    import json
+
+    from pipeline.checkpoints import init_weights, pretrained_path
+
+    path = pretrained_path("synthetic")
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"] and path.stat().st_size < 10e6
+    net = UNet(features=(16, 32, 64, 128, 256), padding="valid", norm="batch", dropout=0.0)
+    init_weights(net, "synthetic")
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(net.state_dict()["head.weight"], state["head.weight"])
+
+
 def test_training_time_budget_counts_iterations_and_decays_the_rate():
     """train_minutes: the budget counts training iterations only (not what runs between epochs, such
     as validation), sets lr = lr0 * (1 - spent / budget) ** power before each iteration, and stops
