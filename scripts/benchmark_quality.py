@@ -48,7 +48,9 @@ Scores (``pipeline.metrics``, foreground = cell interior, per section and averag
 sections of the phase): pixel error, V_rand and V_info after border thinning (the official ISBI
 2012 form), adapted Rand error of 4-connected cells (SNEMI3D / CREMI form), warping error, Dice.
 Each at threshold 0.5 and at a threshold chosen on the training sections 0-14 (the one with the
-best mean V_rand over 0.1 .. 0.9 on them; no scored section takes part).
+best mean V_rand over 0.1 .. 0.9 on them; no scored section takes part); the paper recipe also at its
+own ``threshold`` key when that is not 0.5 (chosen on the tune sections 15-19, over seeds, from the
+per-threshold curves recorded as ``eval_curve``), which ``--compare paper/recipe:tta:<t>`` checks.
 
 Usage::
 
@@ -397,6 +399,17 @@ def threshold_curve(prob: np.ndarray, gt: np.ndarray) -> dict:
                              adapted_rand_error=adapted_rand_error(prob, gt, t)) for t in CURVE_THRESHOLDS}
 
 
+def recipe_threshold(settings: dict, configs: list[str] | None = None) -> float:
+    """The threshold the paper recipe predicts with: the variant's or the merged recipe's ``threshold`` key (chosen on
+    the tune sections; the bundle's inference and evaluation read it), else 0.5."""
+    import yaml
+
+    merged: dict = {}
+    for c in configs or BUNDLE_CONFIGS:
+        merged.update(yaml.safe_load((REPO / c).read_text()))
+    return float(settings.get("threshold", merged.get("threshold", 0.5)))
+
+
 def choose_threshold(curve: dict) -> float:
     """The threshold with the best mean V_rand on the training sections (ties: the one nearest 0.5)."""
     return float(max(curve, key=lambda t: (curve[t]["v_rand"], -abs(float(t) - 0.5))))
@@ -423,6 +436,9 @@ def score_run(args, method: str, work: Path, settings: dict) -> dict:
         out[mode] = {"0.5": score_at(eval_p, gt, 0.5), "chosen": {**score_at(eval_p, gt, chosen), "threshold": chosen},
                      "train_curve": curve, "eval_curve": threshold_curve(eval_p, gt),
                      "infer_seconds_all_sections": infer_seconds}
+        fixed = recipe_threshold(settings) if method == "paper" else 0.5
+        if fixed != 0.5:  # the recipe's own threshold, chosen on the tune sections
+            out[mode][f"{fixed:g}"] = {**score_at(eval_p, gt, fixed), "threshold": fixed}
         print(f"  {mode}: V_rand {out[mode]['0.5']['v_rand']:.4f} pixel error {out[mode]['0.5']['pixel_error']:.4f} "
               f"at 0.5; threshold chosen on sections 0-14: {chosen:.1f} -> V_rand {out[mode]['chosen']['v_rand']:.4f} "
               f"pixel error {out[mode]['chosen']['pixel_error']:.4f}", flush=True)
@@ -543,7 +559,7 @@ def configurations(runs: dict, phase: str) -> dict:
         if rec["phase"] != phase:
             continue
         for mode, by_policy in rec["scores"].items():
-            for policy in ("0.5", "chosen"):
+            for policy in [p for p in by_policy if p not in ("train_curve", "eval_curve", "infer_seconds_all_sections")]:
                 name = (rec["method"], rec["variant"], rec["minutes"], rec["threads"], mode, policy)
                 groups.setdefault(name, {})[rec["seed"]] = {**by_policy[policy], "iterations": rec["stats"]["iterations"]}
     return groups
@@ -574,6 +590,7 @@ def print_report(runs: dict, phase: str) -> None:
         its = _mean_sd([r["iterations"] for r in per_seed.values()])[0]
         print(f"{label(name):<{width}}  {len(per_seed):>5}  " + "  ".join(f"{c:>17}" for c in cells) + f"  {its:>10.0f}")
     print("t=0.5: threshold 0.5; t=chosen: the threshold with the best mean V_rand on the training sections 0-14; "
+          "t=<other>: the recipe's own threshold (its `threshold` key, chosen on the tune sections 15-19); "
           "tta: 8 flips/rotations averaged; adapted RE: adapted Rand error of 4-connected cells (SNEMI3D form)")
     print("\nper seed (pixel error / V_rand / adapted Rand error):")
     for name in sorted(groups):
@@ -631,7 +648,8 @@ def main() -> None:
     ap.add_argument("--rescore", action="store_true", help="score the recorded runs of --phase/--methods/--seeds/"
                     "--variant again from the weights in --work-dir (the training stats stay)")
     ap.add_argument("--compare", default="paper/recipe:tta:0.5",
-                    help="the configuration checked against the peers (at 0.5 and at their chosen thresholds) in the report")
+                    help="the configuration checked against the peers (at 0.5 and at their chosen thresholds) in the report: "
+                         "method/variant:mode:threshold policy (0.5, chosen, or the recipe's own threshold, e.g. 0.6)")
     # internal: the training subprocesses
     ap.add_argument("--monai-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--torch-em-out", default=None, help=argparse.SUPPRESS)
