@@ -11,7 +11,8 @@ The rules, as :class:`InstanceRule` holds them:
   interior), which cuts the thin necks where two cells' interiors meet through a gap in the boundary; seeds smaller
   than ``min_size`` are dropped. Every pixel is then flooded from the seeds over the relief ``b``
   (``skimage.segmentation.watershed``, face connectivity), except pixels whose ``background_channel``
-  probability is > 0.5 (they stay 0). torch-em's and elf's boundary watersheds use seeds from distance
+  probability is > 0.5 (they stay 0); with ``fill: false`` the boundary pixels (``b >= threshold``) are set
+  back to 0 afterwards. torch-em's and elf's boundary watersheds use seeds from distance
   maps in the same way (Beier et al. 2017; Wolny et al. 2020, PlantSeg).
 
 Ids are uint32, 0 = no object, unique over the whole image or stack (``mode: 2d`` labels each section
@@ -46,6 +47,9 @@ class InstanceRule:
         background_channel: ``watershed``: pixels of this class (probability > 0.5) stay 0 (the background
             class of a three-class instance target); None floods every pixel (cells fill the image).
         mode: ``2d`` (each section of a stack on its own) or ``3d``.
+        fill: ``watershed``: True floods the boundary pixels too (cells fill the image, as CREMI's neuron labels);
+            False leaves the pixels with ``b >= threshold`` 0 afterwards (cells are their interiors, split where the
+            flooding meets, as ISBI 2012's labels with their membranes).
     """
 
     method: str = "watershed"
@@ -55,6 +59,7 @@ class InstanceRule:
     min_size: int = 0
     background_channel: int | None = None
     mode: str = "2d"
+    fill: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -197,7 +202,8 @@ def _apply(rule: InstanceRule, probs: np.ndarray, spacing: Sequence[float] | Non
     if rule.method == "components":
         return components(p > rule.threshold, rule.min_size)
     background = None if rule.background_channel is None else probs[rule.background_channel] > 0.5
-    return watershed(p, seeds(p, rule.threshold, rule.seed_distance, rule.min_size, spacing, background), background)
+    ids = watershed(p, seeds(p, rule.threshold, rule.seed_distance, rule.min_size, spacing, background), background)
+    return ids if rule.fill else np.where(p < rule.threshold, ids, 0)
 
 
 def make_instances(probabilities: np.ndarray, rule: InstanceRule, spacing: Sequence[float] | None = None) -> np.ndarray:
@@ -346,6 +352,8 @@ def _flood_block(source, seeds, out, rule: InstanceRule, index, block, shape, ha
         flooded = np.stack([watershed(r, m, None, wlo[1:], shape[1:]) for r, m in zip(relief, markers)])
     else:
         flooded = watershed(relief, markers, None, wlo, shape)
+    if not rule.fill:
+        flooded = np.where(relief < rule.threshold, flooded, 0)
     out[tuple(slice(a, b) for a, b in zip(lo, hi))] = flooded[tuple(slice(a - w, b - w) for a, b, w in zip(lo, hi, wlo))].astype(out.dtype)
 
 

@@ -6,7 +6,8 @@ BatchNorm, as the CPU recipe validates); then the foreground probability becomes
 
 - (i) ``components``: 4-connected components of ``p > 0.5`` (what the ISBI scores call cells);
 - (ii) ``watershed``: :class:`pipeline.instances.InstanceRule` (seeds farther than ``--seed-distance`` px
-  inside ``boundary < 0.5``, flooded over the boundary probability), per section;
+  inside ``boundary < 0.5``, flooded over the boundary probability), per section; filling the membranes
+  (``fill: true``, the default) or leaving them 0 (``fill: false``, as the ground truth does);
 
 and each is scored against the ground-truth cells of every section (ISBI 2012: the 4-connected regions of
 the interior; synthetic: the generator's cell ids) by the adapted Rand error (skimage, mean over sections)
@@ -127,7 +128,9 @@ def main() -> None:
               f"{t_net / megapixels:.2f} | 1 |")
         floor, _ = score(truth, np.stack([components(t > 0) for t in truth]))
         print(f"| {name} | (reference: components of the true foreground) | {floor:.4f} | | | |")
-        rules = {"components": None, f"watershed (seed_distance {args.seed_distance:g})": InstanceRule("watershed", seed_distance=args.seed_distance)}
+        rules = {"components": None,
+                 f"watershed (seed_distance {args.seed_distance:g})": InstanceRule("watershed", seed_distance=args.seed_distance),
+                 "watershed, fill false": InstanceRule("watershed", seed_distance=args.seed_distance, fill=False)}
         for method, rule in rules.items():
             if rule is None:
                 fn = lambda: np.stack([components(p > 0.5) for p in probs[1]])  # noqa: E731

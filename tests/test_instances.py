@@ -31,6 +31,8 @@ def test_components_merge_through_a_gap_and_the_watershed_splits_there():
     assert split.dtype == np.uint32 and split.max() == 2
     assert (split[2:9, 2:9] == 1).all() and (split[2:9, 10:17] == 2).all()  # each cell whole, ids in raster order
     assert split.min() == 1  # cells fill the image: membranes go to their nearest basin
+    interiors = make_instances(probs_of(b), InstanceRule("watershed", seed_distance=1.0, fill=False))
+    assert np.array_equal(interiors, np.where(b < 0.5, split, 0))  # the membrane stays 0; the gap goes to a cell
     no_seed_cut = make_instances(probs_of(b), InstanceRule("watershed", seed_distance=0.0))
     assert no_seed_cut.max() == 1  # seeds that are the whole interior keep the gap: one cell
 
@@ -151,6 +153,7 @@ def stored_volume(tmp_path, shape=(3, 128, 128), seed=3):
 @pytest.mark.parametrize("rule", [
     InstanceRule("components", min_size=30, mode="2d"), InstanceRule("components", threshold=0.9, min_size=30, mode="3d"),
     InstanceRule("watershed", seed_distance=2.0, min_size=5, mode="2d"), InstanceRule("watershed", seed_distance=1.5, mode="3d"),
+    InstanceRule("watershed", seed_distance=2.0, mode="2d", fill=False),
 ])
 def test_block_by_block_equals_the_whole_volume_up_to_relabelling(tmp_path, rule):
     """label_zarr on 3 x 3 x 3 blocks (objects cross block faces everywhere; noise makes small objects that
