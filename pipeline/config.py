@@ -480,7 +480,7 @@ def check_labels(
                 hint = ("; set --mask_threshold T (foreground = value > T), or --foreground_invert true if 0 is the foreground"
                         + ("; a label of object ids is --label_mode instances, one of classes --label_mode classes "
                            "--num_classes N" if many else ""))
-            raise ValueError(f"{item['label']}: {err}{hint} (--label_mode {label_mode})") from None
+            raise ValueError(f"{item['label']}: {err}{hint}" + (" (--label_mode binary)" if label_mode == "binary" else "")) from None
 
 
 def check_inference(

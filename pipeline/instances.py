@@ -80,14 +80,14 @@ class InstanceRule:
 
 
 def parse_rules(rules: Mapping[str, Any] | None) -> dict[str, InstanceRule]:
-    """``{name: InstanceRule}`` from the bundle key ``instances`` (``{name: {method: ..., ...}}``).
+    """``{name: InstanceRule}`` from the bundle key ``instances`` (``{name: {method: ..., ...}}``; None or ``{}``: none).
 
     Raises:
         ValueError: not a mapping of names to settings, an unknown setting (naming the valid ones) or value.
     """
-    if rules is None:
+    if rules is None or (isinstance(rules, Mapping) and not rules):
         return {}
-    if not isinstance(rules, Mapping) or not rules:
+    if not isinstance(rules, Mapping):
         raise ValueError(f"--instances must map names to rules, e.g. {{cells: {{method: watershed}}}}, got {rules!r}")
     known = [f.name for f in fields(InstanceRule)]
     out = {}

@@ -38,10 +38,17 @@ def _ids(a, name: str) -> np.ndarray:
 
 
 def _pair(true, pred) -> tuple[np.ndarray, np.ndarray]:
+    """Both id arrays, renumbered 0..n (0 kept for background): skimage's scores allocate tables by the
+    largest id, and CREMI's uint64 ids reach 2**40 and more."""
     t, p = _ids(true, "true"), _ids(pred, "pred")
     if t.shape != p.shape:
         raise ValueError(f"true {t.shape} and pred {p.shape} differ in shape")
-    return t, p
+    return _consecutive(t), _consecutive(p)
+
+
+def _consecutive(a: np.ndarray) -> np.ndarray:
+    found, inverse = np.unique(a, return_inverse=True)
+    return (inverse.reshape(a.shape) + int(found.size > 0 and found[0] != 0)).astype(np.int64)
 
 
 def _overlaps(true: np.ndarray, pred: np.ndarray):
