@@ -358,7 +358,7 @@ def _flood_block(source, seeds, out, rule: InstanceRule, index, block, shape, ha
 
 
 def label_zarr(store: str, source: str, rule: InstanceRule, name: str, block: Sequence[int], halo: int = 64,
-               client: Any = None, progress: bool = False) -> str:
+               client: Any = None) -> str:
     """Instances of a stored foreground probability, block by block, with the ids of objects that cross block
     faces merged: the same instances as :func:`make_instances` over the whole volume, up to a relabelling.
 

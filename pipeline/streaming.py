@@ -490,7 +490,7 @@ def predict_zarr(
             futures = [client.submit(_worker_block, net_f, token, src_f, plan_f, i, pure=False) for i in pending]
             for future in _progress(as_completed(futures), progress, len(futures)):
                 future.result()  # re-raises a block's error here
-        _instances(path, rules, block, instance_halo, client, progress)
+        _instances(path, rules, block, instance_halo, client)
     finally:
         for thing in owned:
             thing.close()
@@ -510,7 +510,7 @@ def stored_outputs(write: Sequence[str]) -> tuple[str, ...]:
     return tuple(n for n in OUTPUTS if n in write or (n == "probabilities" and "instances" in write))
 
 
-def _instances(path: Path, rules: dict, block: Sequence[int], halo: int, client: Any, progress: bool) -> None:
+def _instances(path: Path, rules: dict, block: Sequence[int], halo: int, client: Any) -> None:
     """Instances of a complete output by each rule (:func:`pipeline.instances.label_zarr`); a rule already made
     with the same settings (recorded in the group's attributes) is skipped, so a resumed run does not redo it."""
     if not rules:
@@ -524,7 +524,7 @@ def _instances(path: Path, rules: dict, block: Sequence[int], halo: int, client:
         if done.get(name) == settings and f"instances/{name}" in group:
             continue
         logger.info("%s: instances %r (%s)", path, name, rule.method)
-        label_zarr(str(path), "probabilities", rule, name, block, halo, client, progress)
+        label_zarr(str(path), "probabilities", rule, name, block, halo, client)
         done[name] = settings
         group.attrs["instances"] = done
 
