@@ -131,6 +131,8 @@ def paired_items(
     image_key: str | None = None,
     label_key: str | None = None,
     volumes: bool = False,
+    outside: bool = False,
+    sections_key: str = "eval_slices",
 ) -> list[dict]:
     """Every item of an image/label pair of stacks, volumes, files or folders, checked.
 
@@ -138,7 +140,8 @@ def paired_items(
     sections of 3D files, in file then section order. ``sections = [start, stop)`` keeps only the
     sections of 3D files in that range (2D files, which have none, are dropped then). With ``volumes``,
     a 3D file is one item, whole or, with ``sections``, ``{"image", "label", "slices": [start, stop]}``
-    (clipped to the file; files with no section in the range are dropped). In HDF5 and zarr
+    (clipped to the file; files with no section in the range are dropped); with ``outside`` too, the parts of each
+    3D file before and after the range (3D training around validation sections). In HDF5 and zarr
     containers the datasets ``image_key`` / ``label_key`` are read (default: the only one); images and
     labels may be two datasets of one file.
 
@@ -161,13 +164,15 @@ def paired_items(
             items.append(item)
         elif volumes:
             start, stop = (0, shape[0]) if sections is None else (max(int(sections[0]), 0), min(int(sections[1]), shape[0]))
-            if start < stop:
-                items.append(item if sections is None else {**item, "slices": [start, stop]})
+            ranges = [(0, min(start, shape[0])), (max(stop, 0), shape[0])] if outside and sections is not None else [(start, stop)]
+            for a, b in ranges:
+                if a < b:
+                    items.append(item if (a, b) == (0, shape[0]) else {**item, "slices": [a, b]})
         else:
             items.extend({**item, "slice": z} for z in range(shape[0]))
     if volumes:
         if not items:
-            raise ValueError(f"no section of {images} lies in {list(sections)} (eval_slices)")
+            raise ValueError(f"no section of {images} lies {'outside' if outside else 'in'} {list(sections)} ({sections_key})")
         return items
     if sections is not None:
         start, stop = sections
@@ -189,6 +194,7 @@ def make_datalists(
     val_files: int | Sequence[str] | None = None,
     image_key: str | None = None,
     label_key: str | None = None,
+    volumes: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     """Training and validation datalists from image/label stacks, volumes or folders.
 
@@ -201,6 +207,8 @@ def make_datalists(
         val_files: validate on whole files instead: their names, or the number of files
             (the last ones, in sorted order).
         image_key, label_key: the datasets inside HDF5 / zarr containers (:func:`paired_items`).
+        volumes: items are whole stacks / volumes (a 3D network): ``val_slices`` validates on that range of
+            each and trains on the sections before and after it (``"slices": [start, stop)`` items).
 
     Returns:
         ``(train, val)`` lists of :func:`paired_items` items.
@@ -213,6 +221,8 @@ def make_datalists(
         raise ValueError("give either val_slices or val_files, not both")
     if val_slices is not None and (len(val_slices) != 2 or not 0 <= val_slices[0] < val_slices[1]):
         raise ValueError(f"val_slices must be [start, stop) with 0 <= start < stop, got {list(val_slices)}")
+    if volumes:
+        return _volume_datalists(images, labels, val_slices, val_files, image_key, label_key)
     items = paired_items(images, labels, image_key=image_key, label_key=label_key)
     names = list(dict.fromkeys(Path(i["image"]).name for i in items))
     if isinstance(val_files, int):
@@ -236,4 +246,33 @@ def make_datalists(
     if not train:
         raise ValueError("the split leaves no training data; choose a smaller validation range")
     logger.info("datalists: %d training and %d validation items", len(train), len(val))
+    return train, val
+
+
+def _volume_datalists(images, labels, val_slices, val_files, image_key, label_key) -> tuple[list[dict], list[dict]]:
+    """:func:`make_datalists` for a 3D network: whole stacks / volumes, or their parts around ``val_slices``."""
+    keys = dict(image_key=image_key, label_key=label_key, volumes=True, sections_key="val_slices")
+    items = paired_items(images, labels, **keys)
+    flat = [i["image"] for i in items if read_cached(i["image"], i.get("image_dataset"))[0].ndim < 3]
+    if flat:
+        raise ValueError(f"a 3D network (spatial_dims 3) trains on stacks and volumes; {flat[0]} is a 2D image "
+                         f"({len(flat)} of {len(items)} files). Give (Z, Y, X) files, or train a 2D network (--spatial_dims 2)")
+    if val_slices is not None:
+        train = paired_items(images, labels, sections=val_slices, outside=True, **keys)
+        val = paired_items(images, labels, sections=val_slices, **keys)
+    else:
+        names = [Path(i["image"]).name for i in items]
+        if isinstance(val_files, int):
+            if not 0 <= val_files < len(names):
+                raise ValueError(f"val_files={val_files} must be in [0, {len(names) - 1}] for {len(names)} files")
+            chosen = set(names[len(names) - val_files:])
+        else:
+            chosen = set(val_files or ())
+            if chosen - set(names):
+                raise ValueError(f"val_files names files that are not images: {sorted(chosen - set(names))}")
+        train = [i for i, n in zip(items, names) if n not in chosen]
+        val = [i for i, n in zip(items, names) if n in chosen]
+    if not train:
+        raise ValueError("the split leaves no training data; choose a smaller validation range")
+    logger.info("datalists: %d training and %d validation volumes", len(train), len(val))
     return train, val

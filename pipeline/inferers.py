@@ -139,13 +139,23 @@ def adapted_batchnorm(network: nn.Module, estimate):
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
 
-def _dihedral(x: torch.Tensor, k: int, flip: bool, inverse: bool = False) -> torch.Tensor:
-    """One of the 8 symmetries of the square on the last two axes (or its inverse)."""
+def _dihedral(x: torch.Tensor, k: int, flip: bool, inverse: bool = False, z_flip: bool = False) -> torch.Tensor:
+    """One of the 8 symmetries of the square on the last two axes (or its inverse), with ``z_flip`` also
+    the flip of the third-last axis (the section axis of a volume)."""
     if not inverse:
         x = x.flip(-1) if flip else x
+        x = x.flip(-3) if z_flip else x
         return torch.rot90(x, k, dims=(-2, -1))
     x = torch.rot90(x, -k, dims=(-2, -1))
+    x = x.flip(-3) if z_flip else x
     return x.flip(-1) if flip else x
+
+
+def tta_transforms(network: nn.Module, inputs: torch.Tensor) -> list[tuple[int, bool, bool]]:
+    """``(k, flip, z_flip)`` of the test-time augmentation: the 8 flips/rotations in-plane, and for a 3D
+    network on a volume each of them also flipped along z (16)."""
+    volume = unwrap(network).spatial_dims == 3 and inputs.ndim == 5
+    return [(k, flip, z) for z in ((False, True) if volume else (False,)) for k, flip in DIHEDRAL]
 
 
 class OverlapTileInferer(Inferer):
@@ -167,9 +177,9 @@ class OverlapTileInferer(Inferer):
         context: for ``"same"`` networks, the context margin in pixels (default ``2**depth``).
         memory_budget_mb: rough activation budget: ``"auto"`` sizes one tile to fit it, and
             the batch is cut to what fits.
-        tta: average the outputs over the 8 flips/rotations of the last two axes, each
-            inverted exactly (the paper averaged rotated versions). Outputs (logits) are
-            averaged as the network returns them.
+        tta: average the outputs over the 8 flips/rotations of the last two axes (in-plane), each
+            inverted exactly (the paper averaged rotated versions); a 3D network also averages each of
+            them flipped along z (16 passes). Outputs (logits) are averaged as the network returns them.
         device: where the output is gathered (default: the input's device).
         progress: show a tqdm progress bar over tile batches.
         amp: run the network under ``torch.autocast`` with ``amp_dtype``; default (``None``): on
@@ -229,9 +239,9 @@ class OverlapTileInferer(Inferer):
     def _predict(self, inputs: torch.Tensor, network: nn.Module, settings: dict) -> torch.Tensor:
         if not self.tta:
             return overlap_tile_inference(inputs, network, **settings)
-        total = None
-        for k, flip in DIHEDRAL:
-            pred = overlap_tile_inference(_dihedral(inputs, k, flip), network, **settings)
-            pred = _dihedral(pred, k, flip, inverse=True)
+        total, group = None, tta_transforms(network, inputs)
+        for k, flip, z_flip in group:
+            pred = overlap_tile_inference(_dihedral(inputs, k, flip, z_flip=z_flip), network, **settings)
+            pred = _dihedral(pred, k, flip, inverse=True, z_flip=z_flip)
             total = pred if total is None else total + pred
-        return total / len(DIHEDRAL)
+        return total / len(group)

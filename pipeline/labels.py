@@ -179,7 +179,7 @@ def instance_targets(ids: Any, num_classes: int = 2) -> tuple[np.ndarray, np.nda
 
 
 def weight_map(classes: np.ndarray, cells: np.ndarray | None, w0: float = 10.0, sigma: float = 5.0,
-               class_balance: bool = True) -> np.ndarray:
+               class_balance: bool = True, spacing: Sequence[float] | None = None) -> np.ndarray:
     """The paper's weight map (Ronneberger et al. 2015, eq. 2): ``w = w_c + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))``.
 
     ``d1``, ``d2`` are the distances (px) to the nearest and the second nearest cell, the cells being
@@ -187,11 +187,14 @@ def weight_map(classes: np.ndarray, cells: np.ndarray | None, w0: float = 10.0, 
     ``w_c`` balances the frequencies of the classes present (``n_pixels / (K n_c)`` for the ``K``
     classes present, so its mean is 1; 1 everywhere when ``class_balance`` is False). Distances to a
     cell are computed with scipy's Euclidean distance transform inside the cell's bounding box grown
-    by ``6 sigma``; farther away the border term is below ``w0 exp(-18)``.
+    by ``6 sigma``; farther away the border term is below ``w0 exp(-18)``. In 3D the distances are
+    Euclidean in units of the finest axis when ``spacing`` is given (serial sections 10x thicker than a
+    pixel: the next cell through z is 10 px away), else in voxels.
 
     Args:
         classes: class indices ``(*spatial)``.
         cells: instance ids ``(*spatial)`` (any integers, relabelled here), or None.
+        spacing: voxel size per axis (any unit), or None (isotropic).
 
     Returns:
         float32 array of the classes' shape.
@@ -213,12 +216,15 @@ def weight_map(classes: np.ndarray, cells: np.ndarray | None, w0: float = 10.0, 
         return wc.astype(np.float32)
     d1 = np.full(classes.shape, np.inf)
     d2 = np.full(classes.shape, np.inf)
-    reach = int(np.ceil(6 * sigma))
+    if spacing is not None and len(spacing) != classes.ndim:
+        raise ValueError(f"spacing {list(spacing)} needs one value per axis of the label, shape {classes.shape}")
+    sampling = [1.0] * classes.ndim if spacing is None else [float(v) / min(float(v) for v in spacing) for v in spacing]
+    reach = [int(np.ceil(6 * sigma / a)) for a in sampling]
     for i, box in enumerate(ndi.find_objects(cells), start=1):
         if box is None:
             continue
-        window = tuple(slice(max(b.start - reach, 0), min(b.stop + reach, s)) for b, s in zip(box, classes.shape))
-        d = ndi.distance_transform_edt(cells[window] != i)
+        window = tuple(slice(max(b.start - r, 0), min(b.stop + r, s)) for b, s, r in zip(box, classes.shape, reach))
+        d = ndi.distance_transform_edt(cells[window] != i, sampling=sampling)
         w1, w2 = d1[window], d2[window]
         d2[window] = np.minimum(w2, np.maximum(w1, d))
         d1[window] = np.minimum(w1, d)

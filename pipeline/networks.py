@@ -1,8 +1,9 @@
 """The U-Net of Ronneberger, Fischer and Brox (MICCAI 2015), in 2D and 3D.
 
 One class serves both the paper's network (unpadded "valid" convolutions,
-centre-cropped skip connections, 572x572 -> 388x388) and the widespread padded
-variant (``padding="same"``, usually with BatchNorm).
+centre-cropped skip connections, 572x572 -> 388x388), the widespread padded
+variant (``padding="same"``, usually with BatchNorm), and the 3D U-Net (Cicek et al.
+2016) with per-axis kernels and pooling for anisotropic serial-section stacks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.geometry import PADDING_MODES, UNetGeometry
+from pipeline.geometry import PADDING_MODES, UNetGeometry, _plain
 
 NORMS = (None, "batch", "instance")
 
@@ -28,13 +29,15 @@ def _norm_layer(norm: str | None, spatial_dims: int, channels: int) -> nn.Module
 
 
 class ConvBlock(nn.Sequential):
-    """``convs`` x (conv k x k -> [norm] -> ReLU); the bias is dropped when normalised."""
+    """``convs`` x (conv k x k -> [norm] -> ReLU); the bias is dropped when normalised. ``kernel_size`` is an
+    int or one odd size per axis."""
 
     def __init__(
-        self, spatial_dims: int, in_channels: int, out_channels: int, convs: int, kernel_size: int, padding: str, norm: str | None
+        self, spatial_dims: int, in_channels: int, out_channels: int, convs: int, kernel_size: int | tuple[int, ...], padding: str,
+        norm: str | None,
     ) -> None:
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        pad = 0 if padding == "valid" else kernel_size // 2
+        pad = 0 if padding == "valid" else (kernel_size // 2 if isinstance(kernel_size, int) else tuple(k // 2 for k in kernel_size))
         layers: list[nn.Module] = []
         for i in range(convs):
             layers.append(conv(in_channels if i == 0 else out_channels, out_channels, kernel_size, padding=pad, bias=norm is None))
@@ -64,6 +67,13 @@ class UNet(nn.Module):
     ``N = k ** spatial_dims * in_channels`` (paper, section 3). That network has 23
     convolution layers and 31,030,658 parameters and maps 572x572 to 388x388.
 
+    Anisotropic 3D (serial-section EM): ``kernel_size`` and ``pool`` per level and per axis, as
+    nnU-Net's plans and pytorch-3dunet allow, e.g. ``pool=[[1, 2, 2]] * 3 + [[2, 2, 2]]`` with
+    ``kernel_size=[[1, 3, 3]] * 3 + [[3, 3, 3]] * 2`` for 40 x 4 x 4 nm voxels
+    (:func:`pipeline.geometry.propose_scheme`); each level's up-convolution has its pooling factor as
+    kernel and stride. The geometry (valid sizes, margins per axis) follows: ``(22, 252, 252)`` ->
+    ``(6, 68, 68)`` for that scheme.
+
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of the input image.
@@ -73,7 +83,13 @@ class UNet(nn.Module):
         norm: None (the paper), ``"batch"`` or ``"instance"``.
         dropout: dropout probability after the bottleneck (0 disables it).
         convs_per_level: convolutions in each block (the paper: 2).
-        kernel_size: odd kernel size of the block convolutions (the paper: 3).
+        kernel_size: odd kernel size of the block convolutions (the paper: 3): an int, one per axis, or one
+            entry per level (``len(features)``), each an int or one per axis (:class:`pipeline.geometry.UNetGeometry`).
+        pool: max-pooling factors: None (2x2, the paper), an int, one per axis, or one entry per pooling
+            (``len(features) - 1``), each an int or one per axis.
+
+    Raises:
+        ValueError: bad settings, or per-axis entries whose length is not ``spatial_dims``.
     """
 
     __jit_unused_properties__ = ["margin"]  # TorchScript export (ckpt_export) compiles forward only
@@ -88,7 +104,8 @@ class UNet(nn.Module):
         norm: str | None = None,
         dropout: float = 0.5,
         convs_per_level: int = 2,
-        kernel_size: int = 3,
+        kernel_size: int | Sequence = 3,
+        pool: int | Sequence | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -110,21 +127,29 @@ class UNet(nn.Module):
         self.out_channels = out_channels
         self.features = features
         self.padding = padding
-        self.geometry = UNetGeometry(len(features) - 1, convs_per_level, kernel_size, padding)
+        self.geometry = UNetGeometry(len(features) - 1, convs_per_level, _plain(kernel_size), padding, _plain(pool))
+        if self.geometry.spatial_dims not in (None, spatial_dims):
+            raise ValueError(f"kernel_size {_plain(kernel_size)} / pool {_plain(pool)} give {self.geometry.spatial_dims} values per "
+                             f"axis; spatial_dims is {spatial_dims}")
+        depth = len(features) - 1
+        kernels, pools = self.geometry._kernels, self.geometry._pools  # per level: int or one per axis
 
-        block = dict(spatial_dims=spatial_dims, convs=convs_per_level, kernel_size=kernel_size, padding=padding, norm=norm)
+        block = dict(spatial_dims=spatial_dims, convs=convs_per_level, padding=padding, norm=norm)
         conv_t = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.pool = (nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d)(2)
+        max_pool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
+        # pools[0] is the identity: level 0 is not pooled (a ModuleList zipped with the encoder scripts in TorchScript)
+        self.pools = nn.ModuleList([nn.Identity()] + [max_pool(p) for p in pools])
         self.encoder = nn.ModuleList(
-            ConvBlock(in_channels=c_in, out_channels=c_out, **block)
-            for c_in, c_out in zip((in_channels,) + features[:-1], features)
+            ConvBlock(in_channels=c_in, out_channels=c_out, kernel_size=kernels[level], **block)
+            for level, (c_in, c_out) in enumerate(zip((in_channels,) + features[:-1], features))
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.upconvs = nn.ModuleList(conv_t(c, c // 2, 2, stride=2) for c in features[:0:-1])
+        levels_up = range(depth - 1, -1, -1)  # decoder levels, bottom-most first
+        self.upconvs = nn.ModuleList(conv_t(features[lv + 1], features[lv + 1] // 2, pools[lv], stride=pools[lv]) for lv in levels_up)
         self.decoder = nn.ModuleList(
-            ConvBlock(in_channels=c_skip + c // 2, out_channels=c_skip, **block)
-            for c, c_skip in zip(features[:0:-1], features[-2::-1])
+            ConvBlock(in_channels=features[lv] + features[lv + 1] // 2, out_channels=features[lv], kernel_size=kernels[lv], **block)
+            for lv in levels_up
         )
         self.head = conv(features[0], out_channels, 1)
         self._init_weights()
@@ -132,8 +157,10 @@ class UNet(nn.Module):
         self.architecture = {
             "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
             "features": list(features), "padding": padding, "norm": norm,
-            "convs_per_level": convs_per_level, "kernel_size": kernel_size,
+            "convs_per_level": convs_per_level, "kernel_size": _plain(kernel_size),
         }
+        if pool is not None:  # recorded only when set: checkpoints of the paper's 2x2 pooling read as before
+            self.architecture["pool"] = _plain(pool)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         state_dict.setdefault(prefix + "_extra_state", None)  # a checkpoint from before the record still loads
@@ -151,7 +178,9 @@ class UNet(nn.Module):
         recorded = (state or {}).get("architecture")
         if recorded is None:
             return []
-        return [f"{k}: checkpoint {recorded.get(k)!r}, network {v!r}" for k, v in self.architecture.items() if recorded.get(k) != v]
+        keys = list(self.architecture) + [k for k in recorded if k not in self.architecture]  # "pool": absent = None
+        return [f"{k}: checkpoint {recorded.get(k)!r}, network {self.architecture.get(k)!r}" for k in keys
+                if recorded.get(k) != self.architecture.get(k)]
 
     def set_extra_state(self, state: dict | None) -> None:
         """Check a loaded checkpoint's recorded architecture against this network's.
@@ -178,9 +207,11 @@ class UNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     @property
-    def margin(self) -> int:
-        """Pixels lost on each side of each axis (92 for the paper's valid network)."""
-        return self.geometry.margin
+    def margin(self) -> int | tuple[int, ...]:
+        """Pixels lost on each side of each axis (92 for the paper's valid network); one per axis,
+        ``geometry.margins()``, when the axes differ (anisotropic schemes)."""
+        margins = self.geometry.margins(self.spatial_dims)
+        return margins[0] if len(set(margins)) == 1 else margins
 
     def output_size(self, input_size: int | Sequence[int]) -> tuple[int, ...]:
         """Spatial output size for a spatial input size (raises ``ValueError`` when invalid)."""
@@ -201,10 +232,8 @@ class UNet(nn.Module):
         if not torch.jit.is_scripting():
             self._check_input(x)
         skips: list[torch.Tensor] = []
-        for i, block in enumerate(self.encoder):
-            if i > 0:
-                x = self.pool(x)
-            x = block(x)
+        for pool, block in zip(self.pools, self.encoder):
+            x = block(pool(x))
             skips.append(x)
         x = self.dropout(skips.pop())
         for upconv, block in zip(self.upconvs, self.decoder):
@@ -220,3 +249,12 @@ class UNet(nn.Module):
                 x = F.pad(x, pad)
             x = block(torch.cat([skip, x], dim=1))
         return self.head(x)
+
+
+def memory_format(spatial_dims: int, channels_last: bool) -> torch.memory_format:
+    """The memory format for ``network.to(memory_format=...)``: ``torch.channels_last`` (2D) or
+    ``torch.channels_last_3d`` (3D) when ``channels_last``, else ``torch.contiguous_format``
+    (``torch.channels_last`` on a 3D network fails: "required rank 4 tensor")."""
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d

@@ -5,8 +5,8 @@
 writes the foreground probability (float32) and/or mask (uint8 0/255) block by block into
 a zarr group.
 
-Exactness. Block starts along the network axes are multiples of ``geometry.step`` (the
-pooling grid). A block is read with a halo of ``margin`` pixels (plus the tile round-up),
+Exactness. Block starts along the network axes are multiples of the axis's ``geometry.steps()`` (the
+pooling grid). A block is read with a halo of the axis's margin (plus the tile round-up),
 mirrored about the *volume* border where it leaves the volume, with the index map of
 :func:`pipeline.tiling.mirror_pad`, and its tiles start at the block start. Every output
 pixel thus sees the input window and pooling phase it has in
@@ -157,7 +157,7 @@ def _predict_block(network: nn.Module, source: LazySource, plan: _Plan, index: t
     tiles = make_plan(network, [h - s for s, h in zip(lo[k:], hi[k:])], plan.tile_size, plan.batch_size, plan.memory_budget_mb, plan.context)
     # the block's input: its tiles' extent plus the margin, mirrored about the *volume* border
     maps = [(np.arange(lo[a], hi[a]), None) for a in range(k)]
-    maps += [_mirror(s - tiles.margin, s + e + tiles.margin, n, plan.padding_mode) for s, e, n in zip(lo[k:], tiles.extent, plan.shape[k:])]
+    maps += [_mirror(s - m, s + e + m, n, plan.padding_mode) for s, e, n, m in zip(lo[k:], tiles.extent, plan.shape[k:], tiles.margin)]
     box = [slice(int(i.min()), int(i.max()) + 1) for i, _ in maps]
     raw = source.read(box)
     x = raw[np.ix_(np.arange(raw.shape[0]), *[i - b.start for (i, _), b in zip(maps, box)])].astype(np.float32)
@@ -175,7 +175,7 @@ def _predict_block(network: nn.Module, source: LazySource, plan: _Plan, index: t
             raise ValueError(f"block {index} (pixels {lo}..{hi}) has non-finite values (NaN or Inf); replace them first")
         nodata = ~np.isfinite(x).all(0)
         x = np.where(np.isfinite(x), x, np.float32(0))
-        nodata = nodata[tuple(slice(None) for _ in range(k)) + tuple(slice(tiles.margin, tiles.margin + n) for n in tiles.size)]
+        nodata = nodata[tuple(slice(None) for _ in range(k)) + tuple(slice(m, m + n) for n, m in zip(tiles.size, tiles.margin))]
     images = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, 1, 0) if k else x[None]))
     logits = run_tiles(images, network, tiles, out_device="cpu", amp=plan.amp, amp_dtype=plan.amp_dtype)
     prob = foreground_probability(logits, dim=1)
@@ -362,7 +362,8 @@ def predict_zarr(
             ``mask`` (uint8 0/255) and ``blocks_done`` (uint8 per block).
         block_size: output block (= chunk) per spatial axis, or one int for the network axes
             (a stack's section axis then gets 1). Network axes are rounded up to multiples of
-            ``geometry.step``. Default 1024 (2D network) or 128 (3D).
+            the axis's ``geometry.steps()``. Default 1024 (2D network) or (64, 512, 512) (3D: thin where an
+            anisotropic network's z margin is small, wide in-plane where its margin is the paper's 92 px).
         tile_size, batch_size, padding_mode, context, memory_budget_mb: as in
             :class:`pipeline.inferers.OverlapTileInferer`, applied within each block.
         write: any of ``"probabilities"``, ``"mask"``.
@@ -435,14 +436,14 @@ def predict_zarr(
     shape, nd = src.spatial, net.spatial_dims
     k = len(shape) - nd
     if block_size is None:
-        block_size = 1024 if nd == 2 else 128
+        block_size = 1024 if nd == 2 else [64, 512, 512]
     block = [1] * k + [int(block_size)] * nd if isinstance(block_size, int) else [int(b) for b in block_size]
     if len(block) != len(shape) or min(block) < 1:
         raise ValueError(f"block_size needs {len(shape)} positive values for a volume of shape {shape}, got {block_size}")
-    step = geometry.step
-    rounded = block[:k] + [math.ceil(b / step) * step for b in block[k:]]
+    steps = geometry.steps(nd)
+    rounded = block[:k] + [math.ceil(b / step) * step for b, step in zip(block[k:], steps)]
     if rounded != block:
-        logger.warning("block size %s rounded up to %s (multiples of the pooling step %d)", block, rounded, step)
+        logger.warning("block size %s rounded up to %s (multiples of the pooling steps %s)", block, rounded, steps)
     block = tuple(rounded)
     grid = tuple(math.ceil(s / b) for s, b in zip(shape, block))
     chunks = tuple(min(b, s) for b, s in zip(block, shape))

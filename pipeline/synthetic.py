@@ -401,14 +401,14 @@ def _own_manifest(path: Path) -> bool:
 def write_dataset(
     directory: str | os.PathLike,
     n_images: int = 40,
-    shape: tuple[int, int] = (256, 256),
+    shape: tuple[int, ...] = (256, 256),
     seed: int = 0,
     label_mode: str = "binary",
     **params: Any,
 ) -> list[dict[str, str]]:
-    """Write synthetic images and labels as TIFFs; return a MONAI datalist.
+    """Write synthetic images (or stacks) and labels as TIFFs; return a MONAI datalist.
 
-    Image ``i`` is ``make_image(shape, seed + i, **params)``, whatever ``n_images``,
+    Image ``i`` is ``make_targets(shape, seed + i, **params)``'s (``make_image`` / ``make_stack``), whatever ``n_images``,
     stored as ``directory/images/img_{i:03d}.tif`` (uint8, :func:`to_uint8`) and its
     labels (:func:`make_targets`) under the same name in ``labels/`` (uint8, 0 = membrane,
     255 = interior), ``cells/`` and ``mitochondria/`` (uint32 instance ids) and ``classes/``
@@ -421,10 +421,11 @@ def write_dataset(
     Args:
         directory: output folder (created if needed).
         n_images: number of image/label pairs (>= 1).
-        shape: ``(Y, X)`` size of each image.
+        shape: ``(Y, X)`` size of each image, or ``(Z, Y, X)``: z-coherent stacks (multi-page TIFFs), for
+            3D networks; ``z_step`` in ``params`` sets the section spacing in pixels (:func:`make_stack`).
         seed: seed of image 0.
         label_mode: ``binary``, ``instances`` or ``classes``: which labels the datalist names.
-        **params: keyword arguments of :func:`make_image` (JSON-serialisable).
+        **params: keyword arguments of :func:`make_image` / :func:`make_stack` (JSON-serialisable).
 
     Returns:
         ``[{"image": path, "label": path}, ...]`` with ``str`` paths, in index order.
@@ -438,7 +439,10 @@ def write_dataset(
     """
     if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
         raise ValueError(f"n_images must be a positive int, got {n_images!r}")
-    shape = _check_shape(shape, 2, "write_dataset")
+    if not (isinstance(shape, (tuple, list, np.ndarray)) and len(shape) in (2, 3)):
+        raise ValueError(f"write_dataset: shape must be 2 positive ints (Y, X), e.g. (256, 256), or 3 (Z, Y, X) for stacks, "
+                         f"e.g. (24, 256, 256); got {shape!r}")
+    shape = _check_shape(shape, len(shape), "write_dataset")
     if label_mode not in LABELS_OF_MODE:
         raise ValueError(f"--label_mode {label_mode!r} is unknown; valid: {', '.join(LABELS_OF_MODE)}")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -451,7 +455,7 @@ def write_dataset(
     return [{"image": item["image"], "label": item[LABELS_OF_MODE[label_mode]]} for item in datalist]
 
 
-def _write_dataset(directory: str | os.PathLike, n_images: int, shape: tuple[int, int], seed: int, params: dict) -> list[dict[str, str]]:
+def _write_dataset(directory: str | os.PathLike, n_images: int, shape: tuple[int, ...], seed: int, params: dict) -> list[dict[str, str]]:
     """Write (or find up to date) the images and every label folder; items name them all."""
     root, names = Path(directory), [f"img_{i:03d}.tif" for i in range(n_images)]
     datalist = [{key: str(root / sub / f) for key, sub in FOLDERS.items()} for f in names]
@@ -463,7 +467,7 @@ def _write_dataset(directory: str | os.PathLike, n_images: int, shape: tuple[int
         if all(os.path.exists(p) for entry in datalist for p in entry.values()):
             logger.debug("synthetic dataset in %s is up to date (%d images)", root, n_images)
             return datalist
-    logger.info("writing %d synthetic %dx%d images to %s", n_images, *shape, root)
+    logger.info("writing %d synthetic %s images to %s", n_images, "x".join(map(str, shape)), root)
     manifest_path.unlink(missing_ok=True)  # the folder is incomplete until the manifest is back
     for sub in FOLDERS.values():
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -479,17 +483,20 @@ def _write_dataset(directory: str | os.PathLike, n_images: int, shape: tuple[int
     return datalist
 
 
-def write_default_stack(directory: str | os.PathLike, shape: tuple[int, int, int] = (8, 256, 256), seed: int = 1000) -> str:
-    """Write the default input of the inference bundle, a synthetic EM stack, as a uint8 TIFF.
+def write_default_stack(directory: str | os.PathLike, shape: tuple[int, int, int] = (8, 256, 256), seed: int = 1000,
+                        z_step: float = 20.0) -> str:
+    """Write the default input of the inference bundle, a synthetic EM stack (:func:`make_stack` with ``z_step``),
+    as a uint8 TIFF.
 
-    Returns the file's path; the name holds the shape, seed and generator version, so an
-    existing file is reused as it is. Only a folder that this module made is written to
+    Returns the file's path; the name holds the shape, seed, ``z_step`` (when not the default 20) and generator
+    version, so an existing file is reused as it is. Only a folder that this module made is written to
     (:func:`claim_folder`, which raises ``FileExistsError`` otherwise).
     """
     shape = _check_shape(shape, 3, "write_default_stack")
     root = Path(directory)
-    path = claim_folder(root) / f"stack_{'x'.join(map(str, shape))}_seed{seed}_v{GENERATOR_VERSION}.tif"
+    step = "" if float(z_step) == 20.0 else f"_z{float(z_step):g}"
+    path = claim_folder(root) / f"stack_{'x'.join(map(str, shape))}_seed{seed}{step}_v{GENERATOR_VERSION}.tif"
     if not path.exists():
-        image, _ = make_stack(shape, seed=seed)
+        image, _ = make_stack(shape, seed=seed, z_step=float(z_step))
         replace_atomically(path, lambda tmp: tifffile.imwrite(tmp, to_uint8(image)))
     return str(path)

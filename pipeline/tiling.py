@@ -1,10 +1,10 @@
 """The tile engine: mirror padding, tile plans and the one loop that runs a network over tiles.
 
 Overlap-tile (Ronneberger et al. 2015, Fig. 2). A valid-convolution U-Net sees ``margin`` pixels of
-context on each side of every output pixel. An image is mirror-padded by the margin and cut into
-input tiles whose *output* tiles abut; tile origins lie on the pooling grid (multiples of
-``geometry.step`` from the padded origin), so the stitched output equals one pass over the whole
-padded image up to float rounding. A ``"same"``-padded network gets ``context`` pixels of extra
+context on each side of every output pixel (per axis: anisotropic 3D networks have less along z). An
+image is mirror-padded by the margins and cut into input tiles whose *output* tiles abut; tile origins
+lie on the pooling grid (multiples of the axis's ``geometry.steps()`` from the padded origin), so the
+stitched output equals one pass over the whole padded image up to float rounding. A ``"same"``-padded network gets ``context`` pixels of extra
 input per tile side, and only the centre of each output tile is kept.
 
 Everything that runs tiles calls this module: the in-memory inferer
@@ -115,14 +115,18 @@ def _axis_plan(size: int, tile: int, stride: int) -> tuple[int, ...]:
     return tuple(i * stride for i in range(n))
 
 
-def plan_tiles(image_size: Sequence[int], tile_size: Sequence[int], step: int) -> list[tuple[int, ...]]:
+def _per_axis(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    return (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def plan_tiles(image_size: Sequence[int], tile_size: Sequence[int], step: int | Sequence[int]) -> list[tuple[int, ...]]:
     """Output-tile starts per axis covering ``image_size`` with tiles of ``tile_size``.
 
-    Starts are multiples of ``step`` (the pooling grid), so stride = ``tile`` rounded down
-    to a multiple of ``step``.
+    Starts are multiples of ``step`` (the pooling grid; an int or one per axis), so stride = ``tile``
+    rounded down to a multiple of ``step``.
     """
     plans = []
-    for size, tile in zip(image_size, tile_size):
+    for size, tile, step in zip(image_size, tile_size, _per_axis(step, len(image_size))):
         stride = (tile // step) * step
         if stride < 1:
             raise ValueError(f"output tile {tile} is smaller than the pooling step {step}; choose a larger tile")
@@ -141,49 +145,58 @@ def tile_regions(size: int, starts: Sequence[int], tile: int) -> list[tuple[int,
     return [(p, min(e, size) - p) for p, e in zip(starts, ends)]
 
 
+def _axis_candidates(size: int, geometry: UNetGeometry, axis: int, margin: int) -> list[tuple[int, int, int]]:
+    """``(computed, input tile, output tile)`` along one axis: per number of tiles covering ``size``, the
+    smallest output tile (larger ones of the same count compute more and hold more)."""
+    step = geometry.axis_step(axis)
+    if geometry.padding == "valid":
+        first = geometry.axis_min_input_size(axis) - 2 * margin
+        first += max(0, math.ceil((step - first) / step)) * step  # stride >= step
+    else:
+        first = step
+    found: dict[int, tuple[int, int, int]] = {}
+    for t in range(first, max(size, first) + step, step):
+        n = len(_axis_plan(size, t, (t // step) * step))
+        found.setdefault(n, (n * (t + 2 * margin), t + 2 * margin, t))
+    return sorted(found.values(), key=lambda c: c[1])
+
+
 def auto_tile_size(
-    image_size: Sequence[int], geometry: UNetGeometry, margin: int, max_input_voxels: int
+    image_size: Sequence[int], geometry: UNetGeometry, margin: int | Sequence[int], max_input_voxels: int
 ) -> tuple[int, ...]:
-    """Choose the output tile per axis that minimises computed input pixels.
+    """Choose the output tile per axis that minimises computed input voxels.
 
-    Per axis, among the output tiles ``t`` whose input tile ``t + 2 * margin`` fits the
-    memory cap, pick the one minimising ``n_tiles(t) * (t + 2 * margin)``: the pixels
-    computed (context included) to cover that axis.
+    Among the tiles whose input ``prod(t + 2 * margin)`` fits ``max_input_voxels``, pick the one
+    minimising ``prod(n_tiles(t) * (t + 2 * margin))``: the voxels computed (context included) to cover
+    the image. Axes are chosen jointly, so an anisotropic volume (few sections, a small z margin) gets a
+    tile that is thin where the image is thin and wide in-plane. When nothing fits, the smallest tile.
     """
-    cap = max(int(max_input_voxels ** (1.0 / len(image_size))), 1)
-    step = geometry.step
-    tiles = []
-    for size in image_size:
-        if geometry.padding == "valid":
-            first = geometry.min_input_size - 2 * margin
-            first += max(0, math.ceil((step - first) / step)) * step  # stride >= step
-            candidates = range(first, max(size, first) + step, step)
-        else:
-            candidates = range(step, max(size, step) + step, step)
-        best = None
-        for t in candidates:
-            if t + 2 * margin > cap and best is not None:
-                break
-            stride = (t // step) * step
-            cost = len(_axis_plan(size, t, stride)) * (t + 2 * margin)
-            if best is None or cost < best[0]:
-                best = (cost, t)
-        tiles.append(best[1])
-    return tuple(tiles)
+    margins = _per_axis(margin, len(image_size))
+    per_axis = [_axis_candidates(size, geometry, axis, m) for axis, (size, m) in enumerate(zip(image_size, margins))]
+    best = None
+    for combo in itertools.product(*per_axis):
+        voxels = math.prod(c[1] for c in combo)
+        if voxels > max_input_voxels:
+            continue
+        cost = math.prod(c[0] for c in combo)
+        if best is None or (cost, voxels) < best[:2]:
+            best = (cost, voxels, tuple(c[2] for c in combo))
+    return best[2] if best is not None else tuple(c[0][2] for c in per_axis)
 
 
-def context_margin(geometry: UNetGeometry, context: int | None) -> int:
-    """Input pixels added on each side of an output tile: the valid network's ``margin``; for a
-    ``"same"`` network ``context`` (default ``geometry.step``).
+def context_margin(geometry: UNetGeometry, context: int | Sequence[int] | None, spatial_dims: int | None = None) -> tuple[int, ...]:
+    """Input pixels added on each side of an output tile, per axis: the valid network's margins; for a
+    ``"same"`` network ``context`` (an int or one per axis; default the pooling steps).
 
     Raises:
-        ValueError: a negative ``context``.
+        ValueError: a negative ``context``, or one with the wrong number of axes.
     """
+    n = spatial_dims or geometry.spatial_dims or 1
     if geometry.padding == "valid":
-        return geometry.margin
-    margin = geometry.step if context is None else int(context)
-    if margin < 0:
-        raise ValueError(f"context must be >= 0, got {context}")
+        return geometry.margins(n)
+    margin = geometry.steps(n) if context is None else _per_axis(context, n)
+    if len(margin) != n or min(margin) < 0:
+        raise ValueError(f"context must be >= 0, an int or one per axis ({n}), got {context}")
     return margin
 
 
@@ -202,9 +215,10 @@ def parse_tile_size(tile_size: int | Sequence[int] | str, geometry: UNetGeometry
     if len(tile) != spatial_dims or min(tile) < 1:
         raise ValueError(f"tile_size needs {spatial_dims} positive values, got {tile_size}")
     if geometry.padding == "valid":
-        margin = geometry.margin
-        if not geometry.is_valid([t + 2 * margin for t in tile]):
-            near = [geometry.output_size(geometry.nearest_valid_input_size(t + 2 * margin))[0] for t in tile]
+        margins = geometry.margins(spatial_dims)
+        padded = [t + 2 * m for t, m in zip(tile, margins)]
+        if not geometry.is_valid(padded):
+            near = geometry.output_size(geometry.nearest_valid_input_size(padded))
             raise ValueError(f"output tile {tile} is not a valid output size of this network; nearest larger valid tile: {tuple(near)}")
     return tile
 
@@ -222,7 +236,7 @@ class TilePlan:
     Attributes:
         size: spatial size of the output, pixels per axis.
         tile: output tile per axis; the input tile is ``tile + 2 * margin``.
-        margin: context pixels on each side of an output tile.
+        margin: context pixels on each side of an output tile, per axis.
         starts: output-tile starts per axis (multiples of the pooling step).
         batch_size: tiles per network call.
         valid: the network's convolutions are unpadded (else the centre of each output is kept).
@@ -230,7 +244,7 @@ class TilePlan:
 
     size: tuple[int, ...]
     tile: tuple[int, ...]
-    margin: int
+    margin: tuple[int, ...]
     starts: tuple[tuple[int, ...], ...]
     batch_size: int
     valid: bool
@@ -243,11 +257,11 @@ class TilePlan:
     @property
     def input_extent(self) -> tuple[int, ...]:
         """Input pixels per axis the tiles read: ``extent + 2 * margin`` (the padded image)."""
-        return tuple(e + 2 * self.margin for e in self.extent)
+        return tuple(e + 2 * m for e, m in zip(self.extent, self.margin))
 
     def pads(self) -> list[tuple[int, int]]:
         """``(low, high)`` padding per axis that turns an image of ``size`` into the input the tiles read."""
-        return [(self.margin, self.margin + e - s) for e, s in zip(self.extent, self.size)]
+        return [(m, m + e - s) for e, s, m in zip(self.extent, self.size, self.margin)]
 
     def regions(self) -> list[tuple[tuple[int, int], ...]]:
         """Per tile, ``(start, keep)`` per axis (:func:`tile_regions`): they partition the output."""
@@ -275,7 +289,7 @@ def check_tile_settings(
         raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
     if padding_mode not in PAD_MODES:
         raise ValueError(f"padding_mode must be one of {PAD_MODES}, got {padding_mode!r}")
-    context_margin(net.geometry, context)
+    context_margin(net.geometry, context, net.spatial_dims)
     return parse_tile_size(tile_size, net.geometry, net.spatial_dims)
 
 
@@ -299,24 +313,23 @@ def make_plan(
     geometry = net.geometry
     tile = check_tile_settings(network, tile_size, batch_size, memory_budget_mb, context)
     size = tuple(int(s) for s in size)
-    margin = context_margin(geometry, context)
+    margin = context_margin(geometry, context, net.spatial_dims)
     cap = max_input_voxels(net, memory_budget_mb)
     if tile == "auto":
         tile = auto_tile_size(size, geometry, margin, cap)
-    batch = max(1, min(batch_size, cap // math.prod(t + 2 * margin for t in tile)))
-    starts = tuple(plan_tiles(size, tile, geometry.step))
+    batch = max(1, min(batch_size, cap // math.prod(t + 2 * m for t, m in zip(tile, margin))))
+    starts = tuple(plan_tiles(size, tile, geometry.steps(net.spatial_dims)))
     return TilePlan(size, tuple(tile), margin, starts, batch, geometry.padding == "valid")
 
 
 def network_memory_format(network: nn.Module, spatial_dims: int) -> torch.memory_format:
-    """``torch.channels_last`` when a 2D network's convolution weights are channels-last (after
-    ``network.to(memory_format=torch.channels_last)``), so tiles reach oneDNN/cuDNN's NHWC
-    kernels without reorders; else contiguous. (Channels-last-3D is not used yet.)"""
-    if spatial_dims != 2:
-        return torch.contiguous_format
-    weight = next((p for p in network.parameters() if p.ndim == 4 and p.shape[1] > 1), None)
-    if weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
+    """``torch.channels_last`` (2D) or ``torch.channels_last_3d`` (3D) when the network's convolution
+    weights are in it (after ``network.to(memory_format=...)``, :func:`pipeline.networks.memory_format`), so
+    tiles reach oneDNN/cuDNN's channels-last kernels without reorders; else contiguous."""
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(spatial_dims)
+    weight = next((p for p in network.parameters() if p.ndim == spatial_dims + 2 and p.shape[1] > 1 and p.shape[2:].numel() > 1), None)
+    if fmt is not None and weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=fmt):
+        return fmt
     return torch.contiguous_format
 
 
@@ -355,7 +368,7 @@ def run_tiles(
     memory_format = network_memory_format(network, padded.ndim - 2)
     if amp is None:
         amp = net_device.type == "cuda"
-    n_images, m = padded.shape[0], plan.margin
+    n_images = padded.shape[0]
     queue = [(i, region) for region in plan.regions() for i in range(n_images)]
     batches = range(0, len(queue), plan.batch_size)
     if progress:
@@ -366,12 +379,12 @@ def run_tiles(
     with torch.inference_mode(), torch.autocast(net_device.type, dtype=amp_dtype, enabled=bool(amp)):
         for first in batches:
             chunk = queue[first : first + plan.batch_size]
-            window = lambda region: tuple(slice(p, p + t + 2 * m) for (p, _), t in zip(region, plan.tile))  # noqa: E731
+            window = lambda region: tuple(slice(p, p + t + 2 * m) for (p, _), t, m in zip(region, plan.tile, plan.margin))  # noqa: E731
             batch = torch.stack([padded[i][(slice(None),) + window(region)] for i, region in chunk])
             batch = batch.to(net_device, non_blocking=True).contiguous(memory_format=memory_format)
             pred = network(batch, *network_args, **(network_kwargs or {}))
             if not plan.valid:  # keep the centre of a same-padded tile
-                pred = pred[(slice(None), slice(None)) + tuple(slice(m, m + t) for t in plan.tile)]
+                pred = pred[(slice(None), slice(None)) + tuple(slice(m, m + t) for t, m in zip(plan.tile, plan.margin))]
             if out is None:
                 with torch.inference_mode(False):
                     out = torch.empty((n_images, pred.shape[1], *plan.size), dtype=torch.float32, device=out_device)

@@ -9,6 +9,7 @@ epoch). A command that stops working, or a key it uses that disappears, fails he
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -104,6 +105,12 @@ def _adapt(argv: list[str], tmp, inputs) -> list[str]:
                      "features": FEATURES_ARG, "image_size": "[96,96]", "num_images": "5", "num_val": "2",
                      "num_epochs": "1", "val_interval": "1"})
         keys["patch_size"] = "[96,96]" if "seed_variant" in files else "[220,220]"
+        if "em3d" in files:  # volumes: the smallest valid 3D crop of the command's scheme, from small synthetic stacks
+            from pipeline.geometry import UNetGeometry, propose_scheme
+
+            scheme = UNetGeometry(**propose_scheme(json.loads(keys.get("spacing", "[10,1,1]"))))
+            keys.update({"image_size": "[20,96,96]", "patch_size": str(list(scheme.min_input_sizes())).replace(" ", ""),
+                         "features": "[2,4,8,16,32]"})
         if "em_cpu" in files:  # the recipe starts from the pretrained 16..256 network, which the narrow one cannot take
             keys["init_from"] = "null"
     elif "verify_net_in_out" in head:  # checks the network against the metadata: nothing to redirect
@@ -117,7 +124,9 @@ def _adapt(argv: list[str], tmp, inputs) -> list[str]:
 
 def checkpoint_name(config_files: str) -> str:
     """Inference with an overlay that changes the network's outputs needs a network trained with it."""
-    return "model_instances.pt" if "instances_quickstart" in config_files else "model.pt"
+    if "instances_quickstart" in config_files:
+        return "model_instances.pt"
+    return "model_em3d.pt" if "em3d" in config_files else "model.pt"
 
 
 COMMANDS = readme_commands()

@@ -179,5 +179,7 @@ def test_bad_parameters_raise(params, message):
 def test_write_dataset_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="n_images"):
         write_dataset(tmp_path, n_images=0)
-    with pytest.raises(ValueError, match="shape must be 2 positive ints"):
-        write_dataset(tmp_path, n_images=1, shape=(4, 4, 4))
+    with pytest.raises(ValueError, match=r"shape must be 2 positive ints \(Y, X\), e.g. \(256, 256\), or 3 \(Z, Y, X\)"):
+        write_dataset(tmp_path, n_images=1, shape=(4, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"shape must be 3 positive ints \(Z, Y, X\)"):
+        write_dataset(tmp_path, n_images=1, shape=(4, 0, 4))

@@ -11,7 +11,7 @@ how the bundle configs name them.
   ``border_weight_map`` / ``BorderWeightMapd`` (paper eq. 2);
 - :mod:`.post`: ``LogitsToOneHot(d)``, ``class_probabilities``, ``foreground_probability``, ``ForegroundProbabilityd``,
   ``encode_prediction`` / ``encode_classes`` and ``check_output_settings`` (the one output step of both writers);
-- :mod:`.spatial`: ``RandElasticGridd`` (the paper's elastic deformation).
+- :mod:`.spatial`: ``RandElasticGridd`` (the paper's elastic deformation), ``MirrorPadd`` (inference's mirroring).
 """
 
 from pipeline.transforms.intensity import NormalizeSectionsd
@@ -29,11 +29,11 @@ from pipeline.transforms.post import (
     encode_prediction,
     foreground_probability,
 )
-from pipeline.transforms.spatial import RandElasticGridd
+from pipeline.transforms.spatial import MirrorPadd, RandElasticGridd
 
 __all__ = [
     "OUTPUTS", "BinarizeMask", "BinarizeMaskd", "BorderWeightMapd", "ForegroundProbabilityd", "LabelsToTargetd", "LoadSectiond",
-    "LogitsToOneHot", "LogitsToOneHotd", "NormalizeSectionsd", "RandElasticGridd",
+    "LogitsToOneHot", "LogitsToOneHotd", "MirrorPadd", "NormalizeSectionsd", "RandElasticGridd",
     "WRITABLE", "WritePredictiond", "border_weight_map", "check_output_settings", "class_probabilities", "encode_classes",
     "encode_prediction", "foreground_probability",
 ]

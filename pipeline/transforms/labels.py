@@ -176,7 +176,8 @@ def _one_channel(label) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- border weight map
-def border_weight_map(foreground: np.ndarray, w0: float = 10.0, sigma: float = 5.0, class_balance: bool = True) -> np.ndarray:
+def border_weight_map(foreground: np.ndarray, w0: float = 10.0, sigma: float = 5.0, class_balance: bool = True,
+                      spacing: Sequence[float] | None = None) -> np.ndarray:
     """The paper's weight map (eq. 2) of a binary label, its cells being the connected components of the
     foreground (face connectivity): :func:`pipeline.labels.weight_map` with classes = foreground.
 
@@ -189,7 +190,7 @@ def border_weight_map(foreground: np.ndarray, w0: float = 10.0, sigma: float = 5
     from scipy import ndimage as ndi
 
     fg = np.asarray(foreground).astype(bool)
-    return weight_map(fg.astype(np.int64), ndi.label(fg)[0], w0, sigma, class_balance)
+    return weight_map(fg.astype(np.int64), ndi.label(fg)[0], w0, sigma, class_balance, spacing)
 
 
 class BorderWeightMapd(MapTransform):
@@ -200,17 +201,20 @@ class BorderWeightMapd(MapTransform):
     binary target's foreground; a target of more classes without cells gets the class balance alone.
     Compute it before augmentation (it is deterministic, so a ``CacheDataset`` keeps it), then warp and
     crop it with the label: the bundle's configs crop ``label`` and ``weight`` to the network's output
-    size in the same transform.
+    size in the same transform. A volume's map is 3D, its distances scaled by ``spacing`` (voxel size per
+    axis; None: voxels), so the cells of neighbouring sections count by their physical distance.
     """
 
     def __init__(
         self, keys: KeysCollection, weight_key: str = "weight", w0: float = 10.0, sigma: float = 5.0,
         class_balance: bool = True, cells_key: str = "cells", allow_missing_keys: bool = False,
+        spacing: Sequence[float] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if w0 < 0 or sigma <= 0:
             raise ValueError(f"w0 must be >= 0 and sigma > 0, got w0={w0}, sigma={sigma}")
         self.weight_key, self.w0, self.sigma, self.class_balance, self.cells_key = weight_key, w0, sigma, class_balance, cells_key
+        self.spacing = None if spacing is None else [float(v) for v in spacing]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -220,12 +224,15 @@ class BorderWeightMapd(MapTransform):
             if label.shape[0] != 1:
                 raise ValueError(f"the weight map needs a one-channel target of class indices, got shape {tuple(label.shape)}")
             classes = label[0].cpu().numpy()
+            spacing = self.spacing if self.spacing is None or len(self.spacing) == classes.ndim else None  # 2D sections of a 3D spacing
+            if self.spacing is not None and spacing is None and len(self.spacing) != classes.ndim + 1:
+                raise ValueError(f"--spacing {self.spacing} has {len(self.spacing)} values; the labels have {classes.ndim} axes")
             if cells is not None:
-                w = weight_map(classes.astype(np.int64), np.asarray(cells)[0], self.w0, self.sigma, self.class_balance)
+                w = weight_map(classes.astype(np.int64), np.asarray(cells)[0], self.w0, self.sigma, self.class_balance, spacing)
             elif classes.max(initial=0) <= 1:
-                w = border_weight_map(classes > 0.5, self.w0, self.sigma, self.class_balance)
+                w = border_weight_map(classes > 0.5, self.w0, self.sigma, self.class_balance, spacing)
             else:
-                w = weight_map(classes.astype(np.int64), None, self.w0, self.sigma, self.class_balance)
+                w = weight_map(classes.astype(np.int64), None, self.w0, self.sigma, self.class_balance, spacing)
             weight = torch.from_numpy(w)[None]
             d[self.weight_key] = MetaTensor(weight, meta=dict(label.meta)) if isinstance(label, MetaTensor) else weight
         return d

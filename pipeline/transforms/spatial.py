@@ -18,9 +18,10 @@ class RandElasticGridd(RandomizableTransform, MapTransform):
 
     The same field warps every key; each key has its own interpolation (``"bicubic"`` or
     ``"bilinear"`` for images and weight maps, ``"nearest"`` for labels). Samples that fall
-    outside the image are mirrored. Works on ``(C, H, W)`` and ``(C, D, H, W)`` (the 3D field
-    is interpolated trilinearly, as ``grid_sample`` has no tricubic mode). Reproducible under
-    ``set_random_state`` / ``monai.utils.set_determinism``.
+    outside the image are mirrored. Works on ``(C, H, W)`` and ``(C, D, H, W)``: with ``in_plane``
+    (serial sections) a volume is warped in-plane only, by one 2D field for all its sections, so
+    sections keep their order and spacing; otherwise by a 3D field interpolated trilinearly (``grid_sample``
+    has no tricubic mode). Reproducible under ``set_random_state`` / ``monai.utils.set_determinism``.
 
     Args:
         keys: keys to warp.
@@ -28,6 +29,7 @@ class RandElasticGridd(RandomizableTransform, MapTransform):
         grid_size: control points per axis, corners included (paper: 3).
         mode: interpolation per key (a string or one per key).
         prob: probability of warping a sample.
+        in_plane: a volume gets the 2D deformation of its last two axes, the same for every section.
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class RandElasticGridd(RandomizableTransform, MapTransform):
         mode: str | Sequence[str] = "bilinear",
         prob: float = 1.0,
         allow_missing_keys: bool = False,
+        in_plane: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
@@ -46,7 +49,7 @@ class RandElasticGridd(RandomizableTransform, MapTransform):
         modes = (mode,) * len(self.keys) if isinstance(mode, str) else tuple(mode)
         if len(modes) != len(self.keys) or not set(modes) <= {"bicubic", "bilinear", "nearest"}:
             raise ValueError(f"mode must be one of bicubic/bilinear/nearest, one per key; got {mode!r} for keys {self.keys}")
-        self.sigma, self.grid_size, self.modes = float(sigma), int(grid_size), modes
+        self.sigma, self.grid_size, self.modes, self.in_plane = float(sigma), int(grid_size), modes, bool(in_plane)
         self._coarse: np.ndarray | None = None
 
     def randomize(self, spatial_dims: int) -> None:
@@ -63,10 +66,15 @@ class RandElasticGridd(RandomizableTransform, MapTransform):
         d = dict(data)
         first = d[self.first_key(d)]
         spatial = tuple(first.shape[1:])
-        self.randomize(len(spatial))
+        planar = self.in_plane and len(spatial) == 3
+        self.randomize(2 if planar else len(spatial))
         if not self._do_transform:
             return d
-        disp = self.displacement(spatial)
+        if planar:  # one in-plane field for every section, no displacement along z
+            disp = self.displacement(spatial[1:])
+            disp = torch.cat([torch.zeros(1, *spatial), disp[:, None].expand(2, *spatial)])
+        else:
+            disp = self.displacement(spatial)
         # sampling positions in pixels, then normalised to [-1, 1] (align_corners=True)
         axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in spatial], indexing="ij")
         coords = [(a + u) * 2.0 / max(s - 1, 1) - 1.0 for a, u, s in zip(axes, disp, spatial)]
@@ -80,4 +88,46 @@ class RandElasticGridd(RandomizableTransform, MapTransform):
             )[0]
             out = warped.to(img.dtype) if not img.dtype.is_floating_point else warped
             d[key] = MetaTensor(out, meta=getattr(img, "meta", {})) if isinstance(img, MetaTensor) else out
+        return d
+
+
+class MirrorPadd(MapTransform):
+    """Mirror-pad every key by ``spatial_border`` pixels per side, then further (split as evenly as MONAI's
+    ``SpatialPadd``, the extra pixel at the end) up to ``spatial_size``: the padding of overlap-tile inference
+    (:func:`pipeline.tiling.mirror_pad`), so training tiles reach the image edge as predicted ones do.
+
+    Unlike ``BorderPadd(mode="reflect")`` (``torch.nn.functional.pad``), any amount works: the image is mirrored
+    repeatedly, so a stack of 5 sections pads by a z margin of 8, and a 64 px image by the paper's 92.
+
+    Args:
+        keys: keys to pad, arrays ``(C, *spatial)``.
+        spatial_border: pixels per side, an int or one per spatial axis.
+        spatial_size: minimum size per axis after padding (None: no minimum).
+        mode: ``"reflect"`` (edge pixel not repeated, the paper's mirroring) or ``"symmetric"``.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, spatial_border: int | Sequence[int] = 0, spatial_size: Sequence[int] | None = None,
+        mode: str = "reflect", allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.border, self.size, self.mode = spatial_border, spatial_size, mode
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        from pipeline.tiling import mirror_pad
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = convert_to_tensor(d[key], track_meta=True)
+            spatial = img.shape[1:]
+            border = [int(self.border)] * len(spatial) if isinstance(self.border, int) else [int(b) for b in self.border]
+            if len(border) != len(spatial):
+                raise ValueError(f"spatial_border {self.border} needs one value per spatial axis of shape {tuple(img.shape)}")
+            pads = [(b, b) for b in border]
+            if self.size is not None:
+                for axis, (s, target) in enumerate(zip(spatial, self.size)):
+                    extra = max(int(target) - (s + 2 * border[axis]), 0)
+                    pads[axis] = (border[axis] + extra // 2, border[axis] + extra - extra // 2)
+            out = mirror_pad(img.as_tensor() if isinstance(img, MetaTensor) else img, pads, self.mode)
+            d[key] = MetaTensor(out, meta=dict(img.meta)) if isinstance(img, MetaTensor) else out
         return d
