@@ -223,6 +223,25 @@ def check_hyperparameters(**values: Any) -> None:
         raise ValueError("invalid hyper-parameter(s): " + "; ".join(errors))
 
 
+def check_spacing(spacing: Any, spatial_dims: int) -> None:
+    """``--spacing``: None, or one positive number per axis of the network (``[z, y, x]`` for 3D), also accepted
+    with one value more than a 2D network's axes (a stack's ``[z, y, x]``: its sections use ``[y, x]``).
+
+    Raises:
+        ValueError: naming the key, what was given and what is valid.
+    """
+    spacing = optional(spacing)
+    if spacing is None:
+        return
+    values = list(spacing) if isinstance(spacing, (list, tuple)) else None
+    ok = values is not None and len(values) in (spatial_dims, spatial_dims + 1 if spatial_dims == 2 else spatial_dims) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+    if not ok:
+        axes = "[z, y, x]" if spatial_dims == 3 else "[y, x] (or a stack's [z, y, x])"
+        raise ValueError(f"--spacing {spacing!r} must be {spatial_dims} positive numbers, the voxel size {axes} in one unit "
+                         f"(spatial_dims is {spatial_dims}), e.g. [40, 4, 4] for 40 nm sections of 4 nm pixels")
+
+
 def check_loss(loss_name: str, out_channels: int, label_mode: str = "binary", num_classes: int = 2, class_values: Any = None) -> None:
     """The training loss fits the labels (:func:`pipeline.labels.check_label_mode`) and the network's output
     channels (``num_classes`` for the soft-max losses, 1 for ``bce``).

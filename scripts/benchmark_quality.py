@@ -544,6 +544,9 @@ def run_one(args, method: str, seed: int, runs: dict) -> None:
     stats.update(wall_seconds=time.time() - t0, load_average_1min=[load_before, os.getloadavg()[0]])
     print(f"  {stats['iterations']} iterations in {stats['train_seconds']:.0f} s "
           f"({stats['cpu_seconds'] / max(stats['wall_seconds'], 1e-9):.2f} CPU s per s); scoring", flush=True)
+    if disturbed(stats, args.threads):
+        print(f"  WARNING: the run had {cpu_share(stats):.2f} CPU s per s of its {args.threads} threads: something else ran; "
+              "the report marks it (*). Delete its record and run it again on a quiet machine", flush=True)
     record = dict(phase=args.phase, method=method, variant=variant, settings=settings, recipe_sha=recipe, seed=seed,
                   minutes=args.minutes, threads=args.threads, started=started,
                   finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), machine=machine(),
@@ -555,6 +558,20 @@ def run_one(args, method: str, seed: int, runs: dict) -> None:
 
 
 # ---------------------------------------------------------------- report
+#: a run whose training process got less than this share of its threads' CPU time shared the machine (the same
+#: recipe gets 1.94-1.98 CPU s per s on 2 threads alone; a session's tests running beside it gave 1.66)
+QUIET_SHARE = 0.9
+
+
+def cpu_share(stats: dict) -> float:
+    return stats["cpu_seconds"] / max(stats["wall_seconds"], 1e-9)
+
+
+def disturbed(stats: dict, threads: int) -> bool:
+    """Whether a run's training got less than ``QUIET_SHARE`` of ``threads`` cores (zero-shot runs train nothing)."""
+    return stats.get("iterations", 0) > 0 and cpu_share(stats) < QUIET_SHARE * threads
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     v = np.asarray(values, float)
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
@@ -569,7 +586,8 @@ def configurations(runs: dict, phase: str) -> dict:
         for mode, by_policy in rec["scores"].items():
             for policy in [p for p in by_policy if p not in ("train_curve", "eval_curve", "infer_seconds_all_sections")]:
                 name = (rec["method"], rec["variant"], rec["minutes"], rec["threads"], mode, policy)
-                groups.setdefault(name, {})[rec["seed"]] = {**by_policy[policy], "iterations": rec["stats"]["iterations"]}
+                groups.setdefault(name, {})[rec["seed"]] = {**by_policy[policy], "iterations": rec["stats"]["iterations"],
+                                                            "disturbed": disturbed(rec["stats"], rec["threads"])}
     return groups
 
 
@@ -603,8 +621,10 @@ def print_report(runs: dict, phase: str) -> None:
     print("\nper seed (pixel error / V_rand / adapted Rand error):")
     for name in sorted(groups):
         print(f"  {label(name):<{width}}  " + "   ".join(
-            f"seed {s}: {r['pixel_error']:.4f} / {r['v_rand']:.4f} / {r['adapted_rand_error']:.4f}"
+            f"seed {s}{'*' if r['disturbed'] else ''}: {r['pixel_error']:.4f} / {r['v_rand']:.4f} / {r['adapted_rand_error']:.4f}"
             for s, r in sorted(groups[name].items())))
+    if any(r["disturbed"] for g in groups.values() for r in g.values()):
+        print(f"  * the run's training had less than {QUIET_SHARE:.0%} of its threads' CPU time (the machine was shared)")
 
 
 def compare(runs: dict, phase: str, ours: tuple, peers: list[tuple]) -> None:

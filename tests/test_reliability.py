@@ -288,6 +288,27 @@ def _(tmp):
     return train(tmp, "--patch_size", "[573,572]")
 
 
+@row("cli-3d-invalid-patch-size", BundleError, r"axis 0 \(z\): 19 \(nearest valid: 18 or 20\); axis 1 \(y\): 190 \(nearest valid: "
+                                              r"188 or 204\)\. Valid sizes per axis: axis 0 \(z\): 18 \+ 2 \* n")
+def _(tmp):
+    return lambda: run(*train_args(tmp, "--features", "[2,4,8,16,32]", "--data_cache_dir", str(tmp / "cache"), "--patch_size",
+                                   "[19,190,188]", configs=(TRAIN, str(ROOT / "configs/em3d.yaml"))))
+
+
+@row("cli-3d-spacing-wrong-length", BundleError, r"--spacing \[10, 1\] must be 3 positive numbers, the voxel size \[z, y, x\]")
+def _(tmp):
+    return lambda: run(*train_args(tmp, "--spacing", "[10,1]", "--data_cache_dir", str(tmp / "cache"),
+                                   configs=(TRAIN, str(ROOT / "configs/em3d.yaml"))))
+
+
+@row("cli-3d-network-2d-images", BundleError, r"a 3D network \(spatial_dims 3\) trains on stacks and volumes; .*flat.tif is a 2D "
+                                             r"image .*--spatial_dims 2")
+def _(tmp):
+    tifffile.imwrite(tmp / "flat.tif", to_uint8(make_image((40, 44), seed=0)[0]))
+    return lambda: run(*train_args(tmp, "--features", "[2,4,8,16,32]", "--images", str(tmp / "flat.tif"), "--labels",
+                                   str(tmp / "flat.tif"), configs=(TRAIN, str(ROOT / "configs/em3d.yaml"))))
+
+
 @row("cli-unwritable-output", BundleError, r"output folder .*blocker/models' cannot be used: .*blocker' is a file")
 def _(tmp):
     (tmp / "blocker").write_text("a file, not a folder")

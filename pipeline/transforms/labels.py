@@ -224,8 +224,10 @@ class BorderWeightMapd(MapTransform):
             if label.shape[0] != 1:
                 raise ValueError(f"the weight map needs a one-channel target of class indices, got shape {tuple(label.shape)}")
             classes = label[0].cpu().numpy()
-            spacing = self.spacing if self.spacing is None or len(self.spacing) == classes.ndim else None  # 2D sections of a 3D spacing
-            if self.spacing is not None and spacing is None and len(self.spacing) != classes.ndim + 1:
+            spacing = self.spacing
+            if spacing is not None and len(spacing) == classes.ndim + 1:  # a 2D section of a stack's [z, y, x]
+                spacing = spacing[1:]
+            if spacing is not None and len(spacing) != classes.ndim:
                 raise ValueError(f"--spacing {self.spacing} has {len(self.spacing)} values; the labels have {classes.ndim} axes")
             if cells is not None:
                 w = weight_map(classes.astype(np.int64), np.asarray(cells)[0], self.w0, self.sigma, self.class_balance, spacing)
