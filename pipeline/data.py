@@ -224,15 +224,7 @@ def make_datalists(
     if volumes:
         return _volume_datalists(images, labels, val_slices, val_files, image_key, label_key)
     items = paired_items(images, labels, image_key=image_key, label_key=label_key)
-    names = list(dict.fromkeys(Path(i["image"]).name for i in items))
-    if isinstance(val_files, int):
-        if not 0 <= val_files < len(names):
-            raise ValueError(f"val_files={val_files} must be in [0, {len(names) - 1}] for {len(names)} files")
-        val_names = set(names[len(names) - val_files :])
-    else:
-        val_names = set(val_files or ())
-        if val_names - set(names):
-            raise ValueError(f"val_files names files that are not images: {sorted(val_names - set(names))}")
+    val_names = _validation_files(list(dict.fromkeys(Path(i["image"]).name for i in items)), val_files)
     if val_slices is not None and not any(val_slices[0] <= i.get("slice", -1) < val_slices[1] for i in items):
         raise ValueError(f"val_slices {list(val_slices)} select no section of the stacks in {images}")
 
@@ -249,6 +241,22 @@ def make_datalists(
     return train, val
 
 
+def _validation_files(names: list[str], val_files: int | Sequence[str] | None) -> set[str]:
+    """The file names ``val_files`` selects among ``names`` (sorted order): the last ``val_files`` of them, or those named.
+
+    Raises:
+        ValueError: a count out of range, or names that are not among the images.
+    """
+    if isinstance(val_files, int):
+        if not 0 <= val_files < len(names):
+            raise ValueError(f"val_files={val_files} must be in [0, {len(names) - 1}] for {len(names)} files")
+        return set(names[len(names) - val_files:])
+    chosen = set(val_files or ())
+    if chosen - set(names):
+        raise ValueError(f"val_files names files that are not images: {sorted(chosen - set(names))}")
+    return chosen
+
+
 def _volume_datalists(images, labels, val_slices, val_files, image_key, label_key) -> tuple[list[dict], list[dict]]:
     """:func:`make_datalists` for a 3D network: whole stacks / volumes, or their parts around ``val_slices``."""
     keys = dict(image_key=image_key, label_key=label_key, volumes=True, sections_key="val_slices")
@@ -262,14 +270,7 @@ def _volume_datalists(images, labels, val_slices, val_files, image_key, label_ke
         val = paired_items(images, labels, sections=val_slices, **keys)
     else:
         names = [Path(i["image"]).name for i in items]
-        if isinstance(val_files, int):
-            if not 0 <= val_files < len(names):
-                raise ValueError(f"val_files={val_files} must be in [0, {len(names) - 1}] for {len(names)} files")
-            chosen = set(names[len(names) - val_files:])
-        else:
-            chosen = set(val_files or ())
-            if chosen - set(names):
-                raise ValueError(f"val_files names files that are not images: {sorted(chosen - set(names))}")
+        chosen = _validation_files(list(dict.fromkeys(names)), val_files)
         train = [i for i, n in zip(items, names) if n not in chosen]
         val = [i for i, n in zip(items, names) if n in chosen]
     if not train:
