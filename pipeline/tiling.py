@@ -173,15 +173,20 @@ def auto_tile_size(
     """
     margins = _per_axis(margin, len(image_size))
     per_axis = [_axis_candidates(size, geometry, axis, m) for axis, (size, m) in enumerate(zip(image_size, margins))]
-    best = None
-    for combo in itertools.product(*per_axis):
-        voxels = math.prod(c[1] for c in combo)
-        if voxels > max_input_voxels:
-            continue
-        cost = math.prod(c[0] for c in combo)
-        if best is None or (cost, voxels) < best[:2]:
-            best = (cost, voxels, tuple(c[2] for c in combo))
-    return best[2] if best is not None else tuple(c[0][2] for c in per_axis)
+    best: list = []
+
+    def search(axis: int, voxels: int, cost: int, chosen: tuple[int, ...]) -> None:
+        if axis == len(per_axis):
+            if not best or (cost, voxels) < tuple(best[:2]):
+                best[:] = [cost, voxels, chosen]
+            return
+        for computed, inputs, tile in per_axis[axis]:  # ascending input: once one overflows, all later ones do
+            if voxels * inputs > max_input_voxels:
+                break
+            search(axis + 1, voxels * inputs, cost * computed, chosen + (tile,))
+
+    search(0, 1, 1, ())
+    return best[2] if best else tuple(c[0][2] for c in per_axis)
 
 
 def context_margin(geometry: UNetGeometry, context: int | Sequence[int] | None, spatial_dims: int | None = None) -> tuple[int, ...]:
