@@ -92,6 +92,9 @@ def network_from_checkpoint(path: str | os.PathLike, architecture: dict | None =
     and evaluation need no network keys. ``architecture`` (``UNet``'s arguments) is for checkpoints
     saved without that record; given with a checkpoint that has one, the two must agree.
 
+    ``path`` may also be a bioimage.io package exported by this pipeline (a ``.zip``, its ``rdf.yaml`` /
+    ``bioimageio.yaml`` or unpacked folder: :func:`pipeline.export.load_bioimageio`).
+
     Returns:
         The network in eval mode, weights loaded (as :func:`load_checkpoint` checks them).
 
@@ -99,6 +102,15 @@ def network_from_checkpoint(path: str | os.PathLike, architecture: dict | None =
         FileNotFoundError, ValueError: as :func:`load_checkpoint`; no architecture recorded or given;
             an ``architecture`` that is not a dict of ``UNet``'s arguments.
     """
+    from pipeline.export import is_bioimageio, load_bioimageio
+
+    if Path(path).exists() and is_bioimageio(path):
+        network = load_bioimageio(path)
+        diff = network.architecture_diff({"architecture": architecture}) if architecture is not None else []
+        if diff:
+            raise ValueError(f"bioimage.io package {str(path)!r} holds another architecture than --architecture ({'; '.join(diff)}); "
+                             "drop --architecture")
+        return network
     state = read_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get(key), dict):
         state = state[key]

@@ -133,6 +133,50 @@ def check_cli_keys(argv: Sequence[str] | None = None) -> None:
         )
 
 
+def _root_of(config_file: Any) -> str | None:
+    """The bundle folder of a config file: the parent of its ``configs/`` folder (MONAI's layout), else its folder."""
+    files = _config_files(config_file) if config_file else []
+    if not files:
+        return None
+    folder = Path(files[0]).parent
+    return str(folder.parent if folder.name == "configs" else folder)
+
+
+def bundle_root(default: str = "bundles/em_unet") -> str:
+    """The bundle's folder, found from the config file MONAI was given, so a bundle runs from any working
+    directory and when copied out of this repository (``bundle_root`` of the configs).
+
+    MONAI gives a config no path of its own; this reads it from the caller: the ``ConfigWorkflow`` being
+    run (``python -m monai.bundle run``, :mod:`pipeline.cli`), else the ``config_file`` of a
+    ``monai.bundle`` function on the stack (``ckpt_export``, ``verify_net_in_out``), else ``--config_file`` of
+    ``sys.argv``. The first config file decides: ``x/configs/train.yaml`` -> ``x``; relative stays relative,
+    so ``bundles/em_unet/configs/train.yaml`` from the repository root gives ``bundles/em_unet`` as before.
+    ``default`` when none is found (a ``ConfigParser`` built by hand). ``--bundle_root`` overrides it all.
+    """
+    import inspect
+
+    from monai.bundle import ConfigWorkflow
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")  # (a ConfigParser's getattr would resolve config ids: only workflows)
+            root = owner.config_root_path if isinstance(owner, ConfigWorkflow) else None
+            if root is not None:
+                root = Path(root)
+                return str(root.parent if root.name == "configs" else root)
+            if frame.f_globals.get("__name__", "").startswith("monai.bundle"):
+                for name in ("config_file_", "config_file"):
+                    found = _root_of(frame.f_locals.get(name))
+                    if found:
+                        return found
+            frame = frame.f_back
+    finally:
+        del frame
+    found = _root_of(cli_overrides(sys.argv[1:]).get("config_file")) if "monai" in sys.argv[0] else None
+    return found or default
+
+
 def end_errors_with_their_cause() -> None:
     """Make a failed ``python -m monai.bundle`` run print its cause as the last line.
 

@@ -115,6 +115,8 @@ def _adapt(argv: list[str], tmp, inputs) -> list[str]:
             keys["init_from"] = "null"
     elif "verify_net_in_out" in head:  # checks the network against the metadata: nothing to redirect
         pass
+    elif "export.yaml" in files:  # the bioimage.io package of the first training command's checkpoint
+        keys.update({"checkpoint": str(inputs / "model.pt"), "output_dir": str(tmp / "out")})
     elif "ckpt_export" in head:
         keys.update({"filepath": str(tmp / "model.ts"), "ckpt_file": str(inputs / "model.pt"), "checkpoint": str(inputs / "model.pt")})
     else:  # inference and evaluation: the checkpoint of the first training command with the same overlay
@@ -135,7 +137,7 @@ COMMANDS = readme_commands()
 def test_the_docs_hold_the_commands_this_file_runs():
     kinds = [" ".join(a for a in argv[:6] if not a.startswith("--")) for _, argv in COMMANDS]
     assert len(COMMANDS) >= 12, kinds
-    assert any("torchrun" in k for k in kinds) and any("ckpt_export" in k for k in kinds)
+    assert any("torchrun" in k for k in kinds) and any("export_bioimageio" in k for k in kinds)
     assert any("verify_net_in_out" in k for k in kinds)
 
 
@@ -163,6 +165,8 @@ def test_readme_command_runs(index, inputs, tmp_path):
         assert (tmp_path / "models/model_final.pt").is_file()
     elif "ckpt_export" in argv:
         assert (tmp_path / "model.ts").is_file()
+    elif "export_bioimageio" in argv:
+        assert (tmp_path / "out/em_unet.bioimageio.zip").is_file() and "test_model: passed" in log
     elif "verify_net_in_out" in argv:
         assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
     elif "--images" in argv:

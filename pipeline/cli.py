@@ -1,0 +1,236 @@
+"""``em-unet``: the bundle's workflows as a command line for people.
+
+::
+
+    em-unet train --config quickstart                         # = python -m monai.bundle run training --config_file "[train.yaml, quickstart.yaml]"
+    em-unet predict stack.tif --model models/model.pt -o out/ # = ... run --config_file inference.yaml --input_path ... --checkpoint ... --output_dir ...
+    em-unet evaluate --model models/model.pt --images v.tif --labels l.tif
+    em-unet export --model models/model.pt -o export/ [--format bioimageio|torchscript|both]
+    em-unet predict --help                                    # every key of the configs, with its meaning and default
+
+Each ``--key value`` is the bundle key of that name, parsed as ``python -m monai.bundle`` parses it (``fire``);
+``--set id=value`` reaches nested ids (``--set train#dataloader#num_workers=2``). The command builds the same
+config files and overrides and hands them to ``monai.bundle.run`` (MONAI's ``ConfigWorkflow``): no workflow
+logic lives here. ``--config NAME`` merges an overlay (``configs/NAME.yaml`` of the repository, or a path) and
+its metadata fragment. The bundle is the one beside this package (``bundles/em_unet``), or ``$EM_UNET_BUNDLE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+#: command -> (the bundle config, its run id, what it does)
+COMMANDS = {
+    "train": ("train.yaml", "training", "train a U-Net (python -m monai.bundle run training)"),
+    "predict": ("inference.yaml", "run", "predict images, stacks or folders by overlap-tile inference"),
+    "evaluate": ("evaluate.yaml", "run", "score a checkpoint on labelled images (ISBI 2012 metrics)"),
+    "export": ("export.yaml", "run", "export a checkpoint as a bioimage.io package and/or TorchScript"),
+}
+#: ``em-unet export --format`` -> the run id of export.yaml
+EXPORT_FORMATS = {"both": "run", "bioimageio": "export_bioimageio", "torchscript": "export_torchscript"}
+#: config entries that are workflow parts, not settings
+NOT_OPTIONS = {"imports", "initialize", "run", "finalize", "checks", "flags", "training"}
+
+
+def bundle_dir() -> Path:
+    """The bundle folder: ``$EM_UNET_BUNDLE``, else ``bundles/em_unet`` beside this package (a source checkout
+    or an editable install)."""
+    env = os.environ.get("EM_UNET_BUNDLE")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "bundles" / "em_unet"
+
+
+def overlay_path(name: str) -> Path:
+    """An overlay by path, or by name from the repository's ``configs/`` (``quickstart`` -> ``configs/quickstart.yaml``).
+
+    Raises:
+        FileNotFoundError: neither exists; the message lists the shipped overlays.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = bundle_dir().parents[1] / "configs"
+    candidate = shipped / (name if name.endswith((".yaml", ".json")) else name + ".yaml")
+    if candidate.is_file():
+        return candidate
+    names = sorted(p.stem for p in shipped.glob("*.yaml"))
+    raise FileNotFoundError(f"--config {name!r}: no such file, and no overlay of that name in {shipped} "
+                            f"(shipped: {', '.join(names) or 'none'})")
+
+
+def _comment(value: str) -> tuple[str, str]:
+    """Split ``value   # comment`` outside quotes."""
+    quote = None
+    for i, ch in enumerate(value):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or value[i - 1] in " \t"):
+            return value[:i].rstrip(), value[i + 1:].strip()
+    return value.rstrip(), ""
+
+
+def config_keys(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
+    """Top-level keys of a config file that are settings: ``{key: (default as written, comment)}``.
+
+    The comment is the key line's trailing ``# ...`` plus the indented comment lines right below it.
+    Workflow parts (components with ``_target_``, lists of expressions, ``imports``, ``checks``, ...) are left out.
+    """
+    text = Path(path).read_text()
+    tree = yaml.safe_load(text) or {}
+    lines = text.splitlines()
+    out: dict[str, tuple[str, str]] = {}
+    for i, line in enumerate(lines):
+        if not line or line[0] in " #-" or ":" not in line:
+            continue
+        key, _, rest = line.partition(":")
+        if key not in tree or key in NOT_OPTIONS:
+            continue
+        value = tree[key]
+        if isinstance(value, dict) and "_target_" in value:
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, dict) or (isinstance(v, str) and v[:1] in "$@") for v in value):
+            continue
+        if isinstance(value, dict) and any(isinstance(v, dict) and "_target_" in v for v in value.values()):
+            continue
+        default, comment = _comment(rest.strip())
+        notes = [comment] if comment else []
+        for more in lines[i + 1:]:
+            if more.startswith(" ") and more.strip().startswith("#"):
+                notes.append(more.strip()[1:].strip())
+            else:
+                break
+        out[key] = (default or "(empty)", " ".join(notes))
+    return out
+
+
+def _parse_value(value: str) -> Any:
+    """As ``python -m monai.bundle`` (``fire``) parses a ``--key value``: Python literals, else the string."""
+    from fire.parser import DefaultParseValue
+
+    return DefaultParseValue(value)
+
+
+def _resolve(command: str, overlays: Sequence[str]) -> list[str]:
+    files = [str(bundle_dir() / "configs" / COMMANDS[command][0])]
+    return files + [str(overlay_path(o)) for o in overlays]
+
+
+def build_parser(command: str, config_files: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser of one command: its own options and one ``--key`` per setting of ``config_files`` (later files
+    give the default shown), with the key's comment as help."""
+    parser = argparse.ArgumentParser(
+        prog=f"em-unet {command}", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{COMMANDS[command][2]}.\nConfigs: {', '.join(config_files)}\n"
+                    "Each --key is the bundle key of that name (values as python -m monai.bundle parses them; "
+                    "booleans true/false).",
+    )
+    parser.add_argument("--config", action="append", default=[], metavar="OVERLAY",
+                        help="merge an overlay after the bundle config: a path or a name of configs/ (quickstart, em_cpu, "
+                             "isbi2012, em3d, seed_variant, ...); repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE",
+                        help="any config id, nested ones with '#': --set train#dataloader#num_workers=2")
+    parser.add_argument("--traceback", action="store_true", help="print the full traceback of an error")
+    if command == "predict":
+        parser.add_argument("input_path", nargs="?", default=argparse.SUPPRESS,
+                            help="an image, stack, container or folder (bundle key input_path; none: a synthetic stack)")
+    if command == "export":
+        parser.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="both",
+                            help="what to write: the bioimage.io package, the TorchScript file, or both (the run id of export.yaml)")
+    keys: dict[str, tuple[str, str]] = {}
+    for path in config_files:
+        for key, (default, comment) in config_keys(path).items():
+            keys[key] = (default, comment or (keys.get(key) or ("", ""))[1])
+    group = parser.add_argument_group("bundle keys")
+    aliases = {"checkpoint": ["--model"], "output_dir": ["-o"]} if command != "train" else {}
+    for key, (default, comment) in keys.items():
+        if key == "input_path" and command == "predict":
+            continue
+        hidden = default.startswith(("$", '"$', "@")) and not comment and key not in aliases
+        help_text = argparse.SUPPRESS if hidden else f"{comment} (default: {default})" if comment else f"(default: {default})"
+        group.add_argument(f"--{key}", *aliases.get(key, []), dest=key, default=argparse.SUPPRESS, metavar="VALUE",
+                           help=help_text.replace("%", "%%") if help_text is not argparse.SUPPRESS else help_text)
+    parser.set_defaults(_keys=sorted(keys))
+    return parser
+
+
+def parse(argv: Sequence[str]) -> tuple[str, str, list[str], list[str], dict[str, Any], bool]:
+    """``(command, run_id, config_files, meta_files, overrides, traceback)`` of an ``em-unet`` command line.
+
+    Raises:
+        SystemExit: ``--help``, or a usage error (unknown command or key, with the closest keys).
+    """
+    from pipeline.export import bundle_metadata
+
+    top = argparse.ArgumentParser(prog="em-unet", description=__doc__.split("\n\n")[0] + " Commands: " + ", ".join(
+        f"{c} ({d[2]})" for c, d in COMMANDS.items()) + ". `em-unet COMMAND --help` lists its keys.")
+    top.add_argument("command", choices=sorted(COMMANDS))
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        top.parse_args(list(argv[:1]) or ["--help"])
+    command, rest = argv[0], list(argv[1:])
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", action="append", default=[])
+    known, _ = pre.parse_known_args(rest)
+    try:
+        files = _resolve(command, known.config)
+    except FileNotFoundError as err:
+        top.error(str(err))
+    parser = build_parser(command, files)
+    args, unknown = parser.parse_known_args(rest)
+    if unknown:
+        options = [o for a in parser._actions for o in a.option_strings]
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u.split("=")[0], options, n=3, cutoff=0.6) if u.startswith("-") else []
+            hints.append(u + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        parser.error("unknown argument(s): " + "; ".join(hints) + f". `em-unet {command} --help` lists the keys")
+    values = vars(args)
+    overrides = {k: _parse_value(values[k]) for k in values.pop("_keys") if k in values}
+    if "input_path" in values:
+        overrides["input_path"] = values["input_path"]
+    for item in values["set"]:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            parser.error(f"--set {item!r}: write ID=VALUE, e.g. --set train#dataloader#num_workers=2")
+        overrides[key] = _parse_value(value)
+    run_id = COMMANDS[command][1]
+    if command == "export":
+        run_id = EXPORT_FORMATS[values["format"]]
+        overrides.setdefault("config_files", [str(bundle_dir() / "configs" / "inference.yaml")] + files[1:])
+    metas = bundle_metadata(files)[1]
+    return command, run_id, files, metas, overrides, values["traceback"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``em-unet``; returns the exit status (0, or 1 after an error, whose innermost cause is printed last)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, run_id, files, metas, overrides, show_traceback = parse(argv)
+    from monai.bundle import run
+
+    logging_file = Path(files[0]).parent / "logging.conf"
+    try:
+        run(run_id=run_id, config_file=files, meta_file=metas,
+            logging_file=str(logging_file) if logging_file.is_file() else None, **overrides)
+    except Exception as err:  # noqa: BLE001 - a person reads the cause, not MONAI's wrapper
+        cause = err
+        while cause.__cause__ is not None or (cause.__context__ is not None and not cause.__suppress_context__):
+            cause = cause.__cause__ or cause.__context__
+        if show_traceback:
+            traceback.print_exc()
+        print(f"em-unet {command}: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+        if not show_traceback:
+            print("(--traceback shows where)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

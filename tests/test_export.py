@@ -1,0 +1,181 @@
+"""Issue 20: the bioimage.io package (export -> bioimageio.core's test_model -> import -> the bundle's
+predictions), the TorchScript export's embedded config, the ``em-unet`` console commands end to end, and a
+bundle that runs from any working directory."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from pipeline.io import write_image
+from pipeline.networks import UNet
+from pipeline.synthetic import make_stack, to_uint8
+
+from conftest import CONFIGS, FEATURES, INFER, ROOT, TINY_TRAIN
+
+EM_UNET = Path(sys.executable).with_name("em-unet")
+
+
+def em_unet(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The installed console command (``pip install -e .`` makes it), output captured."""
+    assert EM_UNET.is_file(), f"{EM_UNET} is missing: install the package (pip install -e .) to get the em-unet command"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", BIOIMAGEIO_CACHE_PATH=str(cwd / ".bioimageio_cache"))
+    proc = subprocess.run([str(EM_UNET), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``em-unet train`` on the tiny synthetic settings (1 epoch), and a labelled 3-section TIFF stack."""
+    tmp = tmp_path_factory.mktemp("console")
+    ok(em_unet("train", *TINY_TRAIN, "--num_epochs", "1", "--val_interval", "1", "--ckpt_dir", str(tmp / "models"),
+               "--output_dir", str(tmp / "eval"), "--data_cache_dir", str(tmp / "data"), cwd=tmp))
+    image, label = make_stack((3, 70, 90), seed=3)
+    write_image(to_uint8(image), tmp / "stack.tif", meta={"spacing": [50.0, 4.0, 4.0]})
+    write_image(label, tmp / "labels.tif")
+    return tmp
+
+
+@pytest.mark.slow
+def test_console_train_predict_export_import_evaluate(trained):
+    """One command exports a package that passes bioimageio.core's test_model (offline cache); the package
+    loads back into the bundle, whose predictions then equal the checkpoint's within 1e-5; the TorchScript
+    file embeds the architecture it holds; evaluate scores the stack."""
+    import bioimageio.spec
+    from monai.data import load_net_with_metadata
+
+    from pipeline.checkpoints import network_from_checkpoint
+
+    tmp = trained
+    ckpt = tmp / "models/model_final.pt"
+    ok(em_unet("predict", "stack.tif", "--model", str(ckpt), "-o", "from_checkpoint", cwd=tmp))
+    exported = ok(em_unet("export", "--model", str(ckpt), "-o", "export", cwd=tmp))
+    assert "bioimageio.core test_model: passed" in exported.stdout + exported.stderr
+    package, script = tmp / "export/em_unet.bioimageio.zip", tmp / "export/model.ts"
+
+    descr = bioimageio.spec.load_model_description(str(package), perform_io_checks=False)
+    (image,), (pred,) = descr.inputs, descr.outputs
+    assert [(a.size.min, a.size.step) for a in image.axes[2:]] == [(188, 16), (188, 16)]  # the valid sizes 188 + 16 n
+    assert [a.size.offset for a in pred.axes[2:]] == [-184, -184]  # the output is 2 x 92 px smaller
+    assert [str(c) for c in pred.axes[1].channel_names] == ["membrane", "interior"]
+    assert descr.cite[0].doi == "10.1007/978-3-319-24574-4_28"
+    with zipfile.ZipFile(package) as archive:
+        test_in, test_out = (np.load(io.BytesIO(archive.read(f"test_{k}.npy"))) for k in ("input", "output"))
+    assert test_in.shape == (1, 1, 252, 252) and test_out.shape == (1, 2, 68, 68)
+    np.testing.assert_allclose(test_out.sum(1), 1.0, atol=1e-5)  # soft-max probabilities inside the model
+
+    network = network_from_checkpoint(package)
+    original = network_from_checkpoint(ckpt)
+    assert network.architecture == original.architecture
+    assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), original.state_dict().values()) if torch.is_tensor(a))
+    ok(em_unet("predict", "stack.tif", "--model", str(package), "-o", "from_package", cwd=tmp))
+    a = tifffile.imread(tmp / "from_checkpoint/probabilities/stack.tif")
+    b = tifffile.imread(tmp / "from_package/probabilities/stack.tif")
+    assert a.shape == (3, 70, 90)
+    np.testing.assert_allclose(b, a, atol=1e-5)
+    assert np.array_equal(tifffile.imread(tmp / "from_checkpoint/masks/stack.tif"), tifffile.imread(tmp / "from_package/masks/stack.tif"))
+
+    scripted, meta, extra = load_net_with_metadata(str(script), more_extra_files=("inference.json",))
+    config = json.loads(extra["inference.json"])
+    assert config["architecture"]["features"] == FEATURES  # not train.yaml's 64..1024
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 2
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == ["16*n+172", "16*n+172"]
+    x = torch.randn(1, 1, 220, 252)
+    with torch.inference_mode():
+        assert (scripted(x) - original(x)).abs().max().item() <= 1e-5
+
+    again = em_unet("export", "--model", str(ckpt), "-o", "export", "--format", "torchscript", cwd=tmp)
+    assert again.returncode != 0 and "exist(s) already" in again.stderr and "--overwrite true" in again.stderr
+
+    ok(em_unet("evaluate", "--model", str(ckpt), "--images", "stack.tif", "--labels", "labels.tif", "-o", "evaluation", cwd=tmp))
+    report = json.loads((tmp / "evaluation/report.json").read_text())
+    assert len(report["samples"]) == 3 and 0.0 <= report["mean"]["pixel_error"] <= 1.0
+
+
+def test_console_help_lists_keys_and_refuses_misspelt_ones(capsys):
+    from pipeline import cli
+
+    files = [str(CONFIGS / "inference.yaml")]
+    text = cli.build_parser("predict", files).format_help()
+    assert "--tile_size" in text and "(default: auto)" in text and "output tile" in text
+    assert "--checkpoint VALUE, --model VALUE" in text and "--output_dir VALUE, -o VALUE" in text
+    command, run_id, configs, metas, overrides, _ = cli.parse(
+        ["predict", "stack.tif", "--model", "m.pt", "-o", "out", "--tile_size", "388", "--config", "em_cpu",
+         "--set", "inferer#progress=False"])
+    assert (command, run_id) == ("predict", "run")
+    assert configs == [INFER, str(ROOT / "configs/em_cpu.yaml")]
+    assert metas == [str(CONFIGS / "metadata.json")]
+    assert overrides == {"checkpoint": "m.pt", "output_dir": "out", "tile_size": 388, "input_path": "stack.tif",
+                         "inferer#progress": False}
+    assert cli.parse(["export", "--format", "bioimageio"])[1] == "export_bioimageio"
+    with pytest.raises(SystemExit):
+        cli.parse(["train", "--num_epoch", "3"])
+    assert "--num_epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse(["train", "--config", "no_such_overlay"])
+    assert "quickstart" in capsys.readouterr().err  # the shipped overlays are listed
+
+
+@pytest.mark.slow
+def test_bundle_copied_out_runs_from_any_working_directory(tmp_path):
+    """bundle_root is the folder above the config's configs/: the copied bundle writes into itself."""
+    copy = tmp_path / "b"
+    shutil.copytree(ROOT / "bundles/em_unet", copy, ignore=shutil.ignore_patterns("models", "data", "eval", "predictions", "export"))
+    torch.manual_seed(0)
+    torch.save(UNet(features=FEATURES).state_dict(), tmp_path / "model.pt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "../b/configs/inference.yaml",
+                           "--checkpoint", str(tmp_path / "model.pt")], cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted(p.relative_to(copy).parts[:2] for p in copy.rglob("*.tif"))
+    assert ("data", "synthetic") in written and ("predictions", "probabilities") in written
+    assert not any(elsewhere.iterdir())
+
+
+def test_metadata_matches_the_network_of_every_shipped_overlay():
+    """metadata.json merged with an overlay's fragment states the network that overlay trains: channels in and
+    out, and the valid spatial-shape formulas (MONAI's verify_net_in_out checks channels only)."""
+    from monai.bundle import ConfigParser
+
+    from pipeline.export import bundle_metadata, network_data_format
+
+    for overlay in [None, *sorted((ROOT / "configs").glob("*.yaml"))]:
+        files = [str(CONFIGS / "train.yaml")] + ([str(overlay)] if overlay else [])
+        parser = ConfigParser()
+        parser.read_config(files)
+        network = parser.get_parsed_content("network_def")
+        stated = bundle_metadata(files)[0]["network_data_format"]
+        derived = network_data_format(network)
+        for side, name in (("inputs", "image"), ("outputs", "pred")):
+            for key in ("num_channels", "spatial_shape"):
+                assert stated[side][name][key] == derived[side][name][key], (overlay, side, key)
+            assert len(stated[side][name]["channel_def"]) == derived[side][name]["num_channels"], (overlay, side)
+
+
+def test_required_packages_cover_the_dependencies():
+    """metadata.json's required_packages_version names every runtime dependency of pyproject.toml."""
+    import re
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[\[<>=~! ]", d)[0].lower().replace("_", "-") for d in deps}
+    listed = {k.lower().replace("_", "-") for k in json.loads((CONFIGS / "metadata.json").read_text())["required_packages_version"]}
+    missing = names - listed - {"torch", "monai", "numpy"}  # monai_version, pytorch_version, numpy_version
+    assert not missing, f"metadata.json required_packages_version lacks {sorted(missing)}"
