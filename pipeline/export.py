@@ -195,7 +195,7 @@ def _sample(network: UNet, sample_input: str | os.PathLike | None, size: int) ->
     mins, steps = g.min_input_sizes(dims), g.steps(dims)
     wanted = [m if (dims == 3 and i == 0) else m + steps[i] * max(0, round((size - m) / steps[i])) for i, m in enumerate(mins)]
     if sample_input is None:
-        shape = tuple(w + 32 for w in wanted)
+        shape = tuple(w + (2 if dims == 3 and i == 0 else 32) for i, w in enumerate(wanted))
         image = make_image(shape, seed=123)[0] if dims == 2 else make_stack(shape, seed=123)[0]
         image = (image * 255).astype(np.float32)
     else:
@@ -360,7 +360,8 @@ def export_bioimageio(
         else:
             doc.write_text(_documentation(network, name, description, channel_names))
 
-        batch, channel = spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier(f"image_{i}") if network.in_channels > 1 else spec.Identifier("image") for i in range(network.in_channels)])
+        names = ["image"] if network.in_channels == 1 else [f"image_{i}" for i in range(network.in_channels)]
+        batch, channel = spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier(n) for n in names])
         in_axes = [batch, channel] + [
             spec.SpaceInputAxis(id=spec.AxisId(a), size=spec.ParameterizedSize(min=m, step=s)) for a, m, s in zip(axes, mins, steps)]
         valid = network.padding == "valid"
@@ -401,13 +402,17 @@ def export_bioimageio(
             license=spec.LicenseId(license), documentation=spec.FileDescr(source=doc),
             covers=[spec.FileDescr(source=tmp / "cover.png")], tags=list(tags),
             inputs=inputs, outputs=outputs, weights=weights,
-            config={"em_unet": {"architecture": network.architecture, "margin": list(margins), "threshold": 0.5}},
+            config={"em_unet": {"architecture": network.architecture, "margin": list(margins)}},
         )
         output_path.parent.mkdir(parents=True, exist_ok=True)
         partial = output_path.with_name(output_path.name + ".partial.zip")
-        save_bioimageio_package(descr, output_path=partial)
+        try:
+            save_bioimageio_package(descr, output_path=partial)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     if test:
-        summary = test_bioimageio(partial)
+        summary = run_test_model(partial)
         if summary.status != "passed":
             partial.unlink()
             raise ValueError(f"the bioimage.io package failed bioimageio.core's test_model: {summary.format() if hasattr(summary, 'format') else summary}")
@@ -416,7 +421,7 @@ def export_bioimageio(
     return str(output_path)
 
 
-def test_bioimageio(source: str | os.PathLike):
+def run_test_model(source: str | os.PathLike):
     """``bioimageio.core.test_model`` on a package (TorchScript and state-dict weights; batch sizes and the
     valid input sizes it tries), on the CPU. Returns its ``ValidationSummary`` (``.status == "passed"``)."""
     from bioimageio.core import test_model

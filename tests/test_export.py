@@ -108,6 +108,27 @@ def test_console_train_predict_export_import_evaluate(trained):
     assert len(report["samples"]) == 3 and 0.0 <= report["mean"]["pixel_error"] <= 1.0
 
 
+@pytest.mark.slow
+def test_anisotropic_3d_network_exports_and_loads_back(tmp_path):
+    """A 3D network of the anisotropic scheme (40 x 4 x 4 nm): z gets its own valid sizes (18 + 2 n) and margin (8),
+    test_model passes, and the package loads back as the same network."""
+    import bioimageio.spec
+
+    from pipeline.export import export_bioimageio, load_bioimageio
+    from pipeline.geometry import propose_scheme
+
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, features=[2, 4, 8, 16, 32], norm="batch", **propose_scheme([10, 1, 1])).eval()
+    package = export_bioimageio(net, tmp_path / "m.zip", sample_size=188)  # runs test_model, raises if it fails
+    descr = bioimageio.spec.load_model_description(package, perform_io_checks=False)
+    assert [(str(a.id), a.size.min, a.size.step) for a in descr.inputs[0].axes[2:]] == [("z", 18, 2), ("y", 188, 16), ("x", 188, 16)]
+    assert [a.size.offset for a in descr.outputs[0].axes[2:]] == [-16, -184, -184]
+    back = load_bioimageio(package)
+    x = torch.randn(1, 1, 20, 204, 188)
+    with torch.inference_mode():
+        assert back.architecture == net.architecture and torch.equal(back(x), net(x))
+
+
 def test_console_help_lists_keys_and_refuses_misspelt_ones(capsys):
     from pipeline import cli
 
@@ -167,6 +188,28 @@ def test_metadata_matches_the_network_of_every_shipped_overlay():
             for key in ("num_channels", "spatial_shape"):
                 assert stated[side][name][key] == derived[side][name][key], (overlay, side, key)
             assert len(stated[side][name]["channel_def"]) == derived[side][name]["num_channels"], (overlay, side)
+
+
+def test_verify_metadata_for_every_shipped_overlay(tmp_path):
+    """MONAI's verify_metadata (JSON schema) on metadata.json merged with each overlay's fragment. The schema is a
+    download (metadata.json's `schema` URL): read from $MONAI_META_SCHEMA or fetched; skipped offline."""
+    pytest.importorskip("jsonschema", reason="verify_metadata needs jsonschema (pip install jsonschema)")
+    from monai.bundle import verify_metadata
+    from monai.apps import download_url
+
+    from pipeline.export import bundle_metadata
+
+    schema = Path(os.environ.get("MONAI_META_SCHEMA", tmp_path / "schema.json"))
+    if not schema.is_file():
+        try:
+            download_url(json.loads((CONFIGS / "metadata.json").read_text())["schema"], filepath=str(schema), progress=False)
+        except Exception as err:  # noqa: BLE001 - no network: nothing to validate against
+            pytest.skip(f"the metadata schema cannot be downloaded here ({type(err).__name__}); set MONAI_META_SCHEMA to a copy")
+    for overlay in [None, *sorted((ROOT / "configs").glob("*.yaml"))]:
+        files = [str(CONFIGS / "train.yaml")] + ([str(overlay)] if overlay else [])
+        merged = tmp_path / f"{Path(str(overlay)).stem}_merged.json"
+        merged.write_text(json.dumps(bundle_metadata(files)[0]))
+        verify_metadata(meta_file=str(merged), filepath=str(schema))  # raises on a schema violation
 
 
 def test_required_packages_cover_the_dependencies():

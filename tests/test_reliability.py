@@ -704,6 +704,36 @@ def _(tmp):
     return lambda: predict_zarr(net(), str(tmp / "a.zarr"), tmp / "out.zarr")
 
 
+@row("export-existing-output", FileExistsError, r"pkg.zip exist\(s\) already; give another --output_dir \(or --package / --torchscript\) or --overwrite true")
+def _(tmp):
+    from pipeline.export import export_bioimageio
+
+    (tmp / "pkg.zip").write_bytes(b"an earlier export")
+    return lambda: export_bioimageio(net(), tmp / "pkg.zip", test=False)
+
+
+@row("export-sample-too-small", ValueError, r"sample_input .*small.tif' is 100 px along axis 0; the network needs at least 188 \(valid sizes: 188 \+ 16 \* n\)")
+def _(tmp):
+    from pipeline.export import export_bioimageio
+
+    tifffile.imwrite(tmp / "small.tif", to_uint8(make_image((100, 120), seed=0)[0]))
+    return lambda: export_bioimageio(net(), tmp / "pkg.zip", sample_input=tmp / "small.tif", test=False)
+
+
+@row("console-misspelt-key", BundleError, r"em-unet train: error: unknown argument\(s\): --num_epoch \(did you mean --num_epochs")
+def _(tmp):
+    import subprocess
+    import sys
+
+    def action():
+        proc = subprocess.run([str(Path(sys.executable).with_name("em-unet")), "train", "--num_epoch", "3"], cwd=tmp,
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise BundleError(proc.stderr)
+
+    return action
+
+
 def two_series(path):
     with tifffile.TiffWriter(path) as tif:
         tif.write(np.zeros((4, 96, 96), np.uint8), photometric="minisblack")
