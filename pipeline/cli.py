@@ -108,8 +108,27 @@ def config_keys(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
                 notes.append(more.strip()[1:].strip())
             else:
                 break
-        out[key] = (default or "(empty)", " ".join(notes))
+        if not notes:  # the comment block right above the key (not a "# ---- section" header)
+            above = []
+            for prev in reversed(lines[:i]):
+                if not prev.startswith("#") or prev.startswith("# ---"):
+                    break
+                above.insert(0, prev[1:].strip())
+            notes = above
+        out[key] = (_show_default(default) if default else "(empty)", " ".join(notes))
     return out
+
+
+def _show_default(default: str) -> str:
+    """A default as a person reads it: ``$@bundle_root + '/models'`` -> ``<bundle_root>/models``; other
+    expressions are marked as computed."""
+    import re
+
+    text = default.strip('"')
+    match = re.fullmatch(r"\$@(\w+) \+ '([^']*)'", text)
+    if match:
+        return f"<{match[1]}>{match[2]}"
+    return f"computed: {text[1:]}" if text.startswith("$") else default
 
 
 def _parse_value(value: str) -> Any:
@@ -154,7 +173,7 @@ def build_parser(command: str, config_files: Sequence[str]) -> argparse.Argument
     for key, (default, comment) in keys.items():
         if key == "input_path" and command == "predict":
             continue
-        hidden = default.startswith(("$", '"$', "@")) and not comment and key not in aliases
+        hidden = default.startswith(("computed", "@")) and not comment and key not in aliases
         help_text = argparse.SUPPRESS if hidden else f"{comment} (default: {default})" if comment else f"(default: {default})"
         group.add_argument(f"--{key}", *aliases.get(key, []), dest=key, default=argparse.SUPPRESS, metavar="VALUE",
                            help=help_text.replace("%", "%%") if help_text is not argparse.SUPPRESS else help_text)
@@ -188,7 +207,7 @@ def parse(argv: Sequence[str]) -> tuple[str, str, list[str], list[str], dict[str
     if unknown:
         options = [o for a in parser._actions for o in a.option_strings]
         hints = []
-        for u in unknown:
+        for u in [u for i, u in enumerate(unknown) if u.startswith("-") or i == 0 or not unknown[i - 1].startswith("-")]:
             close = difflib.get_close_matches(u.split("=")[0], options, n=3, cutoff=0.6) if u.startswith("-") else []
             hints.append(u + (f" (did you mean {', '.join(close)}?)" if close else ""))
         parser.error("unknown argument(s): " + "; ".join(hints) + f". `em-unet {command} --help` lists the keys")

@@ -147,7 +147,11 @@ def test_console_help_lists_keys_and_refuses_misspelt_ones(capsys):
     assert cli.parse(["export", "--format", "bioimageio"])[1] == "export_bioimageio"
     with pytest.raises(SystemExit):
         cli.parse(["train", "--num_epoch", "3"])
-    assert "--num_epochs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown argument(s): --num_epoch (did you mean --num_epochs" in err and "; 3" not in err
+    train_help = " ".join(cli.build_parser("train", [str(CONFIGS / "train.yaml")]).format_help().split())
+    assert "--resume VALUE resume: true continues from the newest" in train_help  # the comment block above the key
+    assert "--ckpt_dir VALUE model.pt (best), model_final.pt, resume checkpoints (default: <bundle_root>/models)" in train_help
     with pytest.raises(SystemExit):
         cli.parse(["train", "--config", "no_such_overlay"])
     assert "quickstart" in capsys.readouterr().err  # the shipped overlays are listed
