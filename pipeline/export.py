@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import re
 import shutil
@@ -31,8 +30,6 @@ import torch
 from torch import nn
 
 from pipeline.networks import UNet
-
-logger = logging.getLogger(__name__)
 
 #: Ronneberger, Fischer, Brox (MICCAI 2015), the paper this network implements
 PAPER = "Ronneberger O., Fischer P., Brox T. U-Net: Convolutional Networks for Biomedical Image Segmentation. MICCAI 2015, LNCS 9351, pp. 234-241"
@@ -95,14 +92,6 @@ def network_data_format(network: UNet, channel_def: dict | None = None) -> dict:
     }
 
 
-def _set(tree: dict, key: str, value: Any) -> None:
-    """Set MONAI's ``a#b#c`` id in a nested dict (the way ``ConfigParser`` merges a later file)."""
-    *parents, last = key.split("#")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[last] = value
-
-
 def metadata_fragment(overlay: str | os.PathLike) -> Path | None:
     """The metadata fragment an overlay ships beside it (``configs/x.yaml`` -> ``configs/x_metadata.json``), or None."""
     path = Path(overlay)
@@ -115,11 +104,10 @@ def bundle_metadata(config_files: Sequence[str | os.PathLike], meta_file: str | 
     overlay that has one. Returns the merged dict and the files read (for ``--meta_file``)."""
     files = [Path(meta_file) if meta_file else Path(config_files[0]).parent / "metadata.json"]
     files += [f for f in (metadata_fragment(c) for c in config_files[1:]) if f is not None]
-    merged: dict = {}
-    for path in files:
-        for key, value in json.loads(Path(path).read_text()).items():
-            _set(merged, key, value)
-    return merged, [str(f) for f in files]
+    from monai.bundle import ConfigParser
+
+    names = [str(f) for f in files]
+    return ConfigParser.load_config_files(names), names  # merged as --meta_file merges them ('#' ids set nested entries)
 
 
 def merged_config(config_files: Sequence[str | os.PathLike], overrides: dict | None = None) -> dict:
