@@ -18,6 +18,13 @@ from torch import nn
 from pipeline.geometry import UNetGeometry
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (``-n 2``, the README's test command) the cores are shared out between the workers:
+# torch here, and OpenMP in every process a test starts (bundle runs, torchrun, Dask workers).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 CONFIGS = ROOT / "bundles/em_unet/configs"
 TRAIN, INFER, EVALUATE, MULTI = (str(CONFIGS / f"{name}.yaml") for name in ("train", "inference", "evaluate", "multi_gpu_train"))
 
@@ -31,9 +38,60 @@ TINY_TRAIN = [
 ]
 
 
-def bundle(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle *args`` from the repository root, output captured (unbuffered)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+class BundleZygote:
+    """The client of ``tests/bundle_zygote.py``: one process per test process that has imported torch,
+    MONAI and ``pipeline`` and forks a ``python -m monai.bundle`` child per command (its docstring
+    says why and how). Started on first use, ended with the session."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def run(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import json
+        import select
+        import signal
+        import tempfile
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bundle_zygote.py"))], cwd=ROOT,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        with tempfile.TemporaryDirectory(prefix="bundle-run-") as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"args": list(args), "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+            if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                os.kill(pid, signal.SIGKILL)
+                self.proc.stdout.readline()
+                raise subprocess.TimeoutExpired(["python", "-m", "monai.bundle", *args], timeout, out.read_text(), err.read_text())
+            returncode = json.loads(self.proc.stdout.readline())["returncode"]
+            return subprocess.CompletedProcess(["python", "-m", "monai.bundle", *args], returncode, out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+ZYGOTE = BundleZygote() if os.environ.get("EM_UNET_TEST_ZYGOTE", "1") != "0" and hasattr(os, "fork") else None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if ZYGOTE is not None:
+        ZYGOTE.close()
+
+
+def bundle(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle *args`` from the repository root, output captured (unbuffered).
+
+    The run is a forked child of the tests' bundle zygote (``tests/bundle_zygote.py``: the imports
+    done once), or a plain subprocess with ``EM_UNET_TEST_ZYGOTE=0``; either way a separate process
+    running MONAI's own ``monai.bundle`` entry point, with its exit status and output. ``env``:
+    the process's environment (default: this one's, unbuffered)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1") if env is None else env
+    if ZYGOTE is not None:
+        return ZYGOTE.run(list(args), ROOT, env, timeout)
     return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

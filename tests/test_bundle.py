@@ -204,3 +204,34 @@ def test_train_on_a_stack_named_by_images_and_labels(tmp_path):
     assert len(events.Scalars("train_loss")) == 2 * 3  # sections 0-2 train, 3-4 validate
     assert set(events.Tags()["images"]) == {f"validation/{kind}_{i}" for kind in ("sample", "cells") for i in (0, 1)}
     assert not (tmp_path / "data").exists()  # no synthetic dataset was written
+
+
+@pytest.mark.slow
+def test_bundle_zygote_child_behaves_as_a_fresh_process(tmp_path):
+    """The tests' bundle runs (forked from ``tests/bundle_zygote.py``) end as ``python -m monai.bundle``
+    does in a fresh interpreter: same exit status, same last error line (pipeline.config's excepthook),
+    stdout and stderr apart, in the request's environment."""
+    import os
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    import monai
+
+    import conftest
+
+    if conftest.ZYGOTE is None:
+        pytest.skip("the zygote is off (EM_UNET_TEST_ZYGOTE=0 or no os.fork)")
+    args = ["run", "training", "--config_file", str(CONFIGS / "train.yaml"), "--num_epoch", "1"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", EM_UNET_PROBE="zygote")
+    forked = bundle(*args, env=env)
+    fresh = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert forked.returncode == fresh.returncode == 1
+    last = [p.stderr.strip().splitlines()[-1] for p in (forked, fresh)]
+    assert last[0] == last[1] and last[0].startswith("error: ValueError: unknown config key(s): --num_epoch (did you mean --num_epochs?)")
+    (tmp_path / "probe.json").write_text(
+        """{"probe": "$print(__import__('os').environ['EM_UNET_PROBE'], __import__('os').getcwd(), __import__('sys').argv[0])"}""")
+    probe = bundle("run", "probe", "--config_file", str(tmp_path / "probe.json"), env=env)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip().splitlines()[-1] == f"zygote {ROOT} {Path(monai.__file__).parent / 'bundle/__main__.py'}"
