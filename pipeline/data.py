@@ -226,7 +226,10 @@ def make_datalists(
     items = paired_items(images, labels, image_key=image_key, label_key=label_key)
     val_names = _validation_files(list(dict.fromkeys(Path(i["image"]).name for i in items)), val_files)
     if val_slices is not None and not any(val_slices[0] <= i.get("slice", -1) < val_slices[1] for i in items):
-        raise ValueError(f"val_slices {list(val_slices)} select no section of the stacks in {images}")
+        found = sorted({i["slice"] for i in items if "slice" in i})
+        raise ValueError(f"val_slices {list(val_slices)} select no section of the stacks in {images}: "
+                         + (f"their sections are {found[0]}..{found[-1]}; give --val_slices [start, stop) within them"
+                            if found else "it holds 2D images only, which have no sections; give --val_files instead"))
 
     def in_val(item: dict) -> bool:
         if Path(item["image"]).name in val_names:

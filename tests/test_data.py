@@ -70,5 +70,9 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="leaves no training data"):
         tifffile.imwrite(tmp_path / "lab6.tif", _stack())
         make_datalists(tmp_path / "vol.tif", tmp_path / "lab6.tif", val_slices=[0, 6])
+    with pytest.raises(ValueError, match=r"val_slices \[20, 25\] select no section of the stacks in .*vol.tif: their sections are 0..5; give --val_slices"):
+        make_datalists(tmp_path / "vol.tif", tmp_path / "lab6.tif", val_slices=[20, 25])
+    with pytest.raises(ValueError, match=r"val_slices \[0, 1\] select no section .*: it holds 2D images only, which have no sections; give --val_files"):
+        make_datalists(tmp_path / "i", tmp_path / "i", val_slices=[0, 1])
     with pytest.raises(FileNotFoundError, match="input path not found"):
         datalist_from_path(tmp_path / "nope")
