@@ -19,7 +19,7 @@ from pipeline.geometry import UNetGeometry
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Under pytest-xdist (``-n 2``, the README's test command) the cores are shared out between the workers:
+# Under pytest-xdist (``-n auto``, the README's test command) the cores are shared out between the workers:
 # torch here, and OpenMP in every process a test starts (bundle runs, torchrun, Dask workers).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
@@ -47,10 +47,11 @@ class BundleZygote:
         self.proc: subprocess.Popen | None = None
 
     def run(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import contextlib
         import json
-        import select
         import signal
         import tempfile
+        import threading
 
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bundle_zygote.py"))], cwd=ROOT,
@@ -60,11 +61,16 @@ class BundleZygote:
             request = {"args": list(args), "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
             self.proc.stdin.write(json.dumps(request) + "\n")
             pid = json.loads(self.proc.stdout.readline())["pid"]
-            if not select.select([self.proc.stdout], [], [], timeout)[0]:
-                os.kill(pid, signal.SIGKILL)
-                self.proc.stdout.readline()
+            ended: dict = {}  # the reply is read in a thread: the reader's buffer may already hold it
+            reader = threading.Thread(target=lambda: ended.update(json.loads(self.proc.stdout.readline())), daemon=True)
+            reader.start()
+            reader.join(timeout)
+            if reader.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                reader.join()
                 raise subprocess.TimeoutExpired(["python", "-m", "monai.bundle", *args], timeout, out.read_text(), err.read_text())
-            returncode = json.loads(self.proc.stdout.readline())["returncode"]
+            returncode = ended["returncode"]
             return subprocess.CompletedProcess(["python", "-m", "monai.bundle", *args], returncode, out.read_text(errors="replace"),
                                                err.read_text(errors="replace"))
 
