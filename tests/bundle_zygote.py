@@ -23,6 +23,7 @@ import os
 import runpy
 import sys
 import threading
+from typing import NoReturn
 
 
 #: what a training, inference or evaluation run imports (not ``streaming``/``export``: Dask and bioimageio)
@@ -30,8 +31,8 @@ PIPELINE_MODULES = ("checkpoints", "config", "data", "geometry", "handlers", "in
                     "networks", "optim", "synthetic", "tiling", "transforms")
 
 
-def child(request: dict) -> int:
-    """In the forked child: become ``python -m monai.bundle *args``; return its exit code."""
+def child(request: dict) -> NoReturn:
+    """In the forked child: become ``python -m monai.bundle *args`` and exit with its status."""
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
