@@ -10,7 +10,7 @@ The configs call these in their ``initialize`` section, e.g.::
 
     initialize:
       - "$pipeline.config.check_cli_keys()"
-      - "$pipeline.config.check_hyperparameters(learning_rate=@learning_rate, num_epochs=@num_epochs)"
+      - "$pipeline.checks.check_hyperparameters(learning_rate=@learning_rate, num_epochs=@num_epochs)"
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ import numpy as np
 import yaml
 
 from pipeline import data, io
+from pipeline import streaming as streaming_outputs
+from pipeline.checks import optional
+from pipeline.io.outputs import check_outputs
 from pipeline.labels import check_label_mode, class_indices, instance_ids
 from pipeline.losses import LOSSES, make_loss, output_channels
 from pipeline.metrics.common import binary_foreground
@@ -202,71 +205,6 @@ def end_errors_with_their_cause() -> None:
     sys.excepthook = hook
 
 
-def _check(name: str, value: Any, low: float | None, high: float | None, low_open: bool, high_open: bool, integer: bool) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-        return f"{name}={value!r} must be {'an integer' if integer else 'a number'}"
-    if math.isnan(value) or math.isinf(value):
-        return f"{name}={value!r} must be finite"
-    lo_ok = low is None or (value > low if low_open else value >= low)
-    hi_ok = high is None or (value < high if high_open else value <= high)
-    if lo_ok and hi_ok:
-        return None
-    lo = "-inf" if low is None else low
-    hi = "inf" if high is None else high
-    return f"{name}={value!r} is out of range; valid: {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
-
-
-#: name: (low, high, low_open, high_open, integer)
-RANGES: dict[str, tuple] = {
-    "learning_rate": (0, None, True, False, False),
-    "momentum": (0, 1, False, True, False),
-    "num_epochs": (1, None, False, False, True),
-    "batch_size": (1, None, False, False, True),
-    "val_interval": (1, None, False, False, True),
-    "ckpt_interval": (1, None, False, False, True),
-    "log_interval": (1, None, False, False, True),
-    "dropout": (0, 1, False, True, False),
-    "lr_power": (0, None, False, False, False),
-    "elastic_prob": (0, 1, False, False, False),
-    "elastic_sigma": (0, None, False, False, False),
-    "weight_w0": (0, None, False, False, False),
-    "weight_sigma": (0, None, True, False, False),
-    "num_workers": (0, None, False, False, True),
-    "n_workers": (1, None, False, False, True),
-    "threads_per_worker": (1, None, False, False, True),
-    "threshold": (0, 1, False, False, False),
-    "num_val": (0, None, False, False, True),
-    "num_images": (1, None, False, False, True),
-    "train_minutes": (0, None, True, False, False),
-}
-
-
-def optional(value: Any) -> Any:
-    """``None`` for the ways a command line spells it (``null``, ``none``, any case; MONAI's CLI
-    passes ``--key null`` on as the string ``"null"``), any other value unchanged."""
-    return None if isinstance(value, str) and value.strip().lower() in ("null", "none") else value
-
-
-def check_hyperparameters(**values: Any) -> None:
-    """Raise ``ValueError`` listing every value outside its range in :data:`RANGES` (``None`` is skipped).
-
-    >>> check_hyperparameters(learning_rate=-0.01)
-    Traceback (most recent call last):
-    ValueError: invalid hyper-parameter(s): learning_rate=-0.01 is out of range; valid: (0, inf]
-    """
-    errors = []
-    for name, value in values.items():
-        if name not in RANGES:
-            raise KeyError(f"no range is defined for {name!r}; known: {', '.join(RANGES)}")
-        error = _check(name, value, *RANGES[name])
-        if error:
-            errors.append(error)
-    if errors:
-        raise ValueError("invalid hyper-parameter(s): " + "; ".join(errors))
-
-
 def check_spacing(spacing: Any, spatial_dims: int) -> None:
     """``--spacing``: None, or one positive number per axis of the network (``[z, y, x]`` for 3D), also accepted
     with one value more than a 2D network's axes (a stack's ``[z, y, x]``: its sections use ``[y, x]``).
@@ -362,43 +300,6 @@ def check_streaming_only(streaming: bool, export: str | None = "auto", **options
         )
 
 
-# ---------------------------------------------------------------- booleans
-#: the spellings a boolean key accepts on the command line or in a config file
-FLAG_WORDS = {"true": True, "True": True, "1": True, "false": False, "False": False, "0": False}
-
-
-def flags(**values: Any) -> dict[str, bool]:
-    """Parse boolean config keys strictly: ``true/false/True/False/1/0`` (strings, ints or bools).
-
-    ``python -m monai.bundle`` hands ``--overwrite false`` to the config as the *string*
-    ``'false'``, which Python treats as true; every boolean key of the bundle configs goes
-    through this one function instead (``flags: "$pipeline.config.flags(overwrite=@overwrite)"``,
-    used as ``$@flags['overwrite']``).
-
-    Returns:
-        ``{key: bool}`` in the order given.
-
-    Raises:
-        ValueError: listing every key whose value is none of the accepted spellings.
-
-    >>> flags(overwrite="false", resume=1)
-    {'overwrite': False, 'resume': True}
-    """
-    parsed, errors = {}, []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            parsed[key] = value
-        elif isinstance(value, (str, int)) and str(value) in FLAG_WORDS:
-            parsed[key] = FLAG_WORDS[str(value)]
-        else:
-            errors.append(f"--{key} {value!r}")
-    if errors:
-        raise ValueError(
-            f"not a boolean: {', '.join(errors)}; valid values are true or false (also True, False, 1, 0)"
-        )
-    return parsed
-
-
 # ---------------------------------------------------------------- paths
 def check_paths(**paths: Any) -> None:
     """Refuse path keys that MONAI's bundle parser has silently changed.
@@ -416,68 +317,6 @@ def check_paths(**paths: Any) -> None:
             f"path(s) {', '.join(bad)} contain '::': MONAI's bundle parser rewrites '#' in config values to "
             "'::' (its id separator), so a path typed with '#' would silently become another path. Use paths "
             "without '#' (or '::'): rename the folder or file, e.g. with '-' in place of '#'"
-        )
-
-
-def _real(path: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(os.fspath(path)))
-
-
-def _inode(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-        return st.st_dev, st.st_ino
-    except OSError:
-        return None
-
-
-def check_outputs(
-    outputs: dict[str, Sequence[str | os.PathLike]], shared: Sequence[str | os.PathLike] = (), key: str = "output_dir"
-) -> None:
-    """Refuse outputs that would replace an input or collide with each other, before any work.
-
-    Args:
-        outputs: ``{input path: [its output paths]}`` for every input of the run.
-        shared: outputs of the run as a whole (a report), checked against the inputs only.
-        key: the command-line key that chooses the outputs, for the message.
-
-    An output is refused when it is an input (the same path, through a symbolic link, or a hard
-    link), lies inside an input (a zarr folder) or holds one (an output folder replaced as a
-    whole), whatever ``overwrite`` says. Two inputs whose outputs have the same path (``a.png`` and
-    ``a.tif`` both give ``probabilities/a.tif``) are refused too: one would silently replace the
-    other.
-
-    Raises:
-        ValueError: naming the input(s) and output, and what to do.
-    """
-    real = {_real(i): Path(i) for i in outputs}  # one lookup per output, not one per (output, input) pair
-    inodes = {n: Path(i) for i in outputs if (n := _inode(Path(i))) is not None}  # hard links
-    holders = {parent: given for r, given in real.items() for parent in r.parents}
-    writers: dict[Path, list[str]] = {}
-    for source, targets in [*outputs.items(), ("", shared)]:
-        for target in map(Path, targets):
-            real_out = _real(target)
-            if source:
-                writers.setdefault(real_out, []).append(str(source))
-            given, how = real.get(real_out) or inodes.get(_inode(target) or (-1, -1)), "is"
-            if given is None:
-                given, how = next((real[p] for p in real_out.parents if p in real), None), "lies inside"
-            if given is None:
-                given, how = holders.get(real_out), "holds"
-            if given is not None:
-                linked = how == "is" and os.path.abspath(target) != os.path.abspath(given)
-                raise ValueError(
-                    f"output {target} {how} the input {given}{' (through a link)' if linked else ''}: "
-                    f"predicting would destroy the input, so nothing was written (overwrite or not). "
-                    f"Choose another --{key}"
-                )
-    clashes = {out: srcs for out, srcs in writers.items() if len(set(srcs)) > 1}
-    if clashes:
-        out, srcs = next(iter(clashes.items()))
-        raise ValueError(
-            f"{len(clashes)} output(s) would be written by more than one input, e.g. {out} by "
-            f"{' and '.join(sorted(set(srcs)))}; nothing was written. Rename one of the inputs (outputs are named "
-            f"after the input without its suffix), or predict them into separate --{key}s"
         )
 
 
@@ -522,7 +361,7 @@ def check_labels(
         if "label" not in item or (item["label"], item.get("label_dataset")) in seen:
             continue
         seen.add((item["label"], item.get("label_dataset")))
-        array, meta = data.read_cached(item["label"], item.get("label_dataset"))
+        array, meta = io.read_cached(item["label"], item.get("label_dataset"))
         array = io.channel_first(array, meta, item["label"])[0]  # a grey label saved as RGB: one channel
         if array.shape[0] > 1:
             raise ValueError(
@@ -579,10 +418,8 @@ def check_inference(
     """
     sources = [str(item["image"]) for item in datalist]
     if streaming:
-        from pipeline import streaming as stream  # imports this module: a cycle at the top
-
-        check_outputs({s: [stream.output_path(output_dir, s)] for s in sources})
-        stream.check_sources(network, datalist, tiff_series, allow_missing_chunks, rgb_to_grey)
+        check_outputs({s: [streaming_outputs.output_path(output_dir, s)] for s in sources})
+        streaming_outputs.check_sources(network, datalist, tiff_series, allow_missing_chunks, rgb_to_grey)
         return
     check_outputs({s: list(writer.targets(s).values()) for s in sources})
     in_channels = getattr(network, "in_channels", 1)

@@ -10,13 +10,12 @@ datalist is built, before any training starts, and errors name the file.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.io import SUPPORTED_SUFFIXES, TIFF_SUFFIXES, channel_first, read_image, stem
+from pipeline.io import SUPPORTED_SUFFIXES, TIFF_SUFFIXES, channel_first, read_cached, read_image, stem
 from pipeline.io.readers import tiff_level
 from pipeline.io.common import STORE_SUFFIXES, _suffix
 from pipeline.io.containers import choose_dataset, is_container
@@ -24,23 +23,6 @@ from pipeline.io.containers import choose_dataset, is_container
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = tuple(sorted(set(SUPPORTED_SUFFIXES) | {".mrc", ".jpg", ".jpeg", ".bmp"}))
-
-
-@lru_cache(maxsize=8)
-def _read_cached(path: str, mtime: float, key: str | None) -> tuple[np.ndarray, dict]:
-    array, meta = read_image(path, key=key)
-    array.setflags(write=False)  # shared between sections: never modified in place
-    return array, meta
-
-
-def read_cached(path: str | Path, key: str | None = None) -> tuple[np.ndarray, dict]:
-    """:func:`pipeline.io.read_image` with a small cache, so that the sections of one stack
-    decode the file once (the cache is keyed on the path, its modification time and the dataset ``key``
-    of a container)."""
-    p = Path(path)
-    if not p.exists() or (p.is_dir() and not is_container(p)):
-        raise FileNotFoundError(f"image file not found: {p}")
-    return _read_cached(str(p), p.stat().st_mtime, key)
 
 
 def _hash_hint(path: Path) -> str:

@@ -306,7 +306,7 @@ class EvaluationReport:
 
     def outputs(self, datalist: Sequence[dict]) -> dict[str, list[Path]]:
         """``{input: [its overlays]}`` for every item's image and label (labels have none), for
-        :func:`pipeline.config.check_outputs` before the run writes anything."""
+        :func:`pipeline.io.outputs.check_outputs` before the run writes anything."""
         found: dict[str, list[Path]] = {}
         for item in datalist:
             found.setdefault(str(item["image"]), []).append(

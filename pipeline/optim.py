@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import check_hyperparameters
+from pipeline.checks import check_hyperparameters
 from pipeline.losses import check_loss_name
 
 OPTIMIZERS = ("sgd", "adam")

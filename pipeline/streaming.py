@@ -64,7 +64,7 @@ import torch
 import zarr
 from torch import nn
 
-from pipeline.config import check_outputs
+from pipeline.io.outputs import check_outputs
 from pipeline.instances import label_zarr, parse_rules, rule_settings
 from pipeline.io import stem
 from pipeline.io.axes import OME_TIFF_UNITS
@@ -691,7 +691,7 @@ def check_sources(
 def predict_files(network: nn.Module, sources: Sequence[Any], output_dir: str | os.PathLike, **kwargs: Any) -> list[Path]:
     """:func:`predict_zarr` for each input into its :func:`output_path`, after checking that no
     output (the zarr store, its exports and overlay) replaces an input or another input's output
-    (:func:`pipeline.config.check_outputs`) and that every source opens (series, levels, datasets, missing
+    (:func:`pipeline.io.outputs.check_outputs`) and that every source opens (series, levels, datasets, missing
     chunks) and, when normalising without ``fill_nan`` or reading colour as grey, holds no NaN/Inf or colour
     pixels (a statistics pass per source, ~2% of the prediction's time) before the first block is predicted.
 

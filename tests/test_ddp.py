@@ -57,8 +57,8 @@ def test_train_yaml_is_rank_aware_and_the_overlay_only_sets_the_rank():
     base.read_config(TRAIN)
     every_rank = {"ValidationHandler", "pipeline.handlers.StopOnNonFiniteLoss"}  # the others log or write files
     # the learning rate: an epoch schedule or a time budget (one of the two, on every rank)
-    by_budget = {"LrScheduleHandler": "$pipeline.config.optional(@train_minutes) is not None",
-                 "pipeline.handlers.TrainingTimeBudget": "$pipeline.config.optional(@train_minutes) is None"}
+    by_budget = {"LrScheduleHandler": "$pipeline.checks.optional(@train_minutes) is not None",
+                 "pipeline.handlers.TrainingTimeBudget": "$pipeline.checks.optional(@train_minutes) is None"}
     for handler in base["train#handlers"]:
         expected = None if handler["_target_"] in every_rank else by_budget.get(handler["_target_"], RANK0_ONLY)
         assert handler.get("_disabled_") == expected, handler["_target_"]

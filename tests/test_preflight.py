@@ -16,7 +16,8 @@ import torch
 import yaml
 import zarr
 
-from pipeline import config
+from pipeline import checks, config
+from pipeline.io.outputs import check_outputs
 from pipeline.checkpoints import load_checkpoint
 from pipeline.io import read_image
 from pipeline.optim import PolynomialDecay
@@ -48,12 +49,12 @@ def test_flags_accept_the_six_spellings_and_nothing_else():
     words = {"true": True, "True": True, "1": True, 1: True, True: True,
              "false": False, "False": False, "0": False, 0: False, False: False}
     for value, expected in words.items():
-        assert config.flags(overwrite=value) == {"overwrite": expected}
+        assert checks.flags(overwrite=value) == {"overwrite": expected}
     for bad in ("yes", "TRUE", "no", "", 2, 1.0, None, "t"):
         with pytest.raises(ValueError, match=re.escape(f"not a boolean: --overwrite {bad!r}")):
-            config.flags(overwrite=bad)
+            checks.flags(overwrite=bad)
     with pytest.raises(ValueError, match=r"--tta 'on', --resume 'off'"):  # every bad key at once
-        config.flags(tta="on", resume="off", streaming="false")
+        checks.flags(tta="on", resume="off", streaming="false")
 
 
 @pytest.mark.parametrize("name", ["train.yaml", "multi_gpu_train.yaml", "inference.yaml", "evaluate.yaml"])
@@ -182,13 +183,13 @@ def test_check_outputs_hard_link_inside_and_collisions(tmp_path):
     (tmp_path / "in.tif").write_bytes(b"x")
     os.link(tmp_path / "in.tif", tmp_path / "hard.tif")
     with pytest.raises(ValueError, match=r"output .*hard.tif is the input .*in.tif \(through a link\)"):
-        config.check_outputs({str(tmp_path / "in.tif"): [tmp_path / "hard.tif"]})
+        check_outputs({str(tmp_path / "in.tif"): [tmp_path / "hard.tif"]})
     (tmp_path / "v.zarr").mkdir()
     with pytest.raises(ValueError, match=r"lies inside the input .*v.zarr"):
-        config.check_outputs({str(tmp_path / "v.zarr"): [tmp_path / "v.zarr" / "probabilities"]})
+        check_outputs({str(tmp_path / "v.zarr"): [tmp_path / "v.zarr" / "probabilities"]})
     with pytest.raises(ValueError, match=r"report.csv is the input"):
-        config.check_outputs({str(tmp_path / "report.csv"): []}, shared=[tmp_path / "report.csv"])
-    config.check_outputs({"a.tif": ["o/a.tif"], "b.tif": ["o/b.tif"]}, shared=["o/report.csv"])  # distinct: fine
+        check_outputs({str(tmp_path / "report.csv"): []}, shared=[tmp_path / "report.csv"])
+    check_outputs({"a.tif": ["o/a.tif"], "b.tif": ["o/b.tif"]}, shared=["o/report.csv"])  # distinct: fine
 
 
 def test_streaming_inputs_of_one_stem_get_distinct_outputs(tmp_path):

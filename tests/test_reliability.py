@@ -16,7 +16,7 @@ import tifffile
 import torch
 import zarr
 
-from pipeline import config, data, metrics
+from pipeline import checks, config, data, metrics
 from pipeline.inferers import OverlapTileInferer
 from pipeline.checkpoints import latest_checkpoint, load_checkpoint
 from pipeline.io import read_image, write_image
@@ -809,6 +809,6 @@ def test_config_check_helpers():
     with pytest.raises(ValueError, match=r"--val_slice \(did you mean --val_slices, --val_files\?\)"):
         config.check_cli_keys(["run", "--config_file", f"{train_yaml},{isbi}", "--val_slice", "[0,5]"])
     with pytest.raises(ValueError, match=r"num_epochs=0 is out of range; valid: \[1, inf\]; momentum=1 is out of range"):
-        config.check_hyperparameters(num_epochs=0, momentum=1, learning_rate=None)
+        checks.check_hyperparameters(num_epochs=0, momentum=1, learning_rate=None)
     with pytest.raises(ValueError, match=r"batch_size=2.5 must be an integer"):
-        config.check_hyperparameters(batch_size=2.5)
+        checks.check_hyperparameters(batch_size=2.5)

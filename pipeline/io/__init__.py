@@ -25,7 +25,7 @@ the error use :func:`read_image`, a plain ``LoadImage()`` or ``LoadImage()(path,
 __all__ = [
     "CONTAINER_SUFFIXES", "HDF5_SUFFIXES", "ZARR_SUFFIXES", "NIFTI_SUFFIXES", "SITK_READ_SUFFIXES", "SITK_WRITE_SUFFIXES", "SLICE_SUFFIXES", "SUPPORTED_SUFFIXES", "TIFF_SUFFIXES",
     "ImageInfo", "LoadedImage", "channel_first", "SimpleITKReader", "TiffSeriesError", "TiffStackReader", "check_channels", "choose_tiff_series",
-    "probe_image", "read_image", "register_readers", "stem", "replace_atomically", "write_folder", "write_image",
+    "probe_image", "read_cached", "read_image", "register_readers", "stem", "replace_atomically", "write_folder", "write_image",
 ]
 
 from pipeline.io.common import (
@@ -50,6 +50,7 @@ from pipeline.io.readers import (
     check_channels,
     choose_tiff_series,
     probe_image,
+    read_cached,
     read_image,
     register_readers,
 )

@@ -10,6 +10,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -542,3 +543,20 @@ def _read_folder(directory: Path) -> tuple[np.ndarray, dict]:
     meta = _base_meta(array.shape, [1.0, *first_meta["spacing"][-2:]], channel_last)
     meta.update({"filenames": [f.name for f in files], "filename_or_obj": str(directory)})
     return array, meta
+
+
+@lru_cache(maxsize=8)
+def _read_cached(path: str, mtime: float, key: str | None) -> tuple[np.ndarray, dict]:
+    array, meta = read_image(path, key=key)
+    array.setflags(write=False)  # shared between sections: never modified in place
+    return array, meta
+
+
+def read_cached(path: str | Path, key: str | None = None) -> tuple[np.ndarray, dict]:
+    """:func:`pipeline.io.read_image` with a small cache, so that the sections of one stack
+    decode the file once (the cache is keyed on the path, its modification time and the dataset ``key``
+    of a container)."""
+    p = Path(path)
+    if not p.exists() or (p.is_dir() and not is_container(p)):
+        raise FileNotFoundError(f"image file not found: {p}")
+    return _read_cached(str(p), p.stat().st_mtime, key)

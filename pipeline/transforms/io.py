@@ -11,8 +11,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from pipeline.data import read_cached
-from pipeline.io import channel_first, read_image, stem, write_image
+from pipeline.io import channel_first, read_cached, read_image, stem, write_image
 from pipeline.io.common import NO_FLOAT_SUFFIXES, READ_ONLY_SUFFIXES, _suffix
 from pipeline.instances import make_instances, parse_rules
 from pipeline.transforms.post import OUTPUTS, check_output_settings, class_probabilities, encode_classes, encode_prediction
@@ -27,7 +26,7 @@ class LoadSectiond(MapTransform):
     :class:`WritePredictiond` writes predictions back in the file's order). When the item has a
     ``slice_key`` entry ``z``, only section ``z`` is returned, so stacks give 2D training samples (an entry
     ``slices`` = ``[start, stop)`` returns those sections as a stack);
-    those files are decoded once for all their sections (:func:`pipeline.data.read_cached`). A whole
+    those files are decoded once for all their sections (:func:`pipeline.io.read_cached`). A whole
     file keeps its reader's meta (spacing, affine, origin, ... in the file's axis order) for writing.
 
     Args:

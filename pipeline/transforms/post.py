@@ -11,7 +11,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-from pipeline.config import check_hyperparameters
+from pipeline.checks import check_hyperparameters
 from pipeline.instances import parse_rules
 
 
