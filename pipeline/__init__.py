@@ -10,7 +10,7 @@ import importlib
 __version__ = "0.1.0"
 
 _MODULES = frozenset({
-    "checkpoints", "checks", "config", "data", "geometry", "handlers", "inferers", "io", "losses", "metrics", "networks",
+    "checkpoints", "checks", "config", "data", "engine", "geometry", "handlers", "inferers", "io", "losses", "metrics", "networks",
     "optim", "streaming", "synthetic", "tiling", "transforms",
 })
 

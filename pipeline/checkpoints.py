@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
 
+from pipeline.checks import optional
 from pipeline.networks import UNet
 
 #: what to do when a checkpoint does not fit the network built for it
@@ -62,6 +63,12 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         ) from None
 
 
+def model_state(state: Any, key: str = "model") -> Any:
+    """The network's weights in what :func:`read_checkpoint` returned: ``state[key]`` of a resume checkpoint
+    (``{"model": ..., "optimizer": ..., ...}``), else the state itself (a plain ``state_dict``)."""
+    return state[key] if isinstance(state, dict) and isinstance(state.get(key), dict) else state
+
+
 def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str = "model") -> torch.nn.Module:
     """Load a checkpoint's weights into ``network`` strictly, with ``torch.load(weights_only=True)``.
 
@@ -76,9 +83,7 @@ def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, key: str 
             (the recorded settings that differ, or the mismatching parameters and their shapes);
             non-finite weights.
     """
-    state = read_checkpoint(path)
-    if isinstance(state, dict) and isinstance(state.get(key), dict):
-        state = state[key]
+    state = model_state(read_checkpoint(path), key)
     check_state_dict(network, state, path)
     network.load_state_dict(state)
     return network
@@ -111,9 +116,7 @@ def network_from_checkpoint(path: str | os.PathLike, architecture: dict | None =
             raise ValueError(f"bioimage.io package {str(path)!r} holds another architecture than --architecture ({'; '.join(diff)}); "
                              "drop --architecture")
         return network
-    state = read_checkpoint(path)
-    if isinstance(state, dict) and isinstance(state.get(key), dict):
-        state = state[key]
+    state = model_state(read_checkpoint(path), key)
     extra = state.get("_extra_state") if isinstance(state, dict) else None
     recorded = extra.get("architecture") if isinstance(extra, dict) else None
     if architecture is None and recorded is None:
@@ -284,16 +287,14 @@ def init_weights(network: torch.nn.Module, init_from: str | os.PathLike | None) 
         ValueError: an unknown name; a file that cannot be read; weights of another architecture
             (the settings that differ, and the keys to set), non-finite weights.
     """
-    if init_from in (None, "", "null", "none"):
+    if optional(init_from) in (None, ""):
         return None
     path = pretrained_path(str(init_from)) if str(init_from) in PRETRAINED else Path(init_from)
     if not path.is_file():
         raise FileNotFoundError(f"init_from {str(init_from)!r}: no such file; valid: {', '.join(PRETRAINED)}, a "
                                 "checkpoint path, or null")
     target = getattr(network, "module", network)
-    state = read_checkpoint(path)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    state = model_state(read_checkpoint(path))
     try:
         check_state_dict(target, state, path)
     except ValueError as err:

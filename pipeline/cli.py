@@ -239,12 +239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(run_id=run_id, config_file=files, meta_file=metas,
             logging_file=str(logging_file) if logging_file.is_file() else None, **overrides)
     except Exception as err:  # noqa: BLE001 - a person reads the cause, not MONAI's wrapper
-        cause = err
-        while cause.__cause__ is not None or (cause.__context__ is not None and not cause.__suppress_context__):
-            cause = cause.__cause__ or cause.__context__
+        from pipeline.config import in_bundle_words, innermost_cause
+
+        cause = innermost_cause(err)
         if show_traceback:
             traceback.print_exc()
-        print(f"em-unet {command}: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+        print(f"em-unet {command}: error: {type(cause).__name__}: {in_bundle_words(str(cause))}", file=sys.stderr)
         if not show_traceback:
             print("(--traceback shows where)", file=sys.stderr)
         return 1

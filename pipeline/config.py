@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -30,9 +31,7 @@ import numpy as np
 import yaml
 
 from pipeline import data, io
-from pipeline import streaming as streaming_outputs
 from pipeline.checks import optional
-from pipeline.io.outputs import check_outputs
 from pipeline.labels import check_label_mode, class_indices, instance_ids
 from pipeline.losses import LOSSES, make_loss, output_channels
 from pipeline.metrics.common import binary_foreground
@@ -180,6 +179,13 @@ def bundle_root(default: str = "bundles/em_unet") -> str:
     return found or default
 
 
+def innermost_cause(error: BaseException) -> BaseException:
+    """The error at the bottom of ``error``'s chain of causes (MONAI wraps every config error in its own)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def end_errors_with_their_cause() -> None:
     """Make a failed ``python -m monai.bundle`` run print its cause as the last line.
 
@@ -195,14 +201,40 @@ def end_errors_with_their_cause() -> None:
 
     def hook(kind, value, traceback) -> None:
         previous(kind, value, traceback)
-        cause = value
-        while cause.__cause__ is not None or (cause.__context__ is not None and not cause.__suppress_context__):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not value:
-            print(f"\nerror: {type(cause).__name__}: {cause}", file=sys.stderr)
+        cause = innermost_cause(value)
+        words = in_bundle_words(str(cause))
+        if cause is not value or words != str(cause):
+            print(f"\nerror: {type(cause).__name__}: {words}", file=sys.stderr)
 
     hook.ends_with_cause = True
     sys.excepthook = hook
+
+
+#: library parameter -> bundle key, for the messages of library functions (which name their own parameters):
+#: the one table between the two vocabularies. Names not listed are the same on both sides.
+BUNDLE_KEYS = {"key": "input_key", "settings": "tile_settings", "sources": "input_path"}
+#: parameters a library message may name as ``name=value``, spelt ``--key value`` at the command line
+PARAMETERS = (
+    "fill_nan", "rgb_to_grey", "overwrite", "streaming", "skip_background", "overlay", "export", "allow_missing_chunks",
+    "tiff_series", "threshold", "write", "instances", "tile_size", "block_size", "memory_budget_mb", "adapt_norm", "tta",
+    "scheduler", "key", "normalize", "padding_mode", "batch_size", "context", "label_mode", "num_classes",
+)
+_PARAMETER = re.compile(r"(?<![\w\-.])(" + "|".join(PARAMETERS) + r")=(True|False|None|'[^']*'|\"[^\"]*\"|[^\s;,)]+)")
+_VALUE = {"True": "true", "False": "false", "None": "null"}
+
+
+def in_bundle_words(message: str) -> str:
+    """A library message in the bundle's words: ``pass fill_nan=True`` -> ``pass --fill_nan true``
+    (:data:`PARAMETERS`, renamed by :data:`BUNDLE_KEYS`).
+
+    >>> in_bundle_words("pass fill_nan=True to predict around them; export='png'")
+    "pass --fill_nan true to predict around them; --export png"
+    """
+    def spell(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        return f"--{BUNDLE_KEYS.get(name, name)} {_VALUE.get(value, value.strip(chr(39) + chr(34)))}"
+
+    return _PARAMETER.sub(spell, message)
 
 
 def check_spacing(spacing: Any, spatial_dims: int) -> None:
@@ -274,30 +306,6 @@ def check_writable_dir(*paths: str | os.PathLike | None) -> None:
             raise PermissionError(
                 f"output folder {str(path)!r} is not writable{where}: {err.strerror}; choose a folder you can write to"
             ) from None
-
-
-def check_streaming_options(streaming: bool, **options: bool) -> None:
-    """Refuse options that block-by-block streaming prediction does not apply (``tta``, ``adapt_norm``)."""
-    on = [k for k, v in options.items() if v]
-    if streaming and on:
-        raise ValueError(
-            f"{', '.join(on)} cannot be used with streaming: true (block-by-block prediction into zarr "
-            f"does not apply {'it' if len(on) == 1 else 'them'}); set {' and '.join(k + ' false' for k in on)}, "
-            "or streaming false to predict in memory"
-        )
-
-
-def check_streaming_only(streaming: bool, export: str | None = "auto", **options: bool) -> None:
-    """Refuse options that only block-by-block prediction applies (``export``, ``overlay``, ``skip_background``)
-    when predicting in memory, and an unknown ``export``."""
-    if export not in ("auto", "none", "ome-zarr", "ome-tiff", "hdf5", None):
-        raise ValueError(f"--export must be one of auto, none, ome-zarr, ome-tiff, hdf5; got {export!r}")
-    on = [k for k, v in options.items() if v] + (["export " + str(export)] if export in ("ome-zarr", "ome-tiff", "hdf5") else [])
-    if on and not streaming:
-        raise ValueError(
-            f"{', '.join(on)} applies to block-by-block prediction only; pass --streaming true, or leave "
-            f"{'it' if len(on) == 1 else 'them'} out to predict in memory"
-        )
 
 
 # ---------------------------------------------------------------- paths
@@ -383,71 +391,3 @@ def check_labels(
                         + ("; a label of object ids is --label_mode instances, one of classes --label_mode classes "
                            "--num_classes N" if many else ""))
             raise ValueError(f"{item['label']}: {err}{hint}" + (" (--label_mode binary)" if label_mode == "binary" else "")) from None
-
-
-def check_inference(
-    datalist: Sequence[dict],
-    writer: Any,
-    network: Any,
-    *,
-    streaming: bool,
-    output_dir: str | os.PathLike,
-    tiff_series: int | None = None,
-    allow_missing_chunks: bool = False,
-    fill_nan: bool = False,
-    rgb_to_grey: bool = False,
-) -> None:
-    """The inference bundle's checks on its inputs and outputs, before the first prediction.
-
-    Outputs: none replaces an input or another input's output (:func:`check_outputs`); in memory,
-    none exists already unless ``overwrite`` (``writer.check_free``). Inputs, every one before the
-    first is predicted: from the header (:func:`pipeline.io.probe_image`; the dataset of a container),
-    the TIFF series and the channels the network takes; floating-point files are read once and
-    refused if they hold NaN or Inf. When streaming, every source opens with the network's
-    dimensions and channels and has no missing chunks (:func:`pipeline.streaming.check_sources`),
-    and non-finite pixels are found by the statistics pass before the output is created.
-
-    Args:
-        datalist: the ``{"image": path}`` items to predict.
-        writer: the :class:`pipeline.transforms.WritePredictiond` of the in-memory path.
-        network: the network (for its dimensions and channels).
-        streaming, output_dir, tiff_series, allow_missing_chunks, fill_nan, rgb_to_grey: the bundle keys of the same names.
-
-    Raises:
-        ValueError, FileExistsError, FileNotFoundError: naming the file and the key to change.
-    """
-    sources = [str(item["image"]) for item in datalist]
-    if streaming:
-        check_outputs({s: [streaming_outputs.output_path(output_dir, s)] for s in sources})
-        streaming_outputs.check_sources(network, datalist, tiff_series, allow_missing_chunks, rgb_to_grey)
-        return
-    check_outputs({s: list(writer.targets(s).values()) for s in sources})
-    in_channels = getattr(network, "in_channels", 1)
-    for item in datalist:
-        source, key = str(item["image"]), item.get("image_dataset")
-        info = io.probe_image(source, tiff_series, key)
-        loaded: list = []  # the file read at most once, for the colour test and the NaN scan
-
-        def read() -> tuple:
-            loaded[:] = loaded or [io.read_image(source, tiff_series, key)]
-            return loaded[0]
-
-        io.check_channels(source, info, in_channels, pixels=lambda: read()[0], rgb_to_grey=rgb_to_grey)
-        if info.dtype.kind == "f":  # NaN/Inf are possible: scan the file now, not after other outputs exist
-            array, meta = read()
-            finite = np.isfinite(io.channel_first(array, meta, source)[0]).all(0)  # (Z,) Y, X: the pipeline's order
-            count = finite.size - int(np.count_nonzero(finite))
-            if count:  # (no index array per bad pixel: a NaN background could be most of a volume)
-                first = tuple(int(i) for i in np.unravel_index(int(np.argmin(finite)), finite.shape))
-                where = f"{count} non-finite pixel(s) (NaN or Inf) of {finite.size}, the first at {'(z, y, x)' if finite.ndim == 3 else '(y, x)'} {first}"
-                if finite.ndim == 3:
-                    bad = finite.shape[1] * finite.shape[2] - np.count_nonzero(finite.reshape(finite.shape[0], -1), axis=1)
-                    where += " in section(s) " + ", ".join(f"{z} ({int(n)})" for z, n in enumerate(bad) if n)
-                if fill_nan:
-                    logger.warning("%s has %s; --fill_nan true: predicted as no-data (probability NaN, mask 0)", source, where)
-                    continue
-                raise ValueError(
-                    f"{source} has {where}; pass --fill_nan true to predict around them (no-data: NaN probability, "
-                    "mask 0), or replace them and save the file again"
-                )
-    writer.check_free(sources)

@@ -21,6 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from pipeline import metrics
 from pipeline.instances import make_instances, parse_rules
 from pipeline.io import replace_atomically, stem
+from pipeline.optim import polynomial_decay
 
 
 def select_channel(keys: Sequence[str], channel: int) -> Callable:
@@ -306,7 +307,7 @@ class EvaluationReport:
 
     def outputs(self, datalist: Sequence[dict]) -> dict[str, list[Path]]:
         """``{input: [its overlays]}`` for every item's image and label (labels have none), for
-        :func:`pipeline.io.outputs.check_outputs` before the run writes anything."""
+        :func:`pipeline.io.check_outputs` before the run writes anything."""
         found: dict[str, list[Path]] = {}
         for item in datalist:
             found.setdefault(str(item["image"]), []).append(
@@ -432,7 +433,7 @@ class TrainingTimeBudget:
         self._start = time.perf_counter()
 
     def _set_rate(self, engine) -> None:
-        rate = self.learning_rate * max(0.0, 1.0 - self.agreed / self.budget) ** self.power
+        rate = self.learning_rate * polynomial_decay(self.agreed / self.budget, self.power)
         for group in self.optimizer.param_groups:
             group["lr"] = rate
 

@@ -251,8 +251,12 @@ def _box(index: Sequence[int], block: Sequence[int], shape: Sequence[int], halo:
     return lo, hi, [max(s - h, 0) for s, h in zip(lo, halo)], [min(e + h, n) for e, h, n in zip(hi, halo, shape)]
 
 
-def _relief(values: np.ndarray, rule: InstanceRule) -> np.ndarray:
-    """The probability of the rule's class from a stored foreground probability (class 1 of two)."""
+def _relief(source, window: tuple[slice, ...], rule: InstanceRule) -> np.ndarray:
+    """The probability of the rule's class in ``window``: read from stored class probabilities ``(C, *spatial)``,
+    or from a stored foreground probability ``(*spatial)`` (class 1 of two; class 0 is its complement)."""
+    if source.ndim > len(window):
+        return np.asarray(source[(rule.channel, *window)], np.float32)
+    values = np.asarray(source[window], np.float32)
     return values if rule.channel == 1 else 1.0 - values
 
 
@@ -267,7 +271,7 @@ def _block_mask(source, rule: InstanceRule, index, block, shape, sections: bool)
     reach = int(np.ceil(rule.seed_distance)) if rule.method == "watershed" and rule.seed_distance > 0 else 0
     halo = [0 if (sections and a == 0) else reach for a in range(nd)]
     lo, hi, wlo, whi = _box(index, block, shape, halo)
-    p = _relief(np.asarray(source[tuple(slice(a, b) for a, b in zip(wlo, whi))], np.float32), rule)
+    p = _relief(source, tuple(slice(a, b) for a, b in zip(wlo, whi)), rule)
     if rule.method == "components":
         mask = p > rule.threshold
     else:
@@ -346,7 +350,7 @@ def _flood_block(source, seeds, out, rule: InstanceRule, index, block, shape, ha
     """Watershed of a block's window (core + ``halo``) from the global seeds; the core is written."""
     lo, hi, wlo, whi = _box(index, block, shape, halo)
     window = tuple(slice(a, b) for a, b in zip(wlo, whi))
-    relief = _relief(np.asarray(source[window], np.float32), rule)
+    relief = _relief(source, window, rule)
     markers = np.asarray(seeds[window]).astype(np.int64)
     if rule.mode == "2d" and len(shape) == 3:
         flooded = np.stack([watershed(r, m, None, wlo[1:], shape[1:]) for r, m in zip(relief, markers)])
@@ -358,7 +362,7 @@ def _flood_block(source, seeds, out, rule: InstanceRule, index, block, shape, ha
 
 
 def label_zarr(store: str, source: str, rule: InstanceRule, name: str, block: Sequence[int], halo: int = 64,
-               client: Any = None) -> str:
+               client: Any = None, class_axis: bool = False) -> str:
     """Instances of a stored foreground probability, block by block, with the ids of objects that cross block
     faces merged: the same instances as :func:`make_instances` over the whole volume, up to a relabelling.
 
@@ -371,8 +375,10 @@ def label_zarr(store: str, source: str, rule: InstanceRule, name: str, block: Se
 
     Args:
         store: path of the zarr group (a :func:`pipeline.streaming.predict_zarr` output).
-        source: the array in it holding the foreground probability (class 1 of two), ``(Y, X)`` or ``(Z, Y, X)``.
-        rule: an :class:`InstanceRule` reading class 0 (boundary = 1 - p) or 1 (p), without ``background_channel``.
+        source: the array in it holding the foreground probability (class 1 of two), ``(Y, X)`` or ``(Z, Y, X)``, or
+            with ``class_axis`` the probabilities of every class ``(C, *spatial)``.
+        rule: an :class:`InstanceRule` reading one class (of two: 0, the boundary = 1 - p, or 1, p), without
+            ``background_channel``.
         name: the result is written to ``instances/<name>`` (uint32) in the group.
         block: block size per axis (the prediction's blocks).
         halo: px around a block that its watershed sees.
@@ -386,12 +392,13 @@ def label_zarr(store: str, source: str, rule: InstanceRule, name: str, block: Se
     """
     import zarr
 
-    if rule.channel not in (0, 1) or rule.background_channel is not None:
-        raise ValueError(f"instances {name!r}: block-wise instances read the stored foreground probability (class 1 of two): "
-                         "set channel 0 (its boundary) or 1, and no background_channel")
     group = zarr.open_group(store, mode="r+")
     src = group[source]
-    shape, block = tuple(src.shape), tuple(int(b) for b in block)
+    classes = src.shape[0] if class_axis else 2
+    if rule.channel >= classes or rule.background_channel is not None:
+        raise ValueError(f"instances {name!r}: block-wise instances read one stored class probability: set a channel "
+                         f"0..{classes - 1}, and no background_channel")
+    shape, block = tuple(src.shape[1:] if class_axis else src.shape), tuple(int(b) for b in block)
     sections = rule.mode == "2d" and len(shape) == 3
     chunks = tuple(min(b, s) for b, s in zip(block, shape))
     tmp = f"_instances_tmp/{name}"

@@ -209,8 +209,9 @@ def weight_map(classes: np.ndarray, cells: np.ndarray | None, w0: float = 10.0, 
             wc = (classes.size / (present.size * counts.astype(np.float64)))[inverse.reshape(classes.shape)]
     if cells is None:
         return wc.astype(np.float32)
-    found, inverse = np.unique(np.asarray(cells), return_inverse=True)  # consecutive ids: find_objects' list stays short
-    cells = inverse.reshape(classes.shape) + int(found.size > 0 and found[0] != 0)
+    from skimage.segmentation import relabel_sequential
+
+    cells = relabel_sequential(np.asarray(cells).astype(np.int64, copy=False))[0]  # consecutive ids: find_objects' list stays short
     n = int(cells.max()) if cells.size else 0
     if n < 2:
         return wc.astype(np.float32)

@@ -50,8 +50,8 @@ class PolynomialDecay(torch.optim.lr_scheduler.LambdaLR):
         super().__init__(optimizer, self.factor)
 
     def factor(self, epoch: int) -> float:
-        """``(1 - min(epoch, total_epochs) / total_epochs) ** power``."""
-        return (1.0 - min(epoch, self.total_epochs) / self.total_epochs) ** self.power
+        """``(1 - min(epoch, total_epochs) / total_epochs) ** power`` (:func:`polynomial_decay`)."""
+        return polynomial_decay(epoch / self.total_epochs, self.power)
 
     def state_dict(self) -> dict:
         return {k: v for k, v in super().state_dict().items() if k not in ("total_epochs", "power", "lr_lambdas")}
@@ -63,6 +63,13 @@ class PolynomialDecay(torch.optim.lr_scheduler.LambdaLR):
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * self.factor(self.last_epoch)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def polynomial_decay(progress: float, power: float = 0.9) -> float:
+    """The "poly" learning-rate factor ``(1 - min(progress, 1)) ** power`` for ``progress`` = the part of training
+    done (epochs or seconds of the budget), the one rule of :class:`PolynomialDecay` and
+    :class:`pipeline.handlers.TrainingTimeBudget`."""
+    return max(0.0, 1.0 - min(float(progress), 1.0)) ** power
 
 
 def _plain(x):

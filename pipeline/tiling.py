@@ -7,10 +7,9 @@ lie on the pooling grid (multiples of the axis's ``geometry.steps()`` from the p
 stitched output equals one pass over the whole padded image up to float rounding. A ``"same"``-padded network gets ``context`` pixels of extra
 input per tile side, and only the centre of each output tile is kept.
 
-Everything that runs tiles calls this module: the in-memory inferer
-(:func:`pipeline.inferers.overlap_tile_inference`) on a padded image, and block-by-block
-prediction (:mod:`pipeline.streaming`, in process or on Dask workers) on a block read with its halo.
-So autocast, channels-last, the memory rule and the batch cap are the same everywhere.
+The prediction engine (:mod:`pipeline.engine`) calls this module for every block it predicts, a whole
+image in memory or one block of a volume read with its halo (in process or on Dask workers), so
+autocast, channels-last, the memory rule and the batch cap are the same everywhere.
 
 The network contract (:class:`TiledNetwork`): ``geometry`` (:class:`pipeline.geometry.UNetGeometry`),
 ``spatial_dims``, ``in_channels`` and ``features`` (``features[0]``, the top level's width, sizes
@@ -273,6 +272,20 @@ class TilePlan:
         return list(itertools.product(*[tile_regions(*a) for a in zip(self.size, self.starts, self.tile)]))
 
 
+def check_tile_values(batch_size: int = 4, memory_budget_mb: float = 1024.0, padding_mode: str = "reflect") -> None:
+    """The tile settings that need no network.
+
+    Raises:
+        ValueError: ``batch_size < 1``, ``memory_budget_mb <= 0`` or an unknown ``padding_mode``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if memory_budget_mb <= 0:
+        raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
+    if padding_mode not in PAD_MODES:
+        raise ValueError(f"padding_mode must be one of {PAD_MODES}, got {padding_mode!r}")
+
+
 def check_tile_settings(
     network: nn.Module,
     tile_size: int | Sequence[int] | str = "auto",
@@ -288,12 +301,7 @@ def check_tile_settings(
             ``memory_budget_mb <= 0``, a negative ``context`` or an unknown ``padding_mode``.
     """
     net = unwrap(network)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if memory_budget_mb <= 0:
-        raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
-    if padding_mode not in PAD_MODES:
-        raise ValueError(f"padding_mode must be one of {PAD_MODES}, got {padding_mode!r}")
+    check_tile_values(batch_size, memory_budget_mb, padding_mode)
     context_margin(net.geometry, context, net.spatial_dims)
     return parse_tile_size(tile_size, net.geometry, net.spatial_dims)
 

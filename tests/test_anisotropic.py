@@ -116,7 +116,7 @@ def test_tta_flips_z_for_a_3d_network_and_is_inverted_exactly():
     class Identity3d(torch.nn.Module):  # same-padded identity: TTA of an equivariant map is the map
         def __init__(self):
             super().__init__()
-            self.geometry, self.spatial_dims, self.in_channels, self.features = UNetGeometry(padding="same"), 3, 1, (1,)
+            self.geometry, self.spatial_dims, self.in_channels, self.features = UNetGeometry(0, padding="same"), 3, 1, (1,)
             self.w = torch.nn.Parameter(torch.ones(1))
 
         def forward(self, x):
@@ -126,7 +126,7 @@ def test_tta_flips_z_for_a_3d_network_and_is_inverted_exactly():
     net = Identity3d()
     assert len(tta_transforms(net, x)) == 16
     with torch.inference_mode():
-        y = OverlapTileInferer(tile_size=16, context=0, tta=True)(x, net)
+        y = OverlapTileInferer(tile_size=(5, 16, 16), context=0, tta=True)(x, net)  # TTA of each tile: here the image
     assert torch.allclose(y[:, 0], x[:, 0], atol=1e-6)
     # channel 1 depends on the z index: each z-flipped pass sees z reversed, so the mean is the mean index 2
     assert torch.allclose(y[:, 1], x[:, 0] * 2.0, atol=1e-5)

@@ -138,12 +138,12 @@ def test_console_help_lists_keys_and_refuses_misspelt_ones(capsys):
     assert "--checkpoint VALUE, --model VALUE" in text and "--output_dir VALUE, -o VALUE" in text
     command, run_id, configs, metas, overrides, _ = cli.parse(
         ["predict", "stack.tif", "--model", "m.pt", "-o", "out", "--tile_size", "388", "--config", "em_cpu",
-         "--set", "inferer#progress=False"])
+         "--set", "tile_settings#progress=False"])
     assert (command, run_id) == ("predict", "run")
     assert configs == [INFER, str(ROOT / "configs/em_cpu.yaml")]
     assert metas == [str(CONFIGS / "metadata.json")]
     assert overrides == {"checkpoint": "m.pt", "output_dir": "out", "tile_size": 388, "input_path": "stack.tif",
-                         "inferer#progress": False}
+                         "tile_settings#progress": False}
     assert cli.parse(["export", "--format", "bioimageio"])[1] == "export_bioimageio"
     with pytest.raises(SystemExit):
         cli.parse(["train", "--num_epoch", "3"])

@@ -77,9 +77,8 @@ def test_rules_from_the_bundle_key_and_their_errors():
 
 @pytest.mark.parametrize("name", ["stack.tif", "img.png", "vol.nii.gz", "vol.h5"])
 def test_writer_writes_instances_in_the_inputs_format(tmp_path, name):
-    from monai.data import MetaTensor
-
-    from pipeline.transforms import LoadSectiond, WritePredictiond, class_probabilities
+    from pipeline.engine import BlockLayout, FilesSink
+    from pipeline.transforms import LoadSectiond, class_probabilities
     from pipeline.io import write_image
 
     shape = (11, 19) if name.endswith(".png") else (2, 11, 19)
@@ -89,10 +88,12 @@ def test_writer_writes_instances_in_the_inputs_format(tmp_path, name):
     logits = torch.from_numpy(np.log(probs_of(b) + 1e-6))  # soft-max gives the probabilities back
     if image.meta.get("axes_reversed"):
         logits = logits.permute(0, *reversed(range(1, logits.ndim)))
-    writer = WritePredictiond("pred", str(tmp_path / "out"), write=["mask", "instances"],
-                              instances={"cells": {"method": "watershed", "seed_distance": 1.0}})
-    writer({"image": image, "pred": MetaTensor(logits)})
-    out = writer.targets(str(tmp_path / name))["instances/cells"]
+    sink = FilesSink(tmp_path / "out", tmp_path / name, image.meta, write=["mask", "instances"],
+                     instances={"cells": {"method": "watershed", "seed_distance": 1.0}})
+    spatial = tuple(logits.shape[1:])
+    sink.open(None, None, None, BlockLayout(spatial, spatial, 0))
+    sink.write(([0] * len(spatial), list(spatial)), logits, None)
+    out = sink.close()["instances/cells"]
     assert out.parent.name == "cells" and out.suffix == (".tif" if name.endswith(".png") else out.suffix)
     ids, _ = read_image(out)
     expected = make_instances(class_probabilities(torch.from_numpy(np.log(probs_of(b) + 1e-6))).numpy(),

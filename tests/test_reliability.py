@@ -97,14 +97,14 @@ def _(tmp):
     return lambda: OverlapTileInferer()(torch.zeros(1, 3, 60, 60), net())
 
 
-@row("image-nan-inf", ValueError, r"input has 2 non-finite pixel\(s\) \(NaN or Inf\) of 3600; replace them")
+@row("image-nan-inf", ValueError, r"input has 2 non-finite pixel\(s\) \(NaN or Inf\) of 3600, the first at \(y, x\) \(3, 4\); pass fill_nan=True")
 def _(tmp):
     x = torch.zeros(1, 1, 60, 60)
     x[0, 0, 3, 4], x[0, 0, 5, 6] = float("nan"), float("inf")
     return lambda: OverlapTileInferer()(x, net())
 
 
-@row("image-empty", ValueError, r"cannot predict an empty input of shape \(1, 1, 0, 60\)")
+@row("image-empty", ValueError, r"cannot predict an empty input of shape \(1, 0, 60\)")
 def _(tmp):
     return lambda: OverlapTileInferer()(torch.zeros(1, 1, 0, 60), net())
 
@@ -362,11 +362,11 @@ def _(tmp):
     return infer(tmp, "--input_path", str(tmp / "stack.tif"))
 
 
-@row("cli-streaming-with-tta", BundleError, r"tta cannot be used with streaming: true .*; set tta false, or streaming false")
+@row("cli-streaming-with-adapt-norm", BundleError, r"--adapt_norm true estimates BatchNorm statistics over the tiles of the whole image in this process: it needs the image as one block \(--block_size null, --streaming false\)")
 def _(tmp):
     tiny_checkpoint(tmp)
     sections(tmp)
-    return infer(tmp, "--input_path", str(tmp / "stack.tif"), "--streaming", "true", "--tta", "true")
+    return infer(tmp, "--input_path", str(tmp / "stack.tif"), "--streaming", "true", "--adapt_norm", "true")
 
 
 @row("cli-evaluate-label-not-binary", BundleError, r"lab.tif.*3 distinct values \(0, 1, 2\)")
@@ -690,13 +690,13 @@ def _(tmp):
     return lambda: predict_files(net(), [str(tmp / "rgb.tif")], tmp / "out")
 
 
-@row("streaming-tissue-rule-on-grey", ValueError, r"grey.tif: --skip_background applies to RGB whole-slide images .*set --skip_background false")
+@row("streaming-tissue-rule-on-grey", ValueError, r"grey.tif: skip_background applies to RGB whole-slide images .*set skip_background=False")
 def _(tmp):
     tifffile.imwrite(tmp / "grey.tif", np.zeros((40, 44), np.uint8))
     return lambda: predict_files(net(), [str(tmp / "grey.tif")], tmp / "out", skip_background=True)
 
 
-@row("streaming-source-non-finite", ValueError, r"a.zarr has non-finite pixels \(NaN or Inf\) in \(channel, section\) \[\[0, 1\]\]")
+@row("streaming-source-non-finite", ValueError, r"a.zarr has 1 non-finite pixel\(s\) \(NaN or Inf\) of \d+ in section\(s\) 1 \(1\); pass fill_nan=True")
 def _(tmp):
     volume = np.ones((2, 40, 44), np.float32)
     volume[1, 5, 6] = np.inf

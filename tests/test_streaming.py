@@ -14,6 +14,7 @@ import torch
 import zarr
 
 from pipeline import streaming
+from pipeline.transforms import intensity
 from pipeline.inferers import OverlapTileInferer
 from pipeline.networks import UNet
 from pipeline.streaming import predict_zarr
@@ -126,7 +127,7 @@ class RecordingArray:
 
 
 def test_reads_are_bounded_by_block_and_band(tmp_path, monkeypatch):
-    monkeypatch.setattr(streaming, "STATS_BAND", 200)  # statistics read 5 rows of 40 at a time
+    monkeypatch.setattr(intensity, "STATS_BAND", 200)  # statistics read 5 rows of 40 at a time
     net = _net()  # margin 20
     volume = np.random.default_rng(6).random((2, 100, 40)).astype(np.float32)
     source = RecordingArray(volume)
@@ -183,8 +184,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     pending = {tuple(int(i) for i in idx) for idx in np.argwhere(markers == 0)}
 
     computed = []
-    real = streaming._predict_block
-    monkeypatch.setattr(streaming, "_predict_block", lambda net, src, plan, idx: (computed.append(idx), real(net, src, plan, idx)))
+    from pipeline.engine import run as engine_run
+
+    real = engine_run.run_block
+    monkeypatch.setattr(engine_run, "run_block", lambda net, src, settings, layout, idx, *a: (computed.append(tuple(idx)), real(net, src, settings, layout, idx, *a))[1])
     net = _net()
     assert not (tmp_path / "out.ome.zarr").exists()  # exported after the last block only
     predict_zarr(net, source, out, block_size=(1, 24, 32), export="auto")
@@ -259,8 +262,10 @@ def test_predict_files_reads_the_statistics_once(tmp_path, monkeypatch):
     volume = (np.random.default_rng(3).random((2, 30, 40)) * 255).astype(np.uint8)
     tifffile.imwrite(tmp_path / "v.tif", volume, photometric="minisblack")
     calls = []
-    real = streaming.section_stats
-    monkeypatch.setattr(streaming, "section_stats", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    from pipeline.engine import sources
+
+    real = sources.section_stats
+    monkeypatch.setattr(sources, "section_stats", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     net = _net()
     [out] = streaming.predict_files(net, [str(tmp_path / "v.tif")], tmp_path / "out", block_size=(1, 32, 32))
     assert len(calls) == 1

@@ -224,7 +224,9 @@ def test_tissue_rule_from_a_pyramid_level_thumbnail(tmp_path, monkeypatch):
     net = _net(3)
     image_small, factor = thumbnail(LazySource(path, 2, 3), 8)
     assert factor == 8 and np.array_equal(image_small, np.moveaxis(image[::4, ::4][::2, ::2], -1, 0))  # level 2, every 2nd pixel
-    monkeypatch.setattr(streaming, "THUMBNAIL", 50)
+    from pipeline.engine import store as zarr_store
+
+    monkeypatch.setattr(zarr_store, "THUMBNAIL", 50)
     [store] = streaming.predict_files(net, [str(path)], tmp_path / "out", block_size=128, skip_background=True, export="none")
     predicted = ~np.isnan(zarr.open_group(str(store), mode="r")["probabilities"][...])
     assert predicted[disc].all() and 0.3 < 1 - predicted.mean() < 0.8
@@ -252,15 +254,18 @@ def test_colour_for_a_grey_network_streaming(tmp_path):
     assert np.abs(zarr.open_group(str(c))["probabilities"][...] - expected).max() <= 1e-5
 
 
-def test_whole_slide_options_refused_with_the_key_to_change(tmp_path):
-    from pipeline.config import check_streaming_only
+def test_whole_slide_options_refused_with_the_option_to_change(tmp_path):
+    from pipeline.config import in_bundle_words
+    from pipeline.engine import OutputSettings, predict_files
 
-    with pytest.raises(ValueError, match=r"overlay, export ome-tiff applies to block-by-block prediction only; pass --streaming true"):
-        check_streaming_only(False, export="ome-tiff", overlay=True, skip_background=False)
-    with pytest.raises(ValueError, match=r"--export must be one of auto, none, ome-zarr, ome-tiff, hdf5; got 'png'"):
-        check_streaming_only(True, export="png")
-    check_streaming_only(False, export="auto", overlay=False, skip_background=False)  # the defaults pass in memory
+    tifffile.imwrite(tmp_path / "in.tif", np.zeros((40, 50), np.uint8))
+    with pytest.raises(ValueError, match=r"overlay=True, export='ome-tiff' applies to block-by-block prediction only; pass streaming=True") as err:
+        predict_files(_net(1), [str(tmp_path / "in.tif")], tmp_path / "out", outputs=OutputSettings(export="ome-tiff", overlay=True))
+    assert "--overlay true, --export ome-tiff applies to block-by-block prediction only; pass --streaming true" in in_bundle_words(str(err.value))
+    with pytest.raises(ValueError, match=r"export must be one of auto, none, ome-zarr, ome-tiff, hdf5; got 'png'"):
+        OutputSettings(export="png")
+    assert not (tmp_path / "out").exists()
     tifffile.imwrite(tmp_path / "grey.tif", np.zeros((40, 50), np.uint8))
-    with pytest.raises(ValueError, match=r"grey.tif: --skip_background applies to RGB whole-slide images .* it has 1 channel\(s\); set --skip_background false"):
+    with pytest.raises(ValueError, match=r"grey.tif: skip_background applies to RGB whole-slide images .* it has 1 channel\(s\); set skip_background=False"):
         streaming.predict_files(_net(1), [str(tmp_path / "grey.tif")], tmp_path / "out", skip_background=True)
     assert not (tmp_path / "out").exists()  # refused before any output

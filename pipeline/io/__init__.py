@@ -24,7 +24,7 @@ the error use :func:`read_image`, a plain ``LoadImage()`` or ``LoadImage()(path,
 
 __all__ = [
     "CONTAINER_SUFFIXES", "HDF5_SUFFIXES", "ZARR_SUFFIXES", "NIFTI_SUFFIXES", "SITK_READ_SUFFIXES", "SITK_WRITE_SUFFIXES", "SLICE_SUFFIXES", "SUPPORTED_SUFFIXES", "TIFF_SUFFIXES",
-    "ImageInfo", "LoadedImage", "channel_first", "SimpleITKReader", "TiffSeriesError", "TiffStackReader", "check_channels", "choose_tiff_series",
+    "ImageInfo", "LoadedImage", "check_outputs", "channel_first", "SimpleITKReader", "TiffSeriesError", "TiffStackReader", "check_channels", "choose_tiff_series",
     "probe_image", "read_cached", "read_image", "register_readers", "stem", "replace_atomically", "write_folder", "write_image",
 ]
 
@@ -54,4 +54,5 @@ from pipeline.io.readers import (
     read_image,
     register_readers,
 )
+from pipeline.io.outputs import check_outputs
 from pipeline.io.writers import replace_atomically, write_folder, write_image

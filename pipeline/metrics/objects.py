@@ -47,8 +47,10 @@ def _pair(true, pred) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _consecutive(a: np.ndarray) -> np.ndarray:
-    found, inverse = np.unique(a, return_inverse=True)
-    return (inverse.reshape(a.shape) + int(found.size > 0 and found[0] != 0)).astype(np.int64)
+    """Ids renumbered 1..n in sorted order, 0 kept (``skimage.segmentation.relabel_sequential``), int64."""
+    from skimage.segmentation import relabel_sequential
+
+    return relabel_sequential(np.asarray(a).astype(np.int64, copy=False))[0]
 
 
 def _overlaps(true: np.ndarray, pred: np.ndarray):

@@ -110,6 +110,19 @@ def encode_classes(probabilities: torch.Tensor, write: Sequence[str] = OUTPUTS, 
     return {name: encode[name]() for name in write}
 
 
+def encode_logits(
+    logits: torch.Tensor, threshold: float, write: Sequence[str] = OUTPUTS, nodata: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The per-pixel results of logits ``(C, *spatial)``, the one rule of every sink: a network of two classes
+    (the sigmoid of 1 channel, or the soft-max of 2) gives its foreground probability and the mask at
+    ``threshold`` (:func:`encode_prediction`); one of more classes gives all class probabilities and the
+    arg-max class (:func:`encode_classes`). ``nodata`` (bool ``(*spatial)``) marks pixels without data."""
+    probs = class_probabilities(logits)
+    if probs.shape[0] == 2:
+        return encode_prediction(probs[1], threshold, write, nodata)
+    return encode_classes(probs, write, nodata)
+
+
 class ForegroundProbabilityd(MapTransform):
     """Replace logits ``(C, *spatial)`` under ``keys`` by the foreground probability ``(1, *spatial)``, or with
     ``all_classes`` by the probabilities of every class (:func:`class_probabilities`)."""
