@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.io import SUPPORTED_SUFFIXES, TIFF_SUFFIXES, channel_first, read_cached, read_image, stem
-from pipeline.io.readers import tiff_level
+from pipeline.io.tiff import tiff_level
 from pipeline.io.common import STORE_SUFFIXES, _suffix
 from pipeline.io.containers import choose_dataset, is_container
 

@@ -311,22 +311,12 @@ def export_bioimageio(
         ValueError: a sample that is too small or of the wrong dimensionality; a description that
             ``bioimageio.spec`` rejects (its validation message); a package that fails ``test_model``.
     """
-    import bioimageio.spec.model.v0_5 as spec
     from bioimageio.spec import save_bioimageio_package
 
     output_path = Path(output_path)
     check_targets([output_path], overwrite)
     network = network.eval().cpu()
-    dims = network.spatial_dims
-    axes = AXES[dims]
-    g = network.geometry
-    mins, steps, margins = g.min_input_sizes(dims), g.steps(dims), g.margins(dims)
-    if channel_names is None:
-        channel_names = {1: ["interior"], 2: ["membrane", "interior"]}.get(
-            network.out_channels, [f"class_{i}" for i in range(network.out_channels)])
-    channel_names = [re.sub(r"[^A-Za-z0-9_]", "_", str(c)) for c in channel_names]
-    if len(channel_names) != network.out_channels:
-        raise ValueError(f"channel_names has {len(channel_names)} names; the network has {network.out_channels} output channels")
+    channel_names = _channel_names(network, channel_names)
     model = ProbabilityUNet(**network.architecture)
     model.unet.load_state_dict(network.state_dict())
     model.eval()
@@ -334,64 +324,10 @@ def export_bioimageio(
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        test_in = _sample(network, sample_input, sample_size)
-        with torch.inference_mode():
-            test_out = model(torch.from_numpy(_normalize(test_in, eps))).numpy()
-        np.save(tmp / "test_input.npy", test_in)
-        np.save(tmp / "test_output.npy", test_out)
-        _cover(test_in, test_out, tmp / "cover.png", channel=network.out_channels - 1)
-        torch.save(model.state_dict(), tmp / "weights.pt")
-        torch.jit.script(model).save(str(tmp / "weights_torchscript.pt"))
-        doc = tmp / "README.md"
-        if documentation is not None:
-            shutil.copyfile(documentation, doc)
-        else:
-            doc.write_text(_documentation(network, name, description, channel_names))
-
-        names = ["image"] if network.in_channels == 1 else [f"image_{i}" for i in range(network.in_channels)]
-        batch, channel = spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier(n) for n in names])
-        in_axes = [batch, channel] + [
-            spec.SpaceInputAxis(id=spec.AxisId(a), size=spec.ParameterizedSize(min=m, step=s)) for a, m, s in zip(axes, mins, steps)]
-        valid = network.padding == "valid"
-        out_axes = [spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier(c) for c in channel_names])] + [
-            spec.SpaceOutputAxis(id=spec.AxisId(a), size=spec.SizeReference(
-                tensor_id=spec.TensorId("image"), axis_id=spec.AxisId(a), offset=-2 * m if valid else 0))
-            for a, m in zip(axes, margins)]
-        inputs = [spec.InputTensorDescr(
-            id=spec.TensorId("image"), axes=in_axes, test_tensor=spec.FileDescr(source=tmp / "test_input.npy"),
-            description="raw grey values (any range)",
-            preprocessing=[
-                spec.EnsureDtypeDescr(kwargs=spec.EnsureDtypeKwargs(dtype="float32")),
-                spec.ZeroMeanUnitVarianceDescr(kwargs=spec.ZeroMeanUnitVarianceKwargs(
-                    axes=[spec.AxisId(a) for a in ("y", "x")], eps=eps)),
-            ],
-        )]
-        outputs = [spec.OutputTensorDescr(
-            id=spec.TensorId("prediction"), axes=out_axes, test_tensor=spec.FileDescr(source=tmp / "test_output.npy"),
-            description="probabilities per class" + (f"; valid convolutions: {2 * margins[-1]} px smaller than the input per "
-                                                     f"in-plane axis (halo {margins[-1]})" if valid else ""),
-        )]
-        kwargs = {k: v for k, v in network.architecture.items()}
-        weights = spec.WeightsDescr(
-            pytorch_state_dict=spec.PytorchStateDictWeightsDescr(
-                source=tmp / "weights.pt",
-                architecture=spec.ArchitectureFromLibraryDescr(
-                    import_from="pipeline.export", callable=spec.Identifier("ProbabilityUNet"), kwargs=kwargs),
-                pytorch_version=spec.Version(torch.__version__.split("+")[0]),
-            ),
-            torchscript=spec.TorchscriptWeightsDescr(
-                source=tmp / "weights_torchscript.pt", pytorch_version=spec.Version(torch.__version__.split("+")[0]),
-                parent="pytorch_state_dict"),
-        )
-        people = [spec.Author(name=a) if isinstance(a, str) else spec.Author(**a) for a in authors]
-        descr = spec.ModelDescr(
-            name=name, description=description, authors=people,
-            cite=[spec.CiteEntry(text=PAPER, doi=spec.Doi(PAPER_DOI))],
-            license=spec.LicenseId(license), documentation=spec.FileDescr(source=doc),
-            covers=[spec.FileDescr(source=tmp / "cover.png")], tags=list(tags),
-            inputs=inputs, outputs=outputs, weights=weights,
-            config={"em_unet": {"architecture": network.architecture, "margin": list(margins)}},
-        )
+        _write_package_files(tmp, network, model, eps, sample_input=sample_input, sample_size=sample_size,
+                             documentation=documentation, name=name, description=description, channel_names=channel_names)
+        descr = _model_description(tmp, network, eps, channel_names, name=name, description=description, authors=authors,
+                                   license=license, tags=tags)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         partial = output_path.with_name(output_path.name + ".partial.zip")
         try:
@@ -400,13 +336,118 @@ def export_bioimageio(
             partial.unlink(missing_ok=True)
             raise
     if test:
-        summary = run_test_model(partial)
-        if summary.status != "passed":
-            partial.unlink()
-            raise ValueError(f"the bioimage.io package failed bioimageio.core's test_model: {summary.format() if hasattr(summary, 'format') else summary}")
+        _test_package(partial)
     os.replace(partial, output_path)
     print(f"wrote {output_path}" + (" (bioimageio.core test_model: passed)" if test else " (not tested: --test false)"))
     return str(output_path)
+
+
+def _channel_names(network: UNet, channel_names: Sequence[str] | None) -> list[str]:
+    """The output channels' names as bioimage.io identifiers (default: membrane, interior for 2 channels);
+    ``ValueError`` unless there is one per output channel."""
+    if channel_names is None:
+        channel_names = {1: ["interior"], 2: ["membrane", "interior"]}.get(
+            network.out_channels, [f"class_{i}" for i in range(network.out_channels)])
+    channel_names = [re.sub(r"[^A-Za-z0-9_]", "_", str(c)) for c in channel_names]
+    if len(channel_names) != network.out_channels:
+        raise ValueError(f"channel_names has {len(channel_names)} names; the network has {network.out_channels} output channels")
+    return channel_names
+
+
+def _write_package_files(tmp: Path, network: UNet, model: ProbabilityUNet, eps: float, *, sample_input: str | os.PathLike | None,
+                         sample_size: int, documentation: str | os.PathLike | None, name: str, description: str,
+                         channel_names: list[str]) -> None:
+    """Write into ``tmp`` the files a package holds: the test tensors (``test_input.npy``, ``test_output.npy``: the
+    model's probabilities), ``cover.png``, the weights (``weights.pt``, ``weights_torchscript.pt``), ``README.md``."""
+    test_in = _sample(network, sample_input, sample_size)
+    with torch.inference_mode():
+        test_out = model(torch.from_numpy(_normalize(test_in, eps))).numpy()
+    np.save(tmp / "test_input.npy", test_in)
+    np.save(tmp / "test_output.npy", test_out)
+    _cover(test_in, test_out, tmp / "cover.png", channel=network.out_channels - 1)
+    torch.save(model.state_dict(), tmp / "weights.pt")
+    torch.jit.script(model).save(str(tmp / "weights_torchscript.pt"))
+    doc = tmp / "README.md"
+    if documentation is not None:
+        shutil.copyfile(documentation, doc)
+    else:
+        doc.write_text(_documentation(network, name, description, channel_names))
+
+
+def _tensor_descriptions(tmp: Path, network: UNet, eps: float, channel_names: list[str]) -> tuple[list, list]:
+    """The package's input ``image`` (``ParameterizedSize`` axes, preprocessing) and output ``prediction``
+    (``SizeReference`` axes to the input, ``-2 * margin`` for a valid network), with their test tensors in ``tmp``."""
+    import bioimageio.spec.model.v0_5 as spec
+
+    dims = network.spatial_dims
+    axes = AXES[dims]
+    g = network.geometry
+    mins, steps, margins = g.min_input_sizes(dims), g.steps(dims), g.margins(dims)
+    names = ["image"] if network.in_channels == 1 else [f"image_{i}" for i in range(network.in_channels)]
+    batch, channel = spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier(n) for n in names])
+    in_axes = [batch, channel] + [
+        spec.SpaceInputAxis(id=spec.AxisId(a), size=spec.ParameterizedSize(min=m, step=s)) for a, m, s in zip(axes, mins, steps)]
+    valid = network.padding == "valid"
+    out_axes = [spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier(c) for c in channel_names])] + [
+        spec.SpaceOutputAxis(id=spec.AxisId(a), size=spec.SizeReference(
+            tensor_id=spec.TensorId("image"), axis_id=spec.AxisId(a), offset=-2 * m if valid else 0))
+        for a, m in zip(axes, margins)]
+    inputs = [spec.InputTensorDescr(
+        id=spec.TensorId("image"), axes=in_axes, test_tensor=spec.FileDescr(source=tmp / "test_input.npy"),
+        description="raw grey values (any range)",
+        preprocessing=[
+            spec.EnsureDtypeDescr(kwargs=spec.EnsureDtypeKwargs(dtype="float32")),
+            spec.ZeroMeanUnitVarianceDescr(kwargs=spec.ZeroMeanUnitVarianceKwargs(
+                axes=[spec.AxisId(a) for a in ("y", "x")], eps=eps)),
+        ],
+    )]
+    outputs = [spec.OutputTensorDescr(
+        id=spec.TensorId("prediction"), axes=out_axes, test_tensor=spec.FileDescr(source=tmp / "test_output.npy"),
+        description="probabilities per class" + (f"; valid convolutions: {2 * margins[-1]} px smaller than the input per "
+                                                 f"in-plane axis (halo {margins[-1]})" if valid else ""),
+    )]
+    return inputs, outputs
+
+
+def _model_description(tmp: Path, network: UNet, eps: float, channel_names: list[str], *, name: str, description: str,
+                       authors: Sequence[dict | str], license: str, tags: Sequence[str]):
+    """The bioimage.io ``ModelDescr`` of the files in ``tmp`` (:func:`_write_package_files`): tensors, both weights
+    (``pytorch_state_dict`` of ``pipeline.export.ProbabilityUNet`` with the network's recorded arguments, and its
+    TorchScript), the paper as citation, ``authors``, ``license``, ``tags``, the architecture and margin as config."""
+    import bioimageio.spec.model.v0_5 as spec
+
+    inputs, outputs = _tensor_descriptions(tmp, network, eps, channel_names)
+    kwargs = {k: v for k, v in network.architecture.items()}
+    weights = spec.WeightsDescr(
+        pytorch_state_dict=spec.PytorchStateDictWeightsDescr(
+            source=tmp / "weights.pt",
+            architecture=spec.ArchitectureFromLibraryDescr(
+                import_from="pipeline.export", callable=spec.Identifier("ProbabilityUNet"), kwargs=kwargs),
+            pytorch_version=spec.Version(torch.__version__.split("+")[0]),
+        ),
+        torchscript=spec.TorchscriptWeightsDescr(
+            source=tmp / "weights_torchscript.pt", pytorch_version=spec.Version(torch.__version__.split("+")[0]),
+            parent="pytorch_state_dict"),
+    )
+    margins = network.geometry.margins(network.spatial_dims)
+    doc = tmp / "README.md"
+    people = [spec.Author(name=a) if isinstance(a, str) else spec.Author(**a) for a in authors]
+    return spec.ModelDescr(
+        name=name, description=description, authors=people,
+        cite=[spec.CiteEntry(text=PAPER, doi=spec.Doi(PAPER_DOI))],
+        license=spec.LicenseId(license), documentation=spec.FileDescr(source=doc),
+        covers=[spec.FileDescr(source=tmp / "cover.png")], tags=list(tags),
+        inputs=inputs, outputs=outputs, weights=weights,
+        config={"em_unet": {"architecture": network.architecture, "margin": list(margins)}},
+    )
+
+
+def _test_package(partial: Path) -> None:
+    """:func:`run_test_model` on the written package; if it fails, delete the package and raise ``ValueError``."""
+    summary = run_test_model(partial)
+    if summary.status != "passed":
+        partial.unlink()
+        raise ValueError(f"the bioimage.io package failed bioimageio.core's test_model: {summary.format() if hasattr(summary, 'format') else summary}")
 
 
 def run_test_model(source: str | os.PathLike):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +51,35 @@ def _check_shape(shape: Any, ndim: int, what: str) -> tuple[int, ...]:
     return tuple(int(s) for s in dims)
 
 
-def _check_params(cell_diameter, membrane_thickness, noise, blur_sigma, blob_density, z_step) -> None:
-    """Raise ValueError for out-of-range generator parameters."""
-    t = np.asarray(membrane_thickness, float) if np.ndim(membrane_thickness) == 1 else np.zeros(0)
-    if not (t.shape == (2,) and 0 < t[0] <= t[1]):
-        raise ValueError(f"membrane_thickness must be (min, max) px, 0 < min <= max; got {membrane_thickness!r}")
-    for name, value in (("cell_diameter", cell_diameter), ("z_step", z_step)):
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0 px, got {value!r}")
-    if not (noise >= 0 and blur_sigma >= 0 and blob_density >= 0):
-        raise ValueError(f"noise, blur_sigma, blob_density must be >= 0; got {noise!r}, {blur_sigma!r}, {blob_density!r}")
+@dataclass(frozen=True)
+class _Rendering:
+    """The rendering parameters of :func:`make_image`, :func:`make_stack` and :func:`make_targets`, all keyword
+    arguments but ``z_step`` (plain values, as YAML configs give them), with their defaults; see :func:`make_image`."""
+
+    cell_diameter: float = 50.0
+    membrane_thickness: tuple[float, float] = (3.0, 8.0)
+    noise: float = 0.1
+    blur_sigma: float = 0.7
+    blob_density: float = 1.0
+
+    @classmethod
+    def of(cls, caller: str, params: dict[str, Any]) -> _Rendering:
+        """The rendering ``params`` name; another name raises ``TypeError`` as a wrong keyword of ``caller`` does."""
+        unknown = [name for name in params if name not in cls.__dataclass_fields__]
+        if unknown:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+        return cls(**params)
+
+    def check(self, z_step: float) -> None:
+        """Raise ValueError for out-of-range parameters (``z_step`` too)."""
+        t = np.asarray(self.membrane_thickness, float) if np.ndim(self.membrane_thickness) == 1 else np.zeros(0)
+        if not (t.shape == (2,) and 0 < t[0] <= t[1]):
+            raise ValueError(f"membrane_thickness must be (min, max) px, 0 < min <= max; got {self.membrane_thickness!r}")
+        for name, value in (("cell_diameter", self.cell_diameter), ("z_step", z_step)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 px, got {value!r}")
+        if not (self.noise >= 0 and self.blur_sigma >= 0 and self.blob_density >= 0):
+            raise ValueError(f"noise, blur_sigma, blob_density must be >= 0; got {self.noise!r}, {self.blur_sigma!r}, {self.blob_density!r}")
 
 
 def _smooth(rng: np.random.Generator, shape: tuple[int, ...], scale) -> np.ndarray:
@@ -165,12 +185,11 @@ def _paint_mitochondria(img, mito, cell, margin, xx, yy, z, d, ids=None) -> None
         img[sl] = img[sl] * (1 - alpha) + alpha * val
 
 
-def _render(rng, depth, height, width, *, cell_diameter, membrane_thickness, noise, blur_sigma, blob_density, z_step,
-            targets=None):
+def _render(rng, depth, height, width, look: _Rendering, z_step: float, targets=None):
     """Render ``depth`` sections of one synthetic volume: float32 images, uint8 labels; with a dict
     ``targets``, also its ``cells`` and ``mitochondria`` (uint32 ids, 0 = none) and ``classes`` (uint8:
     0 cytoplasm, 1 membrane, 2 mitochondria), from the same random numbers (the images do not change)."""
-    d, (t_lo, t_hi), zs = float(cell_diameter), membrane_thickness, np.arange(depth) * float(z_step)
+    d, (t_lo, t_hi), zs = float(look.cell_diameter), look.membrane_thickness, np.arange(depth) * float(z_step)
     hp, wp = -(-height // _BLOCK) * _BLOCK, -(-width // _BLOCK) * _BLOCK
     lo, hi = np.array([-d, -d]), np.array([wp + d, hp + d])
     centres, radii = _tubes(rng, lo, hi, d)
@@ -179,7 +198,7 @@ def _render(rng, depth, height, width, *, cell_diameter, membrane_thickness, noi
     period, phase = d * rng.uniform(0.5, 1.5, n), rng.uniform(0, 2 * np.pi, n)  # calibre varies along z
     u_thick, u_dark = rng.random(n).astype(np.float32), rng.random(n).astype(np.float32)
     grey = (0.6 + 0.035 * rng.standard_normal(n)).astype(np.float32)
-    vesicle_rate = blob_density * (0.0005 + 0.004 * rng.random(n) ** 2)  # terminals are full of them
+    vesicle_rate = look.blob_density * (0.0005 + 0.004 * rng.random(n) ** 2)  # terminals are full of them
     zscale, vol = d / z_step, (depth, hp, wp)
     wx, wy = (  # smooth warp of the coordinates, two octaves: cell walls bend and wiggle
         sum(a * d * _smooth(rng, vol, (zscale * s, s * d, s * d)) for a, s in ((0.15, 0.8), (0.04, 0.3)))
@@ -187,7 +206,7 @@ def _render(rng, depth, height, width, *, cell_diameter, membrane_thickness, noi
     )
     t_mod = np.clip(1 + 0.15 * _smooth(rng, vol, (0.5 * zscale, 0.4 * d, 0.4 * d)), 0.5, 1.5)
     z_lo, z_hi = zs[0] - d, zs[-1] + d  # mitochondria: 3D ellipsoids, cut by each section
-    n_mito = int(rng.poisson(blob_density * 0.3 * width * height * (z_hi - z_lo) / d**3))
+    n_mito = int(rng.poisson(look.blob_density * 0.3 * width * height * (z_hi - z_lo) / d**3))
     mito = np.column_stack([
         rng.random(n_mito) * width, rng.random(n_mito) * height, rng.uniform(z_lo, z_hi, n_mito),
         d * rng.uniform(0.3, 0.6, n_mito), d * rng.uniform(0.14, 0.28, n_mito), d * rng.uniform(0.4, 1.0, n_mito),
@@ -223,9 +242,9 @@ def _render(rng, depth, height, width, *, cell_diameter, membrane_thickness, noi
         mem = np.maximum(expit((0.5 - margin - (1 - core_w) * half) / 0.4), expit(-(margin + 1.2) / 0.5))
         mem = np.maximum(mem, 0.15 * expit(-margin / 0.7))
         img = img * (1 - mem) + mem * (mem_level + 0.1 * np.modf(u_dark[cell] + u_dark[partner])[0])
-        img += noise * np.sqrt(np.clip(img, 0.01, None) / 0.5) * rng.standard_normal((hp, wp), dtype=np.float32)
-        if blur_sigma > 0:
-            img = ndi.gaussian_filter(img, blur_sigma)
+        img += look.noise * np.sqrt(np.clip(img, 0.01, None) / 0.5) * rng.standard_normal((hp, wp), dtype=np.float32)
+        if look.blur_sigma > 0:
+            img = ndi.gaussian_filter(img, look.blur_sigma)
         img -= 0.12 * np.clip(_smooth(rng, (hp, wp), 1.2 * d) - 0.8, 0, None)  # dark stain clouds
         gain = (1 + 0.06 * rng.standard_normal()) * (1 + 0.1 * _smooth(rng, (hp, wp), 2 * d))
         images[k] = np.clip(img * gain, 0, 1)[:height, :width]
@@ -242,9 +261,7 @@ FOLDERS = {"image": "images", "label": "labels", **{t: t for t in TARGETS}}
 LABELS_OF_MODE = {"binary": "label", "instances": "cells", "classes": "classes"}
 
 
-def make_targets(
-    shape: tuple[int, ...] = (256, 256), seed: int = 0, **params: Any,
-) -> dict[str, np.ndarray]:
+def make_targets(shape: tuple[int, ...] = (256, 256), seed: int = 0, **params: Any) -> dict[str, np.ndarray]:
     """One synthetic section ``(Y, X)`` or stack ``(Z, Y, X)`` with all its labels.
 
     The image and ``label`` are those of :func:`make_image` / :func:`make_stack` for the same arguments;
@@ -263,31 +280,20 @@ def make_targets(
     Returns:
         ``{"image", "label", "cells", "mitochondria", "classes"}``.
     """
+    z_step = params.pop("z_step", 20.0)
     if len(shape) == 2:
         height, width = _check_shape(shape, 2, "make_targets")
-        depth, params = 1, {**_IMAGE_DEFAULTS, **params, "z_step": 1.0}
+        depth, z_step = 1, 1.0  # one section: z_step plays no part
     else:
         depth, height, width = _check_shape(shape, 3, "make_targets")
-        params = {**_IMAGE_DEFAULTS, "z_step": 20.0, **params}
-    _check_params(**params)
+    look = _Rendering.of("make_targets", params)
+    look.check(z_step)
     out: dict[str, np.ndarray] = {}
-    out["image"], out["label"] = _render(np.random.default_rng(seed), depth, height, width, **params, targets=out)
+    out["image"], out["label"] = _render(np.random.default_rng(seed), depth, height, width, look, z_step, targets=out)
     return {k: v[0] for k, v in out.items()} if len(shape) == 2 else out
 
 
-_IMAGE_DEFAULTS = dict(cell_diameter=50.0, membrane_thickness=(3.0, 8.0), noise=0.1, blur_sigma=0.7, blob_density=1.0)
-
-
-def make_image(
-    shape: tuple[int, int] = (256, 256),
-    seed: int = 0,
-    *,
-    cell_diameter: float = 50.0,
-    membrane_thickness: tuple[float, float] = (3.0, 8.0),
-    noise: float = 0.1,
-    blur_sigma: float = 0.7,
-    blob_density: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
+def make_image(shape: tuple[int, int] = (256, 256), seed: int = 0, **rendering: Any) -> tuple[np.ndarray, np.ndarray]:
     """Generate one EM-like section and its membrane label.
 
     Args:
@@ -308,25 +314,15 @@ def make_image(
     Raises:
         ValueError: ``shape`` is not 2 positive ints, or a parameter is out of range.
     """
+    look = _Rendering.of("make_image", rendering)
     height, width = _check_shape(shape, 2, "make_image")
-    params = dict(cell_diameter=cell_diameter, membrane_thickness=membrane_thickness, noise=noise,
-                  blur_sigma=blur_sigma, blob_density=blob_density, z_step=1.0)
-    _check_params(**params)
-    images, labels = _render(np.random.default_rng(seed), 1, height, width, **params)
+    look.check(1.0)
+    images, labels = _render(np.random.default_rng(seed), 1, height, width, look, 1.0)
     return images[0], labels[0]
 
 
-def make_stack(
-    shape: tuple[int, int, int] = (8, 256, 256),
-    seed: int = 0,
-    *,
-    z_step: float = 20.0,
-    cell_diameter: float = 50.0,
-    membrane_thickness: tuple[float, float] = (3.0, 8.0),
-    noise: float = 0.1,
-    blur_sigma: float = 0.7,
-    blob_density: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
+def make_stack(shape: tuple[int, int, int] = (8, 256, 256), seed: int = 0, *, z_step: float = 20.0,
+               **rendering: Any) -> tuple[np.ndarray, np.ndarray]:
     """Generate a z-coherent stack of EM-like sections, slices of one volume.
 
     Args:
@@ -346,11 +342,10 @@ def make_stack(
     Raises:
         ValueError: ``shape`` is not 3 positive ints, or a parameter is out of range.
     """
+    look = _Rendering.of("make_stack", rendering)
     dims = _check_shape(shape, 3, "make_stack")
-    params = dict(cell_diameter=cell_diameter, membrane_thickness=membrane_thickness, noise=noise,
-                  blur_sigma=blur_sigma, blob_density=blob_density, z_step=z_step)
-    _check_params(**params)
-    return _render(np.random.default_rng(seed), *dims, **params)
+    look.check(z_step)
+    return _render(np.random.default_rng(seed), *dims, look, z_step)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -404,6 +399,7 @@ def write_dataset(
     shape: tuple[int, ...] = (256, 256),
     seed: int = 0,
     label_mode: str = "binary",
+    rendering: dict[str, Any] | None = None,
     **params: Any,
 ) -> list[dict[str, str]]:
     """Write synthetic images (or stacks) and labels as TIFFs; return a MONAI datalist.
@@ -425,7 +421,8 @@ def write_dataset(
             3D networks; ``z_step`` in ``params`` sets the section spacing in pixels (:func:`make_stack`).
         seed: seed of image 0.
         label_mode: ``binary``, ``instances`` or ``classes``: which labels the datalist names.
-        **params: keyword arguments of :func:`make_image` / :func:`make_stack` (JSON-serialisable).
+        rendering, **params: keyword arguments of :func:`make_image` / :func:`make_stack` (JSON-serialisable), as a
+            dict (a config's ``synthetic_params``) and/or as keywords.
 
     Returns:
         ``[{"image": path, "label": path}, ...]`` with ``str`` paths, in index order.
@@ -437,6 +434,7 @@ def write_dataset(
     In a ``torch.distributed`` job of several processes, rank 0 writes while the others wait at a
     barrier; then every rank returns the same datalist.
     """
+    params = {**(rendering or {}), **params}
     if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
         raise ValueError(f"n_images must be a positive int, got {n_images!r}")
     if not (isinstance(shape, (tuple, list, np.ndarray)) and len(shape) in (2, 3)):

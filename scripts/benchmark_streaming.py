@@ -14,7 +14,7 @@ script, so that its peak RSS is its own:
     (``--dask-features``, default 16..256, so that compute dominates) on a ``LocalCluster`` of 1 and of
     ``--dask-workers`` (2) single-thread worker processes; target: speed-up >= 1.7x. An in-process
     single-thread run (``scheduler=None``) is added as the no-Dask reference (``--no-baseline`` drops
-    it). The cluster is started with ``pipeline.streaming._client("local", ...)``, exactly what
+    it). The cluster is started with ``pipeline.engine.distributed.connect("local", ...)``, exactly what
     ``predict_zarr(scheduler="local")`` does, and handed to ``predict_zarr`` as a client, so that the
     cluster start (forkserver that imports torch, worker processes) and close are timed apart from
     the prediction; the speed-up is reported for both "predict only" and "end to end" (start +
@@ -24,7 +24,7 @@ script, so that its peak RSS is its own:
 Every run: a valid (paper-style) ``UNet(features=...)``, ``torch.manual_seed(0)``, ``dropout=0``,
 ``eval()``; ``predict_zarr`` with its defaults otherwise (``tile_size="auto"``, ``batch_size=4``,
 ``memory_budget_mb=1024``, ``normalize=True`` -- so the timed call includes the statistics pass
-over the whole input, timed separately as "stats s" by wrapping ``pipeline.streaming.section_stats``).
+over the whole input, timed separately as "stats s" by wrapping ``pipeline.engine.sources.section_stats``).
 Blocks are ``(1, B, B)`` (``--block``, default 1024; ``--dask-block``, default 512): the 2D network
 runs on the sections of the stack. Scaling and big runs use ``--threads`` torch threads (default 1:
 on a shared 2-core machine 2 threads were *slower*, 0.6 against 0.95 MPix/s, since every OpenMP
@@ -137,23 +137,23 @@ def run_child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from pipeline import streaming
+    from pipeline.engine import distributed, sources
     from pipeline.networks import UNet
-    from pipeline.streaming import predict_zarr
+    from pipeline.streaming import MARKERS, predict_zarr
 
     torch.manual_seed(0)
     net = UNet(features=tuple(spec["features"]), dropout=0.0).eval()
     stats_seconds = []
-    real_stats = streaming.section_stats
+    real_stats = sources.section_stats
 
-    def timed_stats(source):
+    def timed_stats(*args, **kwargs):
         t = time.perf_counter()
         try:
-            return real_stats(source)
+            return real_stats(*args, **kwargs)
         finally:
             stats_seconds.append(time.perf_counter() - t)
 
-    streaming.section_stats = timed_stats  # timing only; the call is unchanged
+    sources.section_stats = timed_stats  # timing only; the call is unchanged
     kwargs = dict(block_size=spec["block"], write=tuple(spec["write"]), overwrite=True)
     result = dict(threads=spec["threads"], torch_threads=torch.get_num_threads())
     cpu0 = _cpu_seconds()
@@ -166,7 +166,7 @@ def run_child(spec: dict) -> dict:
         result.update(seconds=seconds)
     else:
         t = time.perf_counter()
-        client, owned = streaming._client("local", spec["workers"], 1, 30.0)  # as predict_zarr(scheduler="local")
+        client, owned = distributed.connect("local", spec["workers"], 1, 30.0)  # as predict_zarr(scheduler="local")
         client.wait_for_workers(spec["workers"])
         start = time.perf_counter() - t
         rss_before = status_kb("VmRSS")
@@ -190,7 +190,7 @@ def run_child(spec: dict) -> dict:
     import zarr
 
     group = zarr.open_group(spec["output"], mode="r")
-    markers = group[streaming.MARKERS][...]
+    markers = group[MARKERS][...]
     result.update(
         blocks=int(markers.size), blocks_done=int(markers.sum()), stats_seconds=sum(stats_seconds),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

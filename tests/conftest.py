@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: paths, the tiny training settings, bundle runners, a test network.
+"""Helpers shared by the tests: paths, the tiny training settings, bundle runners, test networks.
 
 Test modules import them by name (``from conftest import ROOT, bundle``): pytest puts this folder
 on ``sys.path`` before it imports the tests.
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.geometry import UNetGeometry
+from pipeline.networks import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +107,18 @@ def train_args(tmp: Path, *extra: str, run_id: str = "training", configs: tuple[
     and ``tmp/data``."""
     return ["run", run_id, "--config_file", str(list(configs)), "--ckpt_dir", str(tmp / "models"),
             "--output_dir", str(tmp / "eval"), "--data_cache_dir", str(tmp / "data"), *extra]
+
+
+def infer(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``run`` of the inference config with the checkpoint ``tmp/model.pt``, into ``tmp/out``."""
+    return bundle("run", "--config_file", INFER, "--checkpoint", str(tmp / "model.pt"),
+                  "--output_dir", str(tmp / "out"), *extra)
+
+
+def tiny_net(**kwargs) -> UNet:
+    """The narrow network of the fast tests (``FEATURES``), seeded, in eval mode."""
+    torch.manual_seed(0)
+    return UNet(features=FEATURES, **kwargs).eval()
 
 
 class CentreCrop(nn.Module):

@@ -1,12 +1,16 @@
 """End-to-end: the real bundle CLI trains, writes a checkpoint and TensorBoard events."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pipeline.checkpoints import load_checkpoint
 from pipeline.networks import UNet
 
-from conftest import CONFIGS, ROOT, TINY_TRAIN, bundle, train_args
+from conftest import CONFIGS, FEATURES, ROOT, TINY_TRAIN, bundle, train_args
 
 def run_bundle(tmp_path, *overrides, run_id="training", check=True):
     proc = bundle(*train_args(tmp_path, *TINY, *overrides, run_id=run_id))
@@ -16,6 +20,11 @@ def run_bundle(tmp_path, *overrides, run_id="training", check=True):
 
 
 TINY = [*TINY_TRAIN, "--num_epochs", "2", "--val_interval", "1"]
+
+
+def train(tmp, *extra):
+    """A tiny training run, validated every second epoch (the resume and NaN-loss tests)."""
+    return bundle(*train_args(tmp, *TINY_TRAIN, "--val_interval", "2", *extra))
 
 
 @pytest.mark.slow
@@ -235,3 +244,47 @@ def test_bundle_zygote_child_behaves_as_a_fresh_process(tmp_path):
     probe = bundle("run", "probe", "--config_file", str(tmp_path / "probe.json"), env=env)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip().splitlines()[-1] == f"zygote {ROOT} {Path(monai.__file__).parent / 'bundle/__main__.py'}"
+
+
+# ------------------------------------------------------------------ resume, diverged training
+@pytest.mark.slow
+def test_resume_false_does_not_resume_and_a_longer_resume_continues_the_schedule(tmp_path):
+    """--resume false (lower case) trains afresh; --resume true --num_epochs 8 after a 4-epoch run with
+    lr_power 0.9 trains epochs 5-8 at the 8-epoch schedule's rates (not 0), and the weights change."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = train(tmp_path, "--num_epochs", "4", "--lr_power", "0.9", "--resume", "false")
+    assert first.returncode == 0, first.stderr[-3000:]  # the old bug: 'false' resumed, and found no checkpoint
+    final4 = torch.load(tmp_path / "models/model_final.pt", weights_only=True)
+    second = train(tmp_path, "--num_epochs", "8", "--lr_power", "0.9", "--resume", "true")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Epoch: 5/8" in second.stderr + second.stdout and "Epoch: 4/8," not in second.stderr + second.stdout
+
+    events = EventAccumulator(str(tmp_path / "eval"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("learning_rate")}
+    expected = {e + 1: 1e-3 * (1 - e / 4) ** 0.9 for e in range(4)} | {e + 1: 1e-3 * (1 - e / 8) ** 0.9 for e in range(4, 8)}
+    assert sorted(logged) == list(range(1, 9))
+    np.testing.assert_allclose([logged[k] for k in sorted(logged)], [expected[k] for k in sorted(expected)], rtol=1e-5)
+    final8 = torch.load(tmp_path / "models/model_final.pt", weights_only=True)
+    assert not torch.equal(final8["head.weight"], final4["head.weight"])  # epochs 5-8 trained
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path):
+    done = train(tmp_path, "--num_epochs", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    models = tmp_path / "models"
+    before = {p.name: p.read_bytes() for p in models.glob("model*.pt")}
+    assert sorted(before) == ["model.pt", "model_final.pt"]
+    diverged = train(tmp_path, "--num_epochs", "3", "--learning_rate", "1000000", "--optimizer_name", "sgd")
+    assert diverged.returncode != 0
+    message = re.search(r"training stopped: the loss became (nan|inf) at epoch (\d+), iteration (\d+) \(learning rate 1e\+06\)", diverged.stderr)
+    assert message, diverged.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in models.glob("model*.pt")} == before  # best and final of the earlier run
+    for path in models.glob("*.pt"):  # whatever is on disk is finite
+        state = torch.load(path, weights_only=True)
+        state = state.get("model", state)
+        assert all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor)), path
+    net = load_checkpoint(UNet(features=FEATURES), models / "model_final.pt")
+    assert all(torch.isfinite(p).all() for p in net.parameters())

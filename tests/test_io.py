@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tifffile
@@ -16,6 +18,7 @@ from pipeline.io import (
     write_folder,
     write_image,
 )
+from pipeline.io.outputs import check_outputs
 
 SPACING = (2.5, 0.37, 0.25)  # (z, y, x), anisotropic like serial-section EM
 
@@ -201,3 +204,17 @@ def test_unknown_suffix_lists_supported(tmp_path):
     for suffix in SUPPORTED_SUFFIXES:
         assert suffix in str(err.value)
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ outputs vs inputs
+def test_check_outputs_hard_link_inside_and_collisions(tmp_path):
+    (tmp_path / "in.tif").write_bytes(b"x")
+    os.link(tmp_path / "in.tif", tmp_path / "hard.tif")
+    with pytest.raises(ValueError, match=r"output .*hard.tif is the input .*in.tif \(through a link\)"):
+        check_outputs({str(tmp_path / "in.tif"): [tmp_path / "hard.tif"]})
+    (tmp_path / "v.zarr").mkdir()
+    with pytest.raises(ValueError, match=r"lies inside the input .*v.zarr"):
+        check_outputs({str(tmp_path / "v.zarr"): [tmp_path / "v.zarr" / "probabilities"]})
+    with pytest.raises(ValueError, match=r"report.csv is the input"):
+        check_outputs({str(tmp_path / "report.csv"): []}, shared=[tmp_path / "report.csv"])
+    check_outputs({"a.tif": ["o/a.tif"], "b.tif": ["o/b.tif"]}, shared=["o/report.csv"])  # distinct: fine

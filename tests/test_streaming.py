@@ -16,9 +16,13 @@ import zarr
 from pipeline import streaming
 from pipeline.transforms import intensity
 from pipeline.inferers import OverlapTileInferer
+from pipeline.io import read_image
 from pipeline.networks import UNet
 from pipeline.streaming import predict_zarr
+from pipeline.synthetic import make_stack, to_uint8
 from pipeline.transforms import NormalizeSectionsd, foreground_probability
+
+from conftest import infer, tiny_net
 
 
 
@@ -270,3 +274,60 @@ def test_predict_files_reads_the_statistics_once(tmp_path, monkeypatch):
     [out] = streaming.predict_files(net, [str(tmp_path / "v.tif")], tmp_path / "out", block_size=(1, 32, 32))
     assert len(calls) == 1
     _check(_in_memory(net, volume), out)
+
+
+# ------------------------------------------------------------------ inputs of one stem, TIFF series, zarr chunks
+def test_streaming_inputs_of_one_stem_get_distinct_outputs(tmp_path):
+    """vol.1.tif and vol.2.tif used to share vol.zarr (the second 'resumed' the first's prediction)."""
+    torch.save(tiny_net().state_dict(), tmp_path / "model.pt")
+    (tmp_path / "in").mkdir()
+    stacks = [to_uint8(make_stack((2, 40, 44), seed=s)[0]) for s in (1, 2)]
+    for i, stack in enumerate(stacks, 1):
+        tifffile.imwrite(tmp_path / "in" / f"vol.{i}.tif", stack, photometric="minisblack")
+    proc = infer(tmp_path, "--input_path", str(tmp_path / "in"), "--streaming", "true", "--block_size", "[1,32,32]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["vol.1.zarr", "vol.2.zarr"]
+    for i, stack in enumerate(stacks, 1):
+        expected = predict_zarr(tiny_net(), stack, tmp_path / f"ref{i}.zarr", block_size=(1, 32, 32))
+        got = zarr.open_group(str(tmp_path / "out" / f"vol.{i}.zarr"), mode="r")["probabilities"][...]
+        np.testing.assert_allclose(got, zarr.open_group(str(expected), mode="r")["probabilities"][...], atol=1e-5)  # channels-last
+    one, two = (zarr.open_group(str(tmp_path / "out" / f"vol.{i}.zarr"), mode="r")["probabilities"][...] for i in (1, 2))
+    assert np.abs(one - two).max() > 0.1  # two predictions, not one twice
+
+
+def two_series(path, second):
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(to_uint8(make_stack((3, 52, 48), seed=5)[0]), photometric="minisblack")
+        tif.write(second, photometric="minisblack")
+
+
+def test_tiff_series_chooses_the_series_in_memory_and_streaming(tmp_path):
+    second = to_uint8(make_stack((2, 40, 44), seed=6)[0])
+    two_series(tmp_path / "two.tif", second)
+    tifffile.imwrite(tmp_path / "one.tif", second, photometric="minisblack")
+    array, _ = read_image(tmp_path / "two.tif", tiff_series=1)
+    np.testing.assert_array_equal(array, second)
+    torch.save(tiny_net().state_dict(), tmp_path / "model.pt")
+    for name, extra in (("two.tif", ["--tiff_series", "1"]), ("one.tif", [])):
+        proc = infer(tmp_path, "--input_path", str(tmp_path / name), *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    got, _ = read_image(tmp_path / "out/probabilities/two.tif")
+    want, _ = read_image(tmp_path / "out/probabilities/one.tif")
+    assert got.shape == (2, 40, 44)
+    np.testing.assert_array_equal(got, want)
+    streamed = predict_zarr(tiny_net(), str(tmp_path / "two.tif"), tmp_path / "s.zarr", block_size=(1, 32, 32), tiff_series=1)
+    reference = predict_zarr(tiny_net(), second, tmp_path / "r.zarr", block_size=(1, 32, 32))
+    np.testing.assert_array_equal(zarr.open_group(str(streamed))["probabilities"][...], zarr.open_group(str(reference))["probabilities"][...])
+
+
+def test_allow_missing_chunks_predicts_them_from_the_fill_value(tmp_path):
+    volume = np.random.default_rng(0).random((2, 40, 44), dtype=np.float32)
+    zarr.create_array(str(tmp_path / "v.zarr"), shape=volume.shape, chunks=(1, 20, 22), dtype="float32", fill_value=0)[...] = volume
+    (tmp_path / "v.zarr" / "c" / "1" / "0" / "1").unlink()
+    holey = volume.copy()
+    holey[1, :20, 22:] = 0  # what zarr reads there
+    with pytest.raises(ValueError, match=r"1 of 8 chunks are missing.*c/1/0/1"):  # a zarr.Array passed in, too
+        predict_zarr(tiny_net(), zarr.open_array(str(tmp_path / "v.zarr"), mode="r"), tmp_path / "o.zarr")
+    got = predict_zarr(tiny_net(), str(tmp_path / "v.zarr"), tmp_path / "o.zarr", block_size=(1, 32, 32), allow_missing_chunks=True)
+    want = predict_zarr(tiny_net(), holey, tmp_path / "w.zarr", block_size=(1, 32, 32))
+    np.testing.assert_array_equal(zarr.open_group(str(got))["probabilities"][...], zarr.open_group(str(want))["probabilities"][...])

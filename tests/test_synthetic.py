@@ -17,7 +17,7 @@ import pytest
 import tifffile
 
 from pipeline import synthetic
-from pipeline.synthetic import make_image, make_stack, to_uint8, write_dataset
+from pipeline.synthetic import OWNER_FILE, make_image, make_stack, to_uint8, write_dataset
 
 ISBI_MEMBRANE_FRACTION = 0.224
 
@@ -183,3 +183,19 @@ def test_write_dataset_rejects_bad_arguments(tmp_path):
         write_dataset(tmp_path, n_images=1, shape=(4, 4, 4, 4))
     with pytest.raises(ValueError, match=r"shape must be 3 positive ints \(Z, Y, X\)"):
         write_dataset(tmp_path, n_images=1, shape=(4, 0, 4))
+
+
+# ------------------------------------------------------------------ the synthetic cache folder
+def test_synthetic_writer_claims_only_its_own_folders(tmp_path):
+    write_dataset(tmp_path / "new", n_images=2, shape=(32, 32))
+    assert (tmp_path / "new" / OWNER_FILE).is_file()
+    legacy = tmp_path / "legacy"  # written before the owner mark existed: its manifest proves it
+    write_dataset(legacy, n_images=3, shape=(32, 32))
+    (legacy / OWNER_FILE).unlink()
+    items = write_dataset(legacy, n_images=2, shape=(32, 32))
+    assert len(items) == 2 and (legacy / OWNER_FILE).is_file() and not (legacy / "images" / "img_002.tif").exists()
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "manifest.json").write_text('{"mine": 1}')
+    with pytest.raises(FileExistsError, match=r"user' holds files that the synthetic-data writer did not make \(manifest.json\)"):
+        write_dataset(tmp_path / "user", n_images=1, shape=(32, 32))
+    assert sorted(p.name for p in (tmp_path / "user").iterdir()) == ["manifest.json"]

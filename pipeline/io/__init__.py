@@ -44,15 +44,14 @@ from pipeline.io.readers import (
     ImageInfo,
     LoadedImage,
     SimpleITKReader,
-    TiffSeriesError,
     TiffStackReader,
     channel_first,
     check_channels,
-    choose_tiff_series,
     probe_image,
     read_cached,
     read_image,
     register_readers,
 )
+from pipeline.io.tiff import TiffSeriesError, choose_tiff_series
 from pipeline.io.outputs import check_outputs
 from pipeline.io.writers import replace_atomically, write_folder, write_image

@@ -21,7 +21,8 @@ import zarr
 from pipeline.io.common import HDF5_SUFFIXES, N5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, _suffix
 from pipeline.io.containers import dataset_plan, open_dataset
 from pipeline.io.axes import ngff_unit
-from pipeline.io.readers import ImageInfo, check_channels, colour_to_grey, tiff_level, tiff_plan, tiff_unit
+from pipeline.io.readers import ImageInfo, check_channels, colour_to_grey
+from pipeline.io.tiff import tiff_level, tiff_plan, tiff_unit
 
 
 class LazySource:

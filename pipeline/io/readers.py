@@ -1,11 +1,11 @@
 """Reading image files: MONAI readers (TIFF stacks, SimpleITK formats), header probes, :func:`read_image`.
 
-See :mod:`pipeline.io` for the axis-order rule shared with the writers.
+TIFF specifics (series, pyramid levels, axes, spacing) live in :mod:`pipeline.io.tiff`. See
+:mod:`pipeline.io` for the axis-order rule shared with the writers.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from xml.etree import ElementTree
 
 import h5py
 import nibabel as nib
@@ -34,12 +32,8 @@ from pipeline.io.common import (
     _existing_file,
     _suffix,
 )
-from pipeline.io.axes import AxisPlan, ngff_unit, plan_axes
 from pipeline.io.containers import dataset_plan, is_container, open_dataset, read_container
-
-logger = logging.getLogger(__name__)
-
-_TIFF_CORRUPT = re.compile(r"corrupt|invalid page offset|circular reference", re.IGNORECASE)
+from pipeline.io.tiff import AxesError, TiffSeriesError, read_tiff, tiff_level, tiff_plan
 
 
 @dataclass
@@ -80,118 +74,6 @@ class _EagerReader(ImageReader):
         raise NotImplementedError
 
 
-class _TiffLogCatcher(logging.Handler):
-    """Collects tifffile log records that mean a corrupt/truncated file (tifffile only logs those)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if _TIFF_CORRUPT.search(record.getMessage()):
-            self.messages.append(record.getMessage())
-
-
-class TiffSeriesError(ValueError):
-    """A TIFF whose series cannot be read as one image without a choice (see :func:`choose_tiff_series`)."""
-
-
-def choose_tiff_series(tif: tifffile.TiffFile, path: str | os.PathLike, series: int | None, stack: bool = True) -> int | None:
-    """Which series of an open TIFF to read: its index, or None to stack same-shape series along Z.
-
-    Args:
-        tif: the open file.
-        path: its path, for messages.
-        series: the series asked for (bundle key ``tiff_series``), or None.
-        stack: whether same-shape series may be stacked (the eager reader); a lazy reader cannot.
-
-    Raises:
-        TiffSeriesError: ``series`` is out of range, or the file holds several series and none was
-            chosen (unless ``stack`` and all have one shape and dtype); the message lists them.
-    """
-    found = tif.series
-    listing = "; ".join(f"series {i}: shape {tuple(s.shape)} {s.dtype} axes {s.axes}" for i, s in enumerate(found))
-    if series is not None:
-        if isinstance(series, bool) or not isinstance(series, int) or not 0 <= series < len(found):
-            raise TiffSeriesError(f"{path}: --tiff_series {series!r} is not a series of this file; it holds {len(found)} ({listing})")
-        return series
-    if len(found) == 1:
-        return 0
-    if stack and all(s.shape == found[0].shape and s.dtype == found[0].dtype for s in found):
-        return None
-    raise TiffSeriesError(
-        f"{path} holds {len(found)} TIFF series ({listing}); one run reads one image per file, so the others would "
-        "silently not be predicted. Choose one with --tiff_series N (0-based), or save each series as a file of its own"
-    )
-
-
-class AxesError(ValueError):
-    """Stored axes that cannot be read as one image (:func:`pipeline.io.axes.plan_axes`)."""
-
-
-def tiff_level(path: str | os.PathLike, key: Any) -> int:
-    """The pyramid level a key (bundle keys ``level`` / ``input_key``) names in a TIFF file: None -> 0.
-
-    Raises:
-        ValueError: a key that is not a level number (a TIFF holds no named datasets).
-    """
-    if key is None:
-        return 0
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key >= 0:
-        return int(key)
-    if isinstance(key, str) and key.strip().isdigit():
-        return int(key)
-    raise ValueError(
-        f"{path} is a TIFF file, which holds no named datasets; its key (--level or --input_key) picks a pyramid "
-        f"level, 0 (full resolution), 1, ..., not {key!r}"
-    )
-
-
-def tiff_unit(tif: tifffile.TiffFile) -> str | None:
-    """The length unit of a TIFF's pixel sizes as an NGFF name: OME ``PhysicalSizeXUnit`` (default µm when a
-    size is given), ImageJ ``unit``; None if unknown."""
-    if tif.is_ome and tif.ome_metadata:
-        pixels = next((e for e in ElementTree.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels")), None)
-        if pixels is not None and pixels.get("PhysicalSizeX"):
-            return ngff_unit(pixels.get("PhysicalSizeXUnit", "µm"))
-    return ngff_unit((tif.imagej_metadata or {}).get("unit"))
-
-
-def tiff_plan(tif: tifffile.TiffFile, path: str | os.PathLike, series: int | None, level: int = 0, stack: bool = True) -> tuple[int | None, Any, AxisPlan]:
-    """``(series index or None, the chosen level's tifffile series, axis plan)`` of an open TIFF.
-
-    ``None`` stacks same-shape series along Z (:func:`choose_tiff_series`); ``level`` is a pyramid level of the
-    chosen series (whole-slide TIFF, OME-TIFF SubIFDs, SVS), with the spacing scaled by its downsampling.
-    Axes are read by name (:mod:`pipeline.io.axes`): ImageJ ``TZCYX`` hyperstacks, OME ``TCZYX``, RGB samples.
-
-    Raises:
-        TiffSeriesError: as :func:`choose_tiff_series`.
-        ValueError: ``level`` out of range (listing the levels); :class:`AxesError`: axes not one image.
-    """
-    chosen = choose_tiff_series(tif, path, series, stack)
-    known = TiffStackReader._spacing_by_axis(tif)
-    if chosen is None:
-        if level:
-            raise ValueError(f"{path}: a stack of {len(tif.series)} series has no pyramid level {level}; choose a series (--tiff_series)")
-        image, axes, shape, full = None, "Q" + tif.series[0].axes, (len(tif.series), *tif.series[0].shape), None
-    else:
-        levels = tif.series[chosen].levels
-        if not 0 <= level < len(levels):
-            listing = ", ".join(f"{i}: {tuple(lv.shape)}" for i, lv in enumerate(levels))
-            raise ValueError(f"{path} has no pyramid level {level}; its levels are {listing} (--level)")
-        image, full = levels[level], levels[0]
-        axes, shape = image.axes, tuple(image.shape)
-    factor = [1.0 if full is None else full.shape[a] / n for a, n in enumerate(shape)]
-    spacing = [known.get(a, 1.0) * f for a, f in zip(axes, factor)] if isinstance(known, dict) else None
-    try:
-        plan = plan_axes(shape, axes, spacing, f"{path}" + (f" (pyramid level {level})" if level else ""))
-    except ValueError as err:
-        raise AxesError(str(err)) from None
-    if isinstance(known, list) and len(known) == len(plan.spacing):  # our writer's JSON: the spatial axes' spacing
-        plan = AxisPlan(plan.index, plan.order, tuple(known), plan.channel_last, plan.axes, plan.found)
-    return chosen, image, plan
-
-
 class TiffStackReader(_EagerReader):
     """Read single- and multi-page TIFF with tifffile: ``(Z, Y, X)`` stack or ``(Y, X)`` page.
 
@@ -206,7 +88,7 @@ class TiffStackReader(_EagerReader):
     acquisitions) is refused with a list of its series unless ``series`` chooses one: reading
     only the first would silently leave the others unpredicted.
 
-    Axes are read by their names (:func:`tiff_plan`, :mod:`pipeline.io.axes`): ImageJ hyperstacks
+    Axes are read by their names (:func:`~pipeline.io.tiff.tiff_plan`, :mod:`pipeline.io.axes`): ImageJ hyperstacks
     (``TZCYX``: singleton axes dropped, ``C`` last, a ``T`` of frames as sections when there is no ``Z``),
     OME-TIFF ``TCZYX``, RGB samples.
 
@@ -223,49 +105,7 @@ class TiffStackReader(_EagerReader):
         self.series, self.level = series, level
 
     def _load(self, path: Path) -> LoadedImage:
-        catcher, tiff_log = _TiffLogCatcher(), logging.getLogger("tifffile")
-        tiff_log.addHandler(catcher)
-        try:
-            with tifffile.TiffFile(path) as tif:
-                chosen, image, plan = tiff_plan(tif, path, self.series, self.level)
-                stored = np.stack([s.asarray() for s in tif.series]) if chosen is None else image.asarray()
-                size = path.stat().st_size
-                if any(o + n > size for p in tif.pages for o, n in zip(p.dataoffsets, p.databytecounts)):
-                    raise ValueError("pixel data extends past the end of the file (truncated)")
-                unit = (tif.imagej_metadata or {}).get("unit")
-        except (TiffSeriesError, AxesError):
-            raise
-        except Exception as err:  # TiffFileError, struct.error, OSError, ... from a damaged file
-            raise ValueError(
-                f"could not read {path} as TIFF: {type(err).__name__}: {err} (the file is truncated or "
-                "corrupt; copy it again)"
-            ) from err
-        finally:
-            tiff_log.removeHandler(catcher)
-        if catcher.messages:
-            raise ValueError(f"could not read {path} as TIFF: truncated or corrupt ({catcher.messages[0]})")
-        array = plan.read(stored)
-        meta = {**_base_meta(array.shape, list(plan.spacing), plan.channel_last), "tiff_axes": plan.axes}
-        meta.update({"unit": unit} if unit else {})
-        meta.update({"level": self.level} if self.level else {})
-        logger.debug("read TIFF %s: shape %s axes %s (stored %s) spacing %s", path, array.shape, plan.axes, plan.found, plan.spacing)
-        return LoadedImage(array, meta)
-
-    @staticmethod
-    def _spacing_by_axis(tif: tifffile.TiffFile) -> list[float] | dict[str, float]:
-        if tif.is_shaped and tif.shaped_metadata and "spacing" in tif.shaped_metadata[0]:
-            return [float(s) for s in tif.shaped_metadata[0]["spacing"]]
-        if tif.is_ome and tif.ome_metadata:  # OME-TIFF: PhysicalSizeX/Y/Z of the first image's Pixels
-            pixels = next((e for e in ElementTree.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels")), None)
-            if pixels is not None:
-                return {a: float(pixels.get(f"PhysicalSize{a}")) for a in "XYZ" if pixels.get(f"PhysicalSize{a}")}
-        if not tif.is_imagej:
-            return {}
-        spacing, tags = {"Z": float(tif.imagej_metadata.get("spacing", 1.0))}, tif.pages.first.tags
-        for axis, tag in (("X", "XResolution"), ("Y", "YResolution")):
-            if tag in tags and tags[tag].value[0]:
-                spacing[axis] = tags[tag].value[1] / tags[tag].value[0]  # rational pixels/unit -> unit/pixel
-        return spacing
+        return LoadedImage(*read_tiff(path, self.series, self.level))
 
 
 class SimpleITKReader(_EagerReader):
@@ -348,7 +188,7 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: st
         key: the dataset of a container, or the pyramid level of a TIFF or OME-Zarr image.
 
     Raises:
-        TiffSeriesError: as :func:`choose_tiff_series`; also ``tiff_series`` given for a file that
+        TiffSeriesError: as :func:`~pipeline.io.tiff.choose_tiff_series`; also ``tiff_series`` given for a file that
             is not a TIFF.
         ValueError: the header cannot be read; axes that are not one image; no such level or dataset.
     """
@@ -465,7 +305,7 @@ def read_image(path: str | os.PathLike, tiff_series: int | None = None, key: str
 
     Containers (HDF5, zarr, OME-Zarr: :mod:`pipeline.io.containers`) are read from their dataset ``key``
     (default: the only one; of an OME-Zarr image, a level). For a TIFF, ``key`` is the pyramid level
-    (:func:`tiff_level`; 0 or None: full resolution).
+    (:func:`~pipeline.io.tiff.tiff_level`; 0 or None: full resolution).
     """
     path = Path(path)
     if is_container(path):

@@ -20,7 +20,7 @@ class LoadSectiond(MapTransform):
 
     Axes follow :func:`pipeline.io.channel_first`: colour samples first, spatial axes ``(Z,) Y, X``
     (NIfTI's ``(x, y, z)`` reversed, marked ``meta["axes_reversed"]`` so that
-    :class:`WritePredictiond` writes predictions back in the file's order). When the item has a
+    :class:`pipeline.engine.FilesSink` writes predictions back in the file's order). When the item has a
     ``slice_key`` entry ``z``, only section ``z`` is returned, so stacks give 2D training samples (an entry
     ``slices`` = ``[start, stop)`` returns those sections as a stack);
     those files are decoded once for all their sections (:func:`pipeline.io.read_cached`). A whole

@@ -45,7 +45,7 @@ class LogitsToOneHotd(MapTransform):
         return d
 
 
-#: the per-pixel outputs of the prediction writers (:class:`WritePredictiond`, :func:`pipeline.streaming.predict_zarr`)
+#: the per-pixel outputs of the prediction sinks (:class:`pipeline.engine.FilesSink`, :class:`pipeline.engine.ZarrSink`)
 OUTPUTS = ("probabilities", "mask")
 #: what ``write`` may list: the per-pixel outputs and ``instances`` (:mod:`pipeline.instances`)
 WRITABLE = OUTPUTS + ("instances",)
