@@ -5,7 +5,7 @@
   (:meth:`pipeline.networks.UNet.get_extra_state`), parameter shapes and finite weights.
 - :class:`CheckpointSaver`: MONAI's saver, made atomic (save before remove), refusing non-finite
   values, and writing the final checkpoint only when a run completes.
-- :func:`latest_checkpoint` / :func:`check_resume`: which checkpoint ``--resume true`` reads, and
+- :func:`latest_checkpoint` / :func:`check_resume`: which checkpoint ``resume: true`` reads, and
   whether it fits the run.
 - :func:`init_weights` / :data:`PRETRAINED`: ``init_from``, training that starts from shipped
   pretrained weights or from another run's checkpoint.
@@ -28,9 +28,9 @@ from pipeline.networks import UNet
 
 #: what to do when a checkpoint does not fit the network built for it
 ARCHITECTURE_ADVICE = (
-    "Training (resume): use the training run's network keys (the same overlay, or --features / --padding / --norm / "
-    "--loss_name as in training). Inference, evaluation, ckpt_export: the network is the checkpoint's own record; "
-    "drop --architecture, and give --checkpoint the same file as --ckpt_file"
+    "Training (resume): use the training run's network (the same overlay, or features=..., padding=..., norm=..., "
+    "loss_name=... as in training). Inference, evaluation, ckpt_export: the network is the checkpoint's own record; "
+    "set architecture=None (ckpt_export: checkpoint=F with ckpt_file=F, the same file F)"
 )
 
 
@@ -46,7 +46,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} does not exist; train first (python -m monai.bundle run training ...) "
-            "or pass the file with --checkpoint"
+            "or pass the file as checkpoint=<file>"
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -59,7 +59,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(
             f"checkpoint {str(path)!r} cannot be read: it is truncated or not a PyTorch checkpoint "
-            f"({str(err).splitlines()[0]}); copy it again or point --checkpoint at another file"
+            f"({str(err).splitlines()[0]}); copy it again or pass another file as checkpoint=<file>"
         ) from None
 
 
@@ -113,8 +113,8 @@ def network_from_checkpoint(path: str | os.PathLike, architecture: dict | None =
         network = load_bioimageio(path)
         diff = network.architecture_diff({"architecture": architecture}) if architecture is not None else []
         if diff:
-            raise ValueError(f"bioimage.io package {str(path)!r} holds another architecture than --architecture ({'; '.join(diff)}); "
-                             "drop --architecture")
+            raise ValueError(f"bioimage.io package {str(path)!r} holds another architecture than the architecture given "
+                             f"({'; '.join(diff)}); set architecture=None")
         return network
     state = model_state(read_checkpoint(path), key)
     extra = state.get("_extra_state") if isinstance(state, dict) else None
@@ -122,8 +122,8 @@ def network_from_checkpoint(path: str | os.PathLike, architecture: dict | None =
     if architecture is None and recorded is None:
         raise ValueError(
             f"checkpoint {str(path)!r} records no architecture (saved by an older version or not from "
-            "pipeline.networks.UNet); give the training run's network, e.g. --architecture "
-            "\"{'features': [16, 32, 64, 128, 256], 'padding': 'valid', 'norm': null, 'out_channels': 2}\""
+            "pipeline.networks.UNet); give the training run's network, e.g. "
+            "architecture={'features': [16, 32, 64, 128, 256], 'padding': 'valid', 'norm': None, 'out_channels': 2}"
         )
     settings = recorded if architecture is None else architecture
     if not isinstance(settings, dict):
@@ -171,7 +171,7 @@ def check_state_dict(network: torch.nn.Module, state: Any, path: str | os.PathLi
         raise ValueError(
             f"checkpoint {str(path)!r} holds non-finite weights (NaN or Inf) in {len(bad)} of {len(state)} tensors, "
             f"e.g. {', '.join(bad[:3])}: the training run diverged. Use an earlier checkpoint, or train again with a "
-            "lower --learning_rate"
+            "lower learning_rate"
         )
 
 
@@ -236,7 +236,7 @@ def check_resume(ckpt_dir: str | os.PathLike, network: Any, optimizer_name: str)
     if saved != own:
         raise ValueError(
             f"checkpoint {path} was trained with the {saved} optimizer, but this run builds {own}; resume with "
-            f"--optimizer_name {saved} (as that run), or start a new run in another --ckpt_dir"
+            f"optimizer_name={saved!r} (as that run), or start a new run with another ckpt_dir=<folder>"
         )
     return str(path)
 
@@ -265,7 +265,7 @@ def pretrained_path(name: str) -> Path:
     path = Path(__file__).resolve().parent / "pretrained" / PRETRAINED[name][0]
     if not path.is_file():
         raise FileNotFoundError(f"init_from {name!r}: {path} is missing from this installation; make it with "
-                                "python scripts/pretrain_synthetic.py, or set --init_from null")
+                                "python scripts/pretrain_synthetic.py, or set init_from=None")
     return path
 
 
@@ -300,8 +300,8 @@ def init_weights(network: torch.nn.Module, init_from: str | os.PathLike | None) 
     except ValueError as err:
         what = PRETRAINED[str(init_from)][1] if str(init_from) in PRETRAINED else "the network it was trained as"
         message = str(err).replace(ARCHITECTURE_ADVICE, "").rstrip(". ")
-        raise ValueError(f"init_from {str(init_from)!r}: {message}. It holds {what}: set the network keys "
-                         "(--features, --padding, --norm, --loss_name) to match, or --init_from null") from None
+        raise ValueError(f"init_from {str(init_from)!r}: {message}. It holds {what}: build the network to match "
+                         "(features=..., padding=..., norm=..., loss_name=...), or set init_from=None") from None
     target.load_state_dict(state)
     logging.getLogger(__name__).info("initial weights from %s (init_from %s)", path, init_from)
     return str(path)
@@ -347,7 +347,7 @@ def _save_before_remove(handler) -> None:
             if bad:
                 raise FloatingPointError(
                     f"refusing to save {filename}: {len(bad)} tensor(s) hold NaN or Inf (e.g. {', '.join(bad[:3])}); "
-                    "the run diverged. Earlier checkpoints are kept; lower --learning_rate and train again"
+                    "the run diverged. Earlier checkpoints are kept; lower learning_rate and train again"
                 )
             super().__call__(checkpoint, filename, metadata)
             written = getattr(self, "filename", None) or filename  # MONAI's saver may fix the name

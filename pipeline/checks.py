@@ -10,45 +10,33 @@ import math
 from typing import Any
 
 
-def _check(name: str, value: Any, low: float | None, high: float | None, low_open: bool, high_open: bool, integer: bool) -> str | None:
+#: an interval -> the values it bounds (``int``: integers only); messages quote the interval as written here
+INTERVALS: dict[str, tuple[str, ...]] = {
+    "(0, inf]": ("learning_rate", "weight_sigma", "train_minutes"),
+    "[0, inf]": ("lr_power", "elastic_sigma", "weight_w0"),
+    "[0, 1)": ("momentum", "dropout"),
+    "[0, 1]": ("elastic_prob", "threshold"),
+    "int [1, inf]": ("num_epochs", "batch_size", "val_interval", "ckpt_interval", "log_interval", "n_workers",
+                     "threads_per_worker", "num_images"),
+    "int [0, inf]": ("num_workers", "num_val"),
+}
+#: name -> its interval (:data:`INTERVALS`)
+RANGES: dict[str, str] = {name: interval for interval, names in INTERVALS.items() for name in names}
+
+
+def _check(name: str, value: Any, interval: str) -> str | None:
+    """Why ``value`` is not in ``interval`` (``"[0, 1)"``, ``"int [1, inf]"``), or None."""
     if value is None:
         return None
+    integer, spec = interval.startswith("int "), interval.removeprefix("int ")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
         return f"{name}={value!r} must be {'an integer' if integer else 'a number'}"
     if math.isnan(value) or math.isinf(value):
         return f"{name}={value!r} must be finite"
-    lo_ok = low is None or (value > low if low_open else value >= low)
-    hi_ok = high is None or (value < high if high_open else value <= high)
-    if lo_ok and hi_ok:
-        return None
-    lo = "-inf" if low is None else low
-    hi = "inf" if high is None else high
-    return f"{name}={value!r} is out of range; valid: {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
-
-
-#: name: (low, high, low_open, high_open, integer)
-RANGES: dict[str, tuple] = {
-    "learning_rate": (0, None, True, False, False),
-    "momentum": (0, 1, False, True, False),
-    "num_epochs": (1, None, False, False, True),
-    "batch_size": (1, None, False, False, True),
-    "val_interval": (1, None, False, False, True),
-    "ckpt_interval": (1, None, False, False, True),
-    "log_interval": (1, None, False, False, True),
-    "dropout": (0, 1, False, True, False),
-    "lr_power": (0, None, False, False, False),
-    "elastic_prob": (0, 1, False, False, False),
-    "elastic_sigma": (0, None, False, False, False),
-    "weight_w0": (0, None, False, False, False),
-    "weight_sigma": (0, None, True, False, False),
-    "num_workers": (0, None, False, False, True),
-    "n_workers": (1, None, False, False, True),
-    "threads_per_worker": (1, None, False, False, True),
-    "threshold": (0, 1, False, False, False),
-    "num_val": (0, None, False, False, True),
-    "num_images": (1, None, False, False, True),
-    "train_minutes": (0, None, True, False, False),
-}
+    low, high = (float(v) for v in spec[1:-1].split(", "))
+    lo_ok = value > low if spec[0] == "(" else value >= low
+    hi_ok = value < high if spec[-1] == ")" else value <= high
+    return None if lo_ok and hi_ok else f"{name}={value!r} is out of range; valid: {spec}"
 
 
 def optional(value: Any) -> Any:
@@ -68,7 +56,7 @@ def check_hyperparameters(**values: Any) -> None:
     for name, value in values.items():
         if name not in RANGES:
             raise KeyError(f"no range is defined for {name!r}; known: {', '.join(RANGES)}")
-        error = _check(name, value, *RANGES[name])
+        error = _check(name, value, RANGES[name])
         if error:
             errors.append(error)
     if errors:

@@ -212,12 +212,15 @@ def end_errors_with_their_cause() -> None:
 
 #: library parameter -> bundle key, for the messages of library functions (which name their own parameters):
 #: the one table between the two vocabularies. Names not listed are the same on both sides.
-BUNDLE_KEYS = {"key": "input_key", "settings": "tile_settings", "sources": "input_path"}
+BUNDLE_KEYS = {"key": "input_key", "settings": "tile_settings", "sources": "input_path", "directory": "data_cache_dir"}
 #: parameters a library message may name as ``name=value``, spelt ``--key value`` at the command line
 PARAMETERS = (
     "fill_nan", "rgb_to_grey", "overwrite", "streaming", "skip_background", "overlay", "export", "allow_missing_chunks",
     "tiff_series", "threshold", "write", "instances", "tile_size", "block_size", "memory_budget_mb", "adapt_norm", "tta",
     "scheduler", "key", "normalize", "padding_mode", "batch_size", "context", "label_mode", "num_classes",
+    "class_values", "loss_name", "spacing", "level", "image_key", "label_key", "directory", "architecture", "features",
+    "padding", "norm", "checkpoint", "ckpt_file", "ckpt_dir", "init_from", "learning_rate", "optimizer_name",
+    "output_dir", "package", "torchscript",
 )
 _PARAMETER = re.compile(r"(?<![\w\-.])(" + "|".join(PARAMETERS) + r")=(True|False|None|'[^']*'|\"[^\"]*\"|[^\s;,)]+)")
 _VALUE = {"True": "true", "False": "false", "None": "null"}
@@ -228,7 +231,9 @@ def in_bundle_words(message: str) -> str:
     (:data:`PARAMETERS`, renamed by :data:`BUNDLE_KEYS`).
 
     >>> in_bundle_words("pass fill_nan=True to predict around them; export='png'")
-    "pass --fill_nan true to predict around them; --export png"
+    'pass --fill_nan true to predict around them; --export png'
+    >>> in_bundle_words("directory='/tmp/x' is a file; set tiff_series=None, or class_values=[0, 255] (level=N)")
+    '--data_cache_dir /tmp/x is a file; set --tiff_series null, or --class_values [0, 255] (--level N)'
     """
     def spell(match: re.Match) -> str:
         name, value = match.group(1), match.group(2)

@@ -126,8 +126,8 @@ def check_targets(paths: Sequence[str | os.PathLike], overwrite: bool = False) -
     """Raise ``FileExistsError`` naming the exports that exist already, unless ``overwrite`` (before any is written)."""
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} exist(s) already; give another --output_dir (or --package / "
-                              "--torchscript) or --overwrite true")
+        raise FileExistsError(f"{', '.join(existing)} exist(s) already; give another output_dir=... (or package=... / "
+                              "torchscript=...) or overwrite=True")
 
 
 def export_torchscript(network: UNet, filepath: str | os.PathLike, config: dict | None = None, metadata: dict | None = None,
@@ -338,7 +338,7 @@ def export_bioimageio(
     if test:
         _test_package(partial)
     os.replace(partial, output_path)
-    print(f"wrote {output_path}" + (" (bioimageio.core test_model: passed)" if test else " (not tested: --test false)"))
+    print(f"wrote {output_path}" + (" (bioimageio.core test_model: passed)" if test else " (not tested: test=False)"))
     return str(output_path)
 
 

@@ -88,19 +88,19 @@ def parse_rules(rules: Mapping[str, Any] | None) -> dict[str, InstanceRule]:
     if rules is None or (isinstance(rules, Mapping) and not rules):
         return {}
     if not isinstance(rules, Mapping):
-        raise ValueError(f"--instances must map names to rules, e.g. {{cells: {{method: watershed}}}}, got {rules!r}")
+        raise ValueError(f"instances must map names to rules, e.g. {{'cells': {{'method': 'watershed'}}}}, got {rules!r}")
     known = [f.name for f in fields(InstanceRule)]
     out = {}
     for name, spec in rules.items():
         spec = {"method": spec} if isinstance(spec, str) else dict(spec or {})
         unknown = sorted(set(spec) - set(known))
         if unknown or not str(name).isidentifier():
-            raise ValueError(f"--instances {name!r}: {'unknown settings ' + str(unknown) if unknown else 'a name of letters, digits and _'}; "
+            raise ValueError(f"instances[{name!r}]: {'unknown settings ' + str(unknown) if unknown else 'a name of letters, digits and _'}; "
                              f"valid settings: {', '.join(known)}")
         try:
             out[str(name)] = InstanceRule(**spec)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"--instances {name!r}: {err}") from None
+            raise ValueError(f"instances[{name!r}]: {err}") from None
     return out
 
 

@@ -34,32 +34,33 @@ def check_label_mode(label_mode: str, num_classes: int, loss_name: str | None = 
     """The label settings of a run fit together.
 
     Raises:
-        ValueError: an unknown ``--label_mode``; ``--num_classes`` below 2, or other than 2 or 3 with
-            ``instances``; ``--class_values`` outside ``classes`` mode or not one class per value; the loss
+        ValueError: an unknown ``label_mode``; ``num_classes`` below 2, or other than 2 or 3 with
+            ``instances``; ``class_values`` outside ``classes`` mode or not one class per value; the loss
             ``bce`` (one sigmoid channel) with more than 2 classes.
     """
     if label_mode not in LABEL_MODES:
-        raise ValueError(f"--label_mode {label_mode!r} is unknown; valid: {', '.join(LABEL_MODES)}")
+        raise ValueError(f"label_mode={label_mode!r} is unknown; valid: {', '.join(LABEL_MODES)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise ValueError(f"--num_classes must be an integer >= 2 (background counts as a class), got {num_classes!r}")
+        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2 (background counts as a class)")
     if label_mode == "binary" and num_classes != 2:
-        raise ValueError(f"--label_mode binary has 2 classes, got --num_classes {num_classes}; for more, set --label_mode classes")
+        raise ValueError(f"label_mode='binary' has 2 classes, got num_classes={num_classes}; for more, set label_mode='classes'")
     if label_mode == "instances" and num_classes not in (2, 3):
         raise ValueError(
-            f"--label_mode instances makes 2 classes (boundary, interior) or 3 (background, boundary, interior), "
-            f"got --num_classes {num_classes}"
+            f"label_mode='instances' makes 2 classes (boundary, interior) or 3 (background, boundary, interior), "
+            f"got num_classes={num_classes}"
         )
     if class_values is not None:
         if label_mode != "classes":
-            raise ValueError(f"--class_values maps values to classes of --label_mode classes, not {label_mode}; set it to null")
+            raise ValueError(f"class_values={class_values!r} maps values to classes of label_mode='classes', not of "
+                             f"label_mode={label_mode!r}; set class_values=None")
         classes = sorted(_mapping(class_values).values())
         if classes != sorted(set(classes)) or not set(classes) <= set(range(num_classes)):
             raise ValueError(
-                f"--class_values {class_values!r} must give each value one class in 0..{num_classes - 1} (--num_classes "
-                f"{num_classes}), e.g. [0, 128, 255] for classes 0, 1, 2"
+                f"class_values={class_values!r} must give each value one class in 0..{num_classes - 1} "
+                f"(num_classes={num_classes}), e.g. [0, 128, 255] for classes 0, 1, 2"
             )
     if loss_name == "bce" and num_classes > 2:
-        raise ValueError(f"--loss_name bce predicts one foreground channel; with --num_classes {num_classes} use dice_ce or weighted_ce")
+        raise ValueError(f"loss_name='bce' predicts one foreground channel; with num_classes={num_classes} use dice_ce or weighted_ce")
 
 
 def _mapping(class_values: Any) -> dict[int, int]:
@@ -69,11 +70,11 @@ def _mapping(class_values: Any) -> dict[int, int]:
     elif isinstance(class_values, Sequence) and not isinstance(class_values, str):
         items = ((v, k) for k, v in enumerate(class_values))
     else:
-        raise ValueError(f"--class_values must be a list [v0, v1, ...] or a mapping {{value: class}}, got {class_values!r}")
+        raise ValueError(f"class_values={class_values!r} must be a list [v0, v1, ...] or a mapping {{value: class}}")
     try:
         return {int(v): int(k) for v, k in items}
     except (TypeError, ValueError):
-        raise ValueError(f"--class_values must hold integers, got {class_values!r}") from None
+        raise ValueError(f"class_values={class_values!r} must hold integers") from None
 
 
 def _shown(values: np.ndarray, limit: int = 6) -> str:
@@ -88,7 +89,7 @@ def _integers(values: Any, what: str) -> np.ndarray:
         kind = "booleans" if arr.dtype == bool else f"dtype {arr.dtype}"
         raise ValueError(
             f"{what} must be integers (uint8 .. uint64, int8 .. int64); the label holds {kind} ({_shown(arr)})"
-            + ("; a mask of booleans is --label_mode binary" if arr.dtype == bool else "; save it with an integer dtype")
+            + ("; a mask of booleans is label_mode='binary'" if arr.dtype == bool else "; save it with an integer dtype")
         )
     if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
         raise ValueError(f"{what} must be >= 0 (0 = background); the label holds negative values (minimum {arr.min()})")
@@ -103,7 +104,7 @@ def instance_ids(values: Any) -> np.ndarray:
     Raises:
         ValueError: booleans or floats, negative values, or uint64 ids above the int64 range.
     """
-    return _integers(values, "instance ids (--label_mode instances)")
+    return _integers(values, "instance ids (label_mode='instances')")
 
 
 def class_indices(values: Any, num_classes: int, class_values: Any = None) -> np.ndarray:
@@ -111,19 +112,19 @@ def class_indices(values: Any, num_classes: int, class_values: Any = None) -> np
 
     Args:
         values: the label image, integers.
-        num_classes: the number of classes (``--num_classes``).
+        num_classes: the number of classes (bundle key ``num_classes``).
         class_values: ``None`` (the values are the classes), a list ``[v0, v1, ...]`` (value ``v_k`` is
             class ``k``) or a mapping ``{value: class}``.
 
     Raises:
         ValueError: floats or negative values; values that are no class, naming them and the keys.
     """
-    arr = _integers(values, "class values (--label_mode classes)")
+    arr = _integers(values, "class values (label_mode='classes')")
     if class_values is None:
         if arr.size and arr.max() >= num_classes:
             raise ValueError(
-                f"the label holds {_shown(arr)}, more than --num_classes {num_classes} allows (0 .. {num_classes - 1}); "
-                "set --num_classes, or --class_values [v0, v1, ...] to map stored values to classes"
+                f"the label holds {_shown(arr)}, more than num_classes={num_classes} allows (0 .. {num_classes - 1}); "
+                "set num_classes=N, or class_values=[v0, v1, ...] to map stored values to classes"
             )
         return arr
     mapping = _mapping(class_values)
@@ -131,8 +132,8 @@ def class_indices(values: Any, num_classes: int, class_values: Any = None) -> np
     unknown = [int(v) for v in found if int(v) not in mapping]
     if unknown:
         raise ValueError(
-            f"the label holds {_shown(arr)}; {unknown[:6]} {'is' if len(unknown) == 1 else 'are'} not in --class_values "
-            f"{class_values!r}: list every stored value"
+            f"the label holds {_shown(arr)}; {unknown[:6]} {'is' if len(unknown) == 1 else 'are'} not in "
+            f"class_values={class_values!r}: list every stored value"
         )
     lut = np.array([mapping[int(v)] for v in found], dtype=np.int64)
     return lut[np.searchsorted(found, arr)]

@@ -365,20 +365,21 @@ def claim_folder(directory: str | os.PathLike) -> Path:
     module, from before the mark existed).
 
     Raises:
-        FileExistsError: the folder holds anything else, naming it, some of its entries and the key.
+        FileExistsError: the folder holds anything else, naming it (``directory``, the bundle key ``data_cache_dir``)
+            and some of its entries.
         NotADirectoryError: the path is a file.
     """
     root = Path(directory)
     if (root / OWNER_FILE).is_file():
         return root
     if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"--data_cache_dir {str(root)!r} is a file; give a folder for the synthetic data")
+        raise NotADirectoryError(f"directory={str(root)!r} is a file; give a folder for the synthetic data")
     entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
     if entries and not _own_manifest(root / "manifest.json"):
         raise FileExistsError(
-            f"--data_cache_dir {str(root)!r} holds files that the synthetic-data writer did not make ({', '.join(entries[:5])}"
+            f"directory={str(root)!r} holds files that the synthetic-data writer did not make ({', '.join(entries[:5])}"
             f"{', ...' if len(entries) > 5 else ''}); it writes only into an empty or new folder, or one it made, "
-            "because it replaces and deletes files there. Nothing was changed. Choose another --data_cache_dir "
+            "because it replaces and deletes files there. Nothing was changed. Choose another directory "
             "(to train on your own images, set train_datalist / val_datalist, e.g. with configs/isbi2012.yaml)"
         )
     root.mkdir(parents=True, exist_ok=True)
@@ -442,7 +443,7 @@ def write_dataset(
                          f"e.g. (24, 256, 256); got {shape!r}")
     shape = _check_shape(shape, len(shape), "write_dataset")
     if label_mode not in LABELS_OF_MODE:
-        raise ValueError(f"--label_mode {label_mode!r} is unknown; valid: {', '.join(LABELS_OF_MODE)}")
+        raise ValueError(f"label_mode={label_mode!r} is unknown; valid: {', '.join(LABELS_OF_MODE)}")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # several processes (DDP): rank 0 writes, the others wait, then find it up to date (no write races)
         written = _write_dataset(directory, n_images, shape, seed, params) if dist.get_rank() == 0 else None

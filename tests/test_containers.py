@@ -81,7 +81,7 @@ def infer(tmp, input_path, out, *extra):
 
 def test_reading_containers_names_axes_and_spacing(data):
     tmp, raw, lab, _ = data
-    with pytest.raises(ValueError, match=r"sample.h5 holds 2 datasets \('labels', 'raw'\); name the one to read \(--input_key"):
+    with pytest.raises(ValueError, match=r"sample.h5 holds 2 datasets \('labels', 'raw'\); name the one to read: key=<name> \(image_key=<name>"):
         read_image(tmp / "sample.h5")
     with pytest.raises(ValueError, match=r"sample.h5 has no dataset 'volumes/raw'; it holds 'labels', 'raw'"):
         read_image(tmp / "sample.h5", key="volumes/raw")

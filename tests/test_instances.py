@@ -67,7 +67,7 @@ def test_stacks_2d_sections_get_continued_ids_and_3d_links_sections():
 def test_rules_from_the_bundle_key_and_their_errors():
     rules = parse_rules({"cells": "watershed", "mito": {"method": "components", "channel": 2, "min_size": 20}})
     assert rules["cells"] == InstanceRule("watershed", channel=0) and rules["mito"].channel == 2
-    with pytest.raises(ValueError, match=r"--instances 'cells': unknown settings \['seed'\]; valid settings: method, channel"):
+    with pytest.raises(ValueError, match=r"instances\['cells'\]: unknown settings \['seed'\]; valid settings: method, channel"):
         parse_rules({"cells": {"seed": 3}})
     with pytest.raises(ValueError, match=r"instance method 'flood' is unknown; valid: watershed, components"):
         parse_rules({"cells": {"method": "flood"}})

@@ -245,7 +245,7 @@ def test_colour_for_a_grey_network_streaming(tmp_path):
     [a] = streaming.predict_files(net, [str(tmp_path / "grey.tif")], tmp_path / "a", block_size=64)
     [b] = streaming.predict_files(net, [str(tmp_path / "grey_rgb.tif")], tmp_path / "b", block_size=64)
     assert np.array_equal(zarr.open_group(str(a))["probabilities"][...], zarr.open_group(str(b))["probabilities"][...])
-    with pytest.raises(ValueError, match=r"colour.tif: pixels \[0:70, 0:\] are colour .*--rgb_to_grey true"):
+    with pytest.raises(ValueError, match=r"colour.tif: pixels \[0:70, 0:\] are colour .*rgb_to_grey=True"):
         streaming.predict_files(net, [str(tmp_path / "colour.tif")], tmp_path / "c", block_size=64)
     assert not (tmp_path / "c").exists()
     [c] = streaming.predict_files(net, [str(tmp_path / "colour.tif")], tmp_path / "c", block_size=64, rgb_to_grey=True)

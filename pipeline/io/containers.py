@@ -142,7 +142,7 @@ def choose_dataset(path: str | os.PathLike, key: str | None) -> str:
             return names[0]
         listing = ", ".join(repr(n) for n in names[:10]) + (" ..." if len(names) > 10 else "")
         raise ValueError(
-            f"{path} holds {len(names)} datasets ({listing}); name the one to read (--input_key for inference, --image_key / --label_key for evaluation, key= in Python)" if names else
+            f"{path} holds {len(names)} datasets ({listing}); name the one to read: key=<name> (image_key=<name> / label_key=<name> for images and labels)" if names else
             f"{path} holds no dataset (no array inside)"
         )
     key = key.strip("/")

@@ -164,8 +164,8 @@ class LazySource:
                 + (f", e.g. {', '.join(names)}" if names else "")
                 + f"; zarr reads a chunk that is not stored as the fill value ({array_fill(self.open())}). A chunk is "
                 "missing when it was deleted or lost in a copy, but zarr also skips writing chunks that equal the fill "
-                "value (blank regions) unless told otherwise. If the dataset is complete, pass --allow_missing_chunks "
-                "true to predict those regions from the fill value; else copy the dataset again"
+                "value (blank regions) unless told otherwise. If the dataset is complete, pass allow_missing_chunks=True "
+                "to predict those regions from the fill value; else copy the dataset again"
             )
 
     def identity(self) -> dict | None:
@@ -205,7 +205,7 @@ class LazySource:
                 where = ", ".join(f"{s.start or 0}:{'' if s.stop is None else s.stop}" for s in index)
                 raise ValueError(
                     f"{self.path}: pixels [{where}] are colour "
-                    "(R, G and B differ), but the network takes 1 channel; pass --rgb_to_grey true to predict their "
+                    "(R, G and B differ), but the network takes 1 channel; pass rgb_to_grey=True to predict their "
                     "luminance (0.2125 R + 0.7154 G + 0.0721 B), convert the file to grey, or use a network trained on colour"
                 )
             out = grey

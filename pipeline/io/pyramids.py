@@ -196,7 +196,7 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     from skimage.filters import threshold_otsu
 
     if rgb.shape[0] not in (3, 4):
-        raise ValueError(f"the tissue rule needs an RGB image, got {rgb.shape[0]} channel(s); set --skip_background false")
+        raise ValueError(f"the tissue rule needs an RGB image, got {rgb.shape[0]} channel(s); set skip_background=False")
     saturation = rgb2hsv(np.moveaxis(rgb[:3], 0, -1))[..., 1]
     if np.ptp(saturation) == 0:
         return np.zeros(saturation.shape, bool) if saturation.flat[0] == 0 else np.ones(saturation.shape, bool)

@@ -194,7 +194,7 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: st
     """
     path, suffix = Path(path), _suffix(path)
     if tiff_series is not None and suffix not in TIFF_SUFFIXES:
-        raise TiffSeriesError(f"--tiff_series {tiff_series} applies to TIFF files, but {path} is not one; set tiff_series null")
+        raise TiffSeriesError(f"tiff_series={tiff_series} applies to TIFF files, but {path} is not one; set tiff_series=None")
     if is_container(path):  # its errors name the dataset and the axes found
         array, info = open_dataset(path, key)
         try:
@@ -273,16 +273,16 @@ def check_channels(
     """
     if info.channels == in_channels or (rgb_to_grey and in_channels == 1 and info.channels in (3, 4)):
         return
-    hint = "convert it to the network's channels (e.g. colour to grey, or --rgb_to_grey true for a 1-channel network)"
+    hint = "convert it to the network's channels (e.g. colour to grey, or rgb_to_grey=True for a 1-channel network)"
     planar = info.axes.lstrip("Q").startswith("S")  # tifffile's planar RGB: maybe a small stack
     if in_channels == 1 and info.channels in (3, 4) and pixels is not None and not planar:
         if colour_to_grey(np.moveaxis(pixels(), -1, 0), luminance=False) is not None:  # grey saved as colour
             return
-        hint = "R, G and B differ: pass --rgb_to_grey true to predict its luminance, convert it to grey, or train a network on colour"
+        hint = "R, G and B differ: pass rgb_to_grey=True to predict its luminance, convert it to grey, or train a network on colour"
     if planar and in_channels == 1:
         hint = ("tifffile stores a (3 or 4, Y, X) array written without photometric='minisblack' as one planar RGB(A) "
                 "page; if these are sections, save it again with tifffile.imwrite(path, array, photometric='minisblack'), "
-                "else convert it to grey (or --rgb_to_grey true)")
+                "else convert it to grey (or rgb_to_grey=True)")
     raise ValueError(
         f"{path} has {info.channels} channel(s) (shape {info.stored_shape or info.shape}{', stored axes ' + info.axes if info.axes else ''}), "
         f"but the network takes {in_channels}; {hint}"

@@ -58,7 +58,7 @@ def choose_tiff_series(tif: tifffile.TiffFile, path: str | os.PathLike, series: 
     listing = "; ".join(f"series {i}: shape {tuple(s.shape)} {s.dtype} axes {s.axes}" for i, s in enumerate(found))
     if series is not None:
         if isinstance(series, bool) or not isinstance(series, int) or not 0 <= series < len(found):
-            raise TiffSeriesError(f"{path}: --tiff_series {series!r} is not a series of this file; it holds {len(found)} ({listing})")
+            raise TiffSeriesError(f"{path}: tiff_series={series!r} is not a series of this file; it holds {len(found)} ({listing})")
         return series
     if len(found) == 1:
         return 0
@@ -66,7 +66,7 @@ def choose_tiff_series(tif: tifffile.TiffFile, path: str | os.PathLike, series: 
         return None
     raise TiffSeriesError(
         f"{path} holds {len(found)} TIFF series ({listing}); one run reads one image per file, so the others would "
-        "silently not be predicted. Choose one with --tiff_series N (0-based), or save each series as a file of its own"
+        "silently not be predicted. Choose one with tiff_series=N (0-based), or save each series as a file of its own"
     )
 
 
@@ -87,8 +87,8 @@ def tiff_level(path: str | os.PathLike, key: Any) -> int:
     if isinstance(key, str) and key.strip().isdigit():
         return int(key)
     raise ValueError(
-        f"{path} is a TIFF file, which holds no named datasets; its key (--level or --input_key) picks a pyramid "
-        f"level, 0 (full resolution), 1, ..., not {key!r}"
+        f"{path} is a TIFF file, which holds no named datasets; its key picks a pyramid level (key=N or level=N), "
+        f"0 (full resolution), 1, ..., not {key!r}"
     )
 
 
@@ -134,13 +134,13 @@ def tiff_plan(tif: tifffile.TiffFile, path: str | os.PathLike, series: int | Non
     known = _spacing_by_axis(tif)
     if chosen is None:
         if level:
-            raise ValueError(f"{path}: a stack of {len(tif.series)} series has no pyramid level {level}; choose a series (--tiff_series)")
+            raise ValueError(f"{path}: a stack of {len(tif.series)} series has no pyramid level {level}; choose a series (tiff_series=N)")
         image, axes, shape, full = None, "Q" + tif.series[0].axes, (len(tif.series), *tif.series[0].shape), None
     else:
         levels = tif.series[chosen].levels
         if not 0 <= level < len(levels):
             listing = ", ".join(f"{i}: {tuple(lv.shape)}" for i, lv in enumerate(levels))
-            raise ValueError(f"{path} has no pyramid level {level}; its levels are {listing} (--level)")
+            raise ValueError(f"{path} has no pyramid level {level}; its levels are {listing} (level=N)")
         image, full = levels[level], levels[0]
         axes, shape = image.axes, tuple(image.shape)
     factor = [1.0 if full is None else full.shape[a] / n for a, n in enumerate(shape)]

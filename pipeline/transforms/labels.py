@@ -127,8 +127,8 @@ class LabelsToTargetd(MapTransform):
     instead of targets. A one-channel label ``(1, *spatial)`` is expected (a grey label saved as RGB is reduced to one).
 
     Raises:
-        ValueError: naming the file, the values found and the key to set (``--label_mode``,
-            ``--num_classes``, ``--class_values``, ``--mask_threshold``).
+        ValueError: naming the file, the values found and the parameter to set (``label_mode``,
+            ``num_classes``, ``class_values``, ``threshold``).
     """
 
     def __init__(
@@ -228,7 +228,7 @@ class BorderWeightMapd(MapTransform):
             if spacing is not None and len(spacing) == classes.ndim + 1:  # a 2D section of a stack's [z, y, x]
                 spacing = spacing[1:]
             if spacing is not None and len(spacing) != classes.ndim:
-                raise ValueError(f"--spacing {self.spacing} has {len(self.spacing)} values; the labels have {classes.ndim} axes")
+                raise ValueError(f"spacing={self.spacing} has {len(self.spacing)} values; the labels have {classes.ndim} axes")
             if cells is not None:
                 w = weight_map(classes.astype(np.int64), np.asarray(cells)[0], self.w0, self.sigma, self.class_balance, spacing)
             elif classes.max(initial=0) <= 1:

@@ -75,13 +75,13 @@ def check_output_settings(write: Sequence[str], threshold: float, instances: Any
     (rules, :func:`pipeline.instances.parse_rules`) given when ``write`` lists them.
 
     Raises:
-        ValueError: naming the bad value and the valid ones (``--write``, ``--instances``).
+        ValueError: naming the bad value and the valid ones (``write``, ``instances``).
     """
     if not write or set(write) - set(WRITABLE):
         raise ValueError(f"write must list some of {WRITABLE}, got {list(write)}")
     check_hyperparameters(threshold=threshold)
     if "instances" in write and not parse_rules(instances):
-        raise ValueError("--write lists instances but --instances names no rule; e.g. --instances \"{cells: {method: watershed}}\"")
+        raise ValueError("write lists 'instances' but instances names no rule; e.g. instances={'cells': {'method': 'watershed'}}")
     return tuple(write)
 
 
