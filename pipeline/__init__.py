@@ -6,13 +6,11 @@ Submodules load on first use (PEP 562), so ``import pipeline`` is enough for bun
 """
 
 import importlib
+import pkgutil
 
 __version__ = "0.1.0"
 
-_MODULES = frozenset({
-    "checkpoints", "checks", "config", "data", "engine", "geometry", "handlers", "inferers", "io", "losses", "metrics", "networks",
-    "optim", "streaming", "synthetic", "tiling", "transforms",
-})
+_MODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))  # every module, found (not listed by hand)
 
 
 def __getattr__(name: str):

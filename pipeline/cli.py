@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -228,6 +229,69 @@ def parse(argv: Sequence[str]) -> tuple[str, str, list[str], list[str], dict[str
     return command, run_id, files, metas, overrides, values["traceback"]
 
 
+def innermost_cause(error: BaseException) -> BaseException:
+    """The error at the bottom of ``error``'s chain of causes (MONAI wraps every config error in its own)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def end_errors_with_their_cause() -> None:
+    """Make a failed ``python -m monai.bundle`` run print its cause as the last line.
+
+    MONAI wraps every error of a config expression in ``RuntimeError: Failed to evaluate
+    ConfigExpression ...`` followed by the expression, so the traceback's last lines hide the
+    message that says what to fix. This wraps ``sys.excepthook`` (once): the traceback is printed as
+    before, then ``error: <type>: <message>`` of the innermost cause. :func:`check_cli_keys`, the
+    first check of every bundle config, calls it when this process is the bundle CLI.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "ends_with_cause", False):
+        return
+
+    def hook(kind, value, traceback) -> None:
+        previous(kind, value, traceback)
+        cause = innermost_cause(value)
+        words = in_bundle_words(str(cause))
+        if cause is not value or words != str(cause):
+            print(f"\nerror: {type(cause).__name__}: {words}", file=sys.stderr)
+
+    hook.ends_with_cause = True
+    sys.excepthook = hook
+
+
+#: library parameter -> bundle key, for the messages of library functions (which name their own parameters):
+#: the one table between the two vocabularies. Names not listed are the same on both sides.
+BUNDLE_KEYS = {"key": "input_key", "settings": "tile_settings", "sources": "input_path", "directory": "data_cache_dir"}
+#: parameters a library message may name as ``name=value``, spelt ``--key value`` at the command line
+PARAMETERS = (
+    "out_channels", "fill_nan", "rgb_to_grey", "overwrite", "streaming", "skip_background", "overlay", "export", "allow_missing_chunks",
+    "tiff_series", "threshold", "write", "instances", "tile_size", "block_size", "memory_budget_mb", "adapt_norm", "tta",
+    "scheduler", "key", "normalize", "padding_mode", "batch_size", "context", "label_mode", "num_classes",
+    "class_values", "loss_name", "spacing", "level", "image_key", "label_key", "directory", "architecture", "features",
+    "padding", "norm", "checkpoint", "ckpt_file", "ckpt_dir", "init_from", "learning_rate", "optimizer_name",
+    "output_dir", "package", "torchscript",
+)
+_PARAMETER = re.compile(r"(?<![\w\-.])(" + "|".join(PARAMETERS) + r")=(True|False|None|'[^']*'|\"[^\"]*\"|[^\s;,)]+)")
+_VALUE = {"True": "true", "False": "false", "None": "null"}
+
+
+def in_bundle_words(message: str) -> str:
+    """A library message in the bundle's words: ``pass fill_nan=True`` -> ``pass --fill_nan true``
+    (:data:`PARAMETERS`, renamed by :data:`BUNDLE_KEYS`).
+
+    >>> in_bundle_words("pass fill_nan=True to predict around them; export='png'")
+    'pass --fill_nan true to predict around them; --export png'
+    >>> in_bundle_words("directory='/tmp/x' is a file; set tiff_series=None, or class_values=[0, 255] (level=N)")
+    '--data_cache_dir /tmp/x is a file; set --tiff_series null, or --class_values [0, 255] (--level N)'
+    """
+    def spell(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        return f"--{BUNDLE_KEYS.get(name, name)} {_VALUE.get(value, value.strip(chr(39) + chr(34)))}"
+
+    return _PARAMETER.sub(spell, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``em-unet``; returns the exit status (0, or 1 after an error, whose innermost cause is printed last)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -239,8 +303,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(run_id=run_id, config_file=files, meta_file=metas,
             logging_file=str(logging_file) if logging_file.is_file() else None, **overrides)
     except Exception as err:  # noqa: BLE001 - a person reads the cause, not MONAI's wrapper
-        from pipeline.config import in_bundle_words, innermost_cause
-
         cause = innermost_cause(err)
         if show_traceback:
             traceback.print_exc()

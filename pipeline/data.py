@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.io import SUPPORTED_SUFFIXES, TIFF_SUFFIXES, channel_first, read_cached, read_image, stem
+from pipeline import io
+from pipeline.config import check_paths
+from pipeline.io import SUPPORTED_SUFFIXES, TIFF_SUFFIXES, channel_first, read_cached, stem
 from pipeline.io.tiff import tiff_level
 from pipeline.io.common import STORE_SUFFIXES, _suffix
 from pipeline.io.containers import choose_dataset, is_container
+from pipeline.labels import class_indices, instance_ids
+from pipeline.metrics.common import binary_foreground
 
 logger = logging.getLogger(__name__)
 
@@ -262,3 +266,68 @@ def _volume_datalists(images, labels, val_slices, val_files, image_key, label_ke
         raise ValueError("the split leaves no training data; choose a smaller validation range")
     logger.info("datalists: %d training and %d validation volumes", len(train), len(val))
     return train, val
+
+
+# ---------------------------------------------------------------- checks of a run's data
+def check_datalists(**datalists: Any) -> None:
+    """Evaluate a run's datalists before anything else is written and refuse an empty training list.
+
+    Run first in training's checks: building a datalist reads (and checks) every image/label pair,
+    or writes the synthetic default into a folder that :mod:`pipeline.synthetic` owns, so a bad
+    dataset or a foreign ``--data_cache_dir`` fails before checkpoints or TensorBoard files exist.
+
+    Raises:
+        ValueError: a datalist that is not a list of items, one whose paths hold ``::`` (a ``#`` that
+            MONAI rewrote, :func:`check_paths`; e.g. ``--dataset_dir d#1``), or an empty ``train`` list.
+    """
+    for name, items in datalists.items():
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, dict) for i in items):
+            raise ValueError(f"{name}_datalist must be a list of {{'image': ..., 'label': ...}} items, got {type(items).__name__}")
+        check_paths(**{f"{name}_datalist (a {key} path)": path for item in items[:1] for key, path in item.items() if isinstance(path, str)})
+    if "train" in datalists and not datalists["train"]:
+        raise ValueError("train_datalist is empty: there is nothing to train on; check --num_images / --num_val or the dataset keys")
+
+
+def check_labels(
+    datalist: Sequence[dict], mask_threshold: float | None = None, label_mode: str = "binary", num_classes: int = 2,
+    class_values: Any = None,
+) -> None:
+    """Every label file (or container dataset) of a datalist reads by ``label_mode``'s rule, checked on the
+    whole file before any output: binary masks by the one binarisation rule
+    (:func:`pipeline.metrics.common.binary_foreground`; skipped with a ``--mask_threshold``, which binarises
+    any values), instance ids by :func:`pipeline.labels.instance_ids`, classes by
+    :func:`pipeline.labels.class_indices`. A bad value in one section would otherwise stop a run halfway,
+    or pass unseen when no single section holds all values.
+
+    Raises:
+        ValueError: naming the label file, the values found, and the key to set.
+    """
+    if label_mode == "binary" and mask_threshold is not None:
+        return
+    seen = set()
+    for item in datalist:
+        if "label" not in item or (item["label"], item.get("label_dataset")) in seen:
+            continue
+        seen.add((item["label"], item.get("label_dataset")))
+        array, meta = io.read_cached(item["label"], item.get("label_dataset"))
+        array = io.channel_first(array, meta, item["label"])[0]  # a grey label saved as RGB: one channel
+        if array.shape[0] > 1:
+            raise ValueError(
+                f"{item['label']}: the label has {array.shape[0]} channels that differ (a colour-coded mask?); save it "
+                "as one channel of values (0 = background)"
+            )
+        try:
+            if label_mode == "instances":
+                instance_ids(array)
+            elif label_mode == "classes":
+                class_indices(array, num_classes, class_values)
+            else:
+                binary_foreground(array, "label")
+        except ValueError as err:
+            hint = ""
+            if label_mode == "binary":
+                many = np.issubdtype(array.dtype, np.integer)
+                hint = ("; set --mask_threshold T (foreground = value > T), or --foreground_invert true if 0 is the foreground"
+                        + ("; a label of object ids is --label_mode instances, one of classes --label_mode classes "
+                           "--num_classes N" if many else ""))
+            raise ValueError(f"{item['label']}: {err}{hint}" + (" (--label_mode binary)" if label_mode == "binary" else "")) from None

@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from pipeline.checks import optional
+
 PADDING_MODES = ("valid", "same")
 AXIS_NAMES = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
 
@@ -360,3 +362,22 @@ def crop_slices(size: Sequence[int], target: Sequence[int]) -> tuple[slice, ...]
         start = (s - t) // 2
         slices.append(slice(start, start + t))
     return tuple(slices)
+
+
+def check_spacing(spacing: Any, spatial_dims: int) -> None:
+    """``spacing``: None, or one positive number per axis of the network (``[z, y, x]`` for 3D), also accepted
+    with one value more than a 2D network's axes (a stack's ``[z, y, x]``: its sections use ``[y, x]``).
+
+    Raises:
+        ValueError: naming what was given and what is valid.
+    """
+    spacing = optional(spacing)
+    if spacing is None:
+        return
+    values = list(spacing) if isinstance(spacing, (list, tuple)) else None
+    ok = values is not None and len(values) in (spatial_dims, spatial_dims + 1 if spatial_dims == 2 else spatial_dims) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+    if not ok:
+        axes = "[z, y, x]" if spatial_dims == 3 else "[y, x] (or a stack's [z, y, x])"
+        raise ValueError(f"spacing={spacing!r} must be {spatial_dims} positive numbers, the voxel size {axes} in one unit "
+                         f"(spatial_dims is {spatial_dims}), e.g. [40, 4, 4] for 40 nm sections of 4 nm pixels")

@@ -196,14 +196,21 @@ def watershed(boundary: np.ndarray, markers: np.ndarray, background: np.ndarray 
     return flood(rank.reshape(relief.shape), markers=markers, mask=mask, connectivity=1).astype(np.int64)
 
 
+def _without_data(p: np.ndarray, rule: InstanceRule) -> np.ndarray:
+    """The rule's class probability with no-data pixels (NaN: the input had none there) made to hold no object: a
+    boundary (1) for the watershed, background (0) for components; in memory and block by block alike."""
+    return np.where(np.isnan(p), np.float32(1.0 if rule.method == "watershed" else 0.0), p)
+
+
 def _apply(rule: InstanceRule, probs: np.ndarray, spacing: Sequence[float] | None) -> np.ndarray:
-    """One rule on ``probs (C, *spatial)`` of one section or volume (int64 ids)."""
-    p = probs[rule.channel]
+    """One rule on ``probs (C, *spatial)`` of one section or volume (int64 ids; 0 where the probabilities are NaN)."""
+    nodata = np.isnan(probs[rule.channel])
+    p = _without_data(probs[rule.channel], rule)
     if rule.method == "components":
         return components(p > rule.threshold, rule.min_size)
     background = None if rule.background_channel is None else probs[rule.background_channel] > 0.5
     ids = watershed(p, seeds(p, rule.threshold, rule.seed_distance, rule.min_size, spacing, background), background)
-    return ids if rule.fill else np.where(p < rule.threshold, ids, 0)
+    return np.where(nodata, 0, ids) if rule.fill else np.where(p < rule.threshold, ids, 0)
 
 
 def make_instances(probabilities: np.ndarray, rule: InstanceRule, spacing: Sequence[float] | None = None) -> np.ndarray:
@@ -211,7 +218,7 @@ def make_instances(probabilities: np.ndarray, rule: InstanceRule, spacing: Seque
 
     Args:
         probabilities: class probabilities ``(C, Y, X)`` or ``(C, Z, Y, X)``
-            (:func:`pipeline.transforms.class_probabilities`).
+            (:func:`pipeline.transforms.class_probabilities`); NaN where the input had no data (id 0 there).
         rule: the :class:`InstanceRule`.
         spacing: pixel spacing per spatial axis (``seed_distance`` is in its units); None: 1.
 
@@ -255,9 +262,9 @@ def _relief(source, window: tuple[slice, ...], rule: InstanceRule) -> np.ndarray
     """The probability of the rule's class in ``window``: read from stored class probabilities ``(C, *spatial)``,
     or from a stored foreground probability ``(*spatial)`` (class 1 of two; class 0 is its complement)."""
     if source.ndim > len(window):
-        return np.asarray(source[(rule.channel, *window)], np.float32)
+        return _without_data(np.asarray(source[(rule.channel, *window)], np.float32), rule)
     values = np.asarray(source[window], np.float32)
-    return values if rule.channel == 1 else 1.0 - values
+    return _without_data(values if rule.channel == 1 else 1.0 - values, rule)
 
 
 def _by_section(fn, arr: np.ndarray, sections: bool) -> np.ndarray:
@@ -351,13 +358,13 @@ def _flood_block(source, seeds, out, rule: InstanceRule, index, block, shape, ha
     lo, hi, wlo, whi = _box(index, block, shape, halo)
     window = tuple(slice(a, b) for a, b in zip(wlo, whi))
     relief = _relief(source, window, rule)
+    nodata = np.isnan(np.asarray(source[(0, *window)] if source.ndim > len(window) else source[window], np.float32))
     markers = np.asarray(seeds[window]).astype(np.int64)
     if rule.mode == "2d" and len(shape) == 3:
         flooded = np.stack([watershed(r, m, None, wlo[1:], shape[1:]) for r, m in zip(relief, markers)])
     else:
         flooded = watershed(relief, markers, None, wlo, shape)
-    if not rule.fill:
-        flooded = np.where(relief < rule.threshold, flooded, 0)
+    flooded = np.where(relief < rule.threshold, flooded, 0) if not rule.fill else np.where(nodata, 0, flooded)
     out[tuple(slice(a, b) for a, b in zip(lo, hi))] = flooded[tuple(slice(a - w, b - w) for a, b, w in zip(lo, hi, wlo))].astype(out.dtype)
 
 

@@ -1,6 +1,6 @@
 """What a label file means: binary masks, instance ids or class values, and the targets made from them.
 
-Plain NumPy, no torch: the pre-flight checks (:func:`pipeline.config.check_labels`) and the training
+Plain NumPy, no torch: the pre-flight checks (:func:`pipeline.data.check_labels`) and the training
 transforms (:class:`pipeline.transforms.LabelsToTargetd`) read labels by these same rules.
 
 ``label_mode`` (a bundle key) says how a label image is read:

@@ -7,9 +7,13 @@ network's smaller output and its label always match here).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
+
+from pipeline.labels import check_label_mode
 
 LOSSES = ("dice_ce", "bce", "weighted_ce")
 
@@ -24,7 +28,7 @@ def output_channels(name: str, num_classes: int = 2) -> int:
 def check_loss_name(name: str) -> None:
     """Raise ``ValueError`` naming the valid choices unless ``name`` is one of :data:`LOSSES`."""
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid choices: {', '.join(LOSSES)}")
+        raise ValueError(f"unknown loss {name!r}; valid choices: {', '.join(LOSSES)} (loss_name)")
 
 
 class BCEWithLogits(nn.BCEWithLogitsLoss):
@@ -83,3 +87,18 @@ def make_loss(name: str, out_channels: int | None = None) -> nn.Module:
     return BCEWithLogits()
 
 
+def check_loss(loss_name: str, out_channels: int, label_mode: str = "binary", num_classes: int = 2, class_values: Any = None) -> None:
+    """The training loss fits the labels (:func:`pipeline.labels.check_label_mode`) and the network's output
+    channels (``num_classes`` for the soft-max losses, 1 for ``bce``).
+
+    Raises:
+        ValueError: an unknown ``loss_name`` or ``label_mode``, label settings that do not fit together, or
+            ``out_channels`` that do not fit, naming the value that does.
+    """
+    check_loss_name(loss_name)
+    check_label_mode(label_mode, num_classes, loss_name, class_values)
+    expected = output_channels(loss_name, num_classes)
+    if out_channels != expected:
+        raise ValueError(f"loss_name={loss_name} with num_classes={num_classes} needs {expected} output channel(s), but got "
+                         f"out_channels={out_channels}; set out_channels={expected} (or leave it to its default)")
+    make_loss(loss_name, out_channels)

@@ -422,8 +422,7 @@ def write_dataset(
             3D networks; ``z_step`` in ``params`` sets the section spacing in pixels (:func:`make_stack`).
         seed: seed of image 0.
         label_mode: ``binary``, ``instances`` or ``classes``: which labels the datalist names.
-        rendering, **params: keyword arguments of :func:`make_image` / :func:`make_stack` (JSON-serialisable), as a
-            dict (a config's ``synthetic_params``) and/or as keywords.
+        rendering, **params: :func:`make_image` / :func:`make_stack`'s keywords (JSON-serialisable), as a dict and/or keywords.
 
     Returns:
         ``[{"image": path, "label": path}, ...]`` with ``str`` paths, in index order.

@@ -147,3 +147,28 @@ def test_tensor_source_refuses_nan_and_gives_the_layout(stack):
         predict(TensorSource(x), net, TileSettings(), TensorSink())
     layout = block_layout(net, (3, 50, 70), 18)  # rounded up to the pooling step, 4
     assert layout.block == (1, 20, 20) and layout.grid == (3, 3, 4) and layout.box((2, 2, 3)) == ([2, 40, 60], [3, 50, 70])
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "three-class"])
+def test_no_data_gives_the_same_instances_in_memory_and_streaming(tmp_path, kind):
+    """fill_nan: pixels without data are NaN probabilities, mask 0 and instance id 0, and the instances around them
+    are made from the same probabilities in memory and block by block (a reviewer found them differing)."""
+    volume = (np.random.default_rng(1).random((2, 45, 61)) * 200 + 20).astype(np.float32)
+    volume[1, 10:30, 20:40] = np.nan  # a region of no data
+    tifffile.imwrite(tmp_path / "holes.tif", volume, photometric="minisblack")
+    net = _net(KINDS[kind])
+    rules = {**RULES["sigmoid"], "filled": {"method": "watershed", "channel": 0, "threshold": 0.5, "seed_distance": 1.0,
+                                            "fill": False}} if kind == "sigmoid" else RULES[kind]
+    outputs = OutputSettings(write=("probabilities", "mask", "instances"), threshold=0.3, instances=rules)
+    reading = ReadSettings(fill_nan=True)
+    [files] = predict_files(net, [str(tmp_path / "holes.tif")], tmp_path / "memory", reading=reading, outputs=outputs)
+    [store] = predict_files(net, [str(tmp_path / "holes.tif")], tmp_path / "stream", streaming=True, reading=reading,
+                            outputs=outputs, settings=TileSettings(block_size=(1, 32, 32)))
+    group = zarr.open_group(str(store), mode="r")
+    hole = np.zeros((2, 45, 61), bool)
+    hole[1, 10:30, 20:40] = True
+    assert np.array_equal(read_image(files["mask"])[0], group["mask"][...]) and not group["mask"][...][hole].any()
+    for rule in rules:
+        ids, stored = read_image(files[f"instances/{rule}"])[0], group[f"instances/{rule}"][...]
+        assert not ids[hole].any() and not stored[hole].any(), rule
+        assert _same_partition(ids, stored) and stored.max() > 0, rule

@@ -57,7 +57,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_is_read():
     graph = import_graph()
     assert "pipeline.tiling" in graph["pipeline.engine.blocks"]  # the reader sees imports (guards the tests below)
-    assert graph["pipeline.geometry"] == set()
+    assert graph["pipeline.tiling"] == {"pipeline.geometry"}
 
 
 def test_no_import_circle():
@@ -76,3 +76,13 @@ def test_library_modules_never_import_the_bundle_layer():
 
 def test_checks_imports_nothing_of_the_package():
     assert import_graph()["pipeline.checks"] == set()
+
+
+def test_every_module_loads_through_the_package():
+    """Configs write ``pipeline.<module>.<name>`` after ``import pipeline`` (modules load on first use)."""
+    import importlib
+
+    import pipeline
+
+    for name in sorted({m.split(".")[1] for m in import_graph() if m.count(".") >= 1}):
+        assert getattr(pipeline, name) is importlib.import_module(f"pipeline.{name}"), name

@@ -607,7 +607,7 @@ def _(tmp):
     return train(tmp, "--resume", "true", "--loss_name", "bce", "--out_channels", "1")
 
 
-@row("cli-loss-without-its-channels", BundleError, r"--loss_name bce with --num_classes 2 needs 1 output channel\(s\), but --out_channels is 2; set --out_channels 1")
+@row("cli-loss-without-its-channels", BundleError, r"--loss_name bce with --num_classes 2 needs 1 output channel\(s\), but got --out_channels 2; set --out_channels 1")
 def _(tmp):
     return train(tmp, "--loss_name", "bce", "--out_channels", "2")
 

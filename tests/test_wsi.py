@@ -255,7 +255,7 @@ def test_colour_for_a_grey_network_streaming(tmp_path):
 
 
 def test_whole_slide_options_refused_with_the_option_to_change(tmp_path):
-    from pipeline.config import in_bundle_words
+    from pipeline.cli import in_bundle_words
     from pipeline.engine import OutputSettings, predict_files
 
     tifffile.imwrite(tmp_path / "in.tif", np.zeros((40, 50), np.uint8))

@@ -273,7 +273,7 @@ def _file_sinks(network: nn.Module, items: list, output_dir: Any, reading: ReadS
     taken = [str(t) for ts in targets.values() for t in ts if t.exists()]
     if taken and not outputs.overwrite:
         raise FileExistsError(f"{len(taken)} output file(s) exist already, e.g. {taken[:3]}; nothing was written. Pass "
-                              "overwrite=True to replace them, or choose another output_dir")
+                              "overwrite=True to replace them, or choose another output_dir=<folder>")
     for path, key in items:
         check_file(network, str(path), reading, key)
     return [(None, FilesSink(output_dir, path, None, outputs.write, outputs.threshold, outputs.instances, outputs.output_ext,

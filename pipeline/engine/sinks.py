@@ -113,11 +113,11 @@ class FilesSink(TensorSink):
             logits = logits.permute(0, *reversed(range(1, logits.ndim)))
             nodata = None if nodata is None else nodata.transpose()
         outputs = encode_logits(logits, self.threshold, [w for w in self.write_names if w in OUTPUTS], nodata)
-        if self.rules:
+        if self.rules:  # from the probabilities as written: NaN without data (id 0 there), as ZarrSink's instances
             values = class_probabilities(logits).cpu().numpy()
+            values = values if nodata is None else np.where(nodata[None], np.float32(np.nan), values)
             for rule_name, rule in self.rules.items():
-                ids = make_instances(values, rule)
-                outputs[f"instances/{rule_name}"] = ids if nodata is None else np.where(nodata, 0, ids).astype(np.uint32)
+                outputs[f"instances/{rule_name}"] = make_instances(values, rule)
         classes = max(2, int(logits.shape[0]))
         for what, path in self.targets.items():
             spatial = {"spatial_shape": list(logits.shape[1:])} if what == "probabilities" and classes > 2 else {}

@@ -256,7 +256,8 @@ class ZarrSink:
                     f"({settings['source']['path']}) before it changed; resuming would mix them. Pass overwrite=True "
                     "to replace it, or choose another output"
                 )
-            raise ValueError(f"output {path} was written with other settings ({', '.join(diff)} differ); pass overwrite=True to replace it")
+            raise ValueError(f"output {path} was written with other settings (they differ in: {', '.join(diff)}); pass overwrite=True "
+                             "to replace it")
         return group
 
     def _skip_background(self, lazy: LazySource, group: Any, pending: list) -> list:
