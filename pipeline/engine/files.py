@@ -250,7 +250,6 @@ def run_all(network: nn.Module, jobs: Sequence[tuple[Any, Any]], settings: TileS
         model.eval()
         results = []
         for make_source, sink in jobs:
-            sink.client = client
             results.append(predict(make_source(), model, settings, sink, client=client))
         return results
     finally:

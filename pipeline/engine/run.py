@@ -26,8 +26,8 @@ class Sink(Protocol):
     def write(self, box: tuple[list[int], list[int]], logits: torch.Tensor, nodata: np.ndarray | None) -> None:
         """Take one block's logits ``(out_channels, *block)``."""
 
-    def close(self) -> Any:
-        """Finish the outputs; return the result."""
+    def close(self, client: Any = None) -> Any:
+        """Finish the outputs (work that reads them may run on ``client``, a Dask cluster); return the result."""
 
 
 def check_adapt_norm(settings: TileSettings, whole: bool) -> None:
@@ -73,7 +73,7 @@ def predict(
         from pipeline.engine.distributed import run_on_cluster
 
         run_on_cluster(client, model, source, settings, layout, sink, pending)
-        return sink.close()
+        return sink.close(client)
     many = len(layout.indices()) > 1
 
     def run(index: tuple[int, ...]) -> tuple[torch.Tensor, np.ndarray | None]:

@@ -46,7 +46,7 @@ class TensorSink:
                 self.nodata = np.zeros(self.shape, dtype=bool)
             self.nodata[region] = nodata
 
-    def close(self) -> torch.Tensor:
+    def close(self, client: Any = None) -> torch.Tensor:
         return self.out
 
 
@@ -104,7 +104,7 @@ class FilesSink(TensorSink):
         self.targets = file_targets(source, output_dir, self.write_names, list(self.rules), output_ext)
         self.meta, self.threshold, self.overwrite = dict(meta or {}), float(threshold), bool(overwrite)
 
-    def close(self) -> dict[str, Path]:
+    def close(self, client: Any = None) -> dict[str, Path]:
         """Write every target; return them by what they hold."""
         logits, nodata, meta = super().close(), self.nodata, dict(self.meta)
         meta.pop("filename_or_obj", None)

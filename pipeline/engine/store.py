@@ -140,7 +140,6 @@ class ZarrSink:
         skip_background: predict only blocks that hold tissue (:func:`pipeline.io.pyramids.tissue_mask`, RGB
             sources); skipped blocks are marked done and keep the fill values (probability NaN, mask 0).
         record: more settings the output records, so that a resume with others is refused.
-        client: a ``distributed.Client`` that makes the instances block by block (else this process).
 
     Raises:
         ValueError: bad ``write``, ``threshold``, ``instances`` or ``export`` (at construction); from
@@ -153,7 +152,7 @@ class ZarrSink:
     def __init__(
         self, output: str | os.PathLike, write: Sequence[str] = OUTPUTS, threshold: float = 0.5, instances: Any = None,
         instance_halo: int = 64, overwrite: bool = False, export: str | None = None, overlay: bool = False,
-        skip_background: bool = False, record: dict | None = None, client: Any = None,
+        skip_background: bool = False, record: dict | None = None,
     ) -> None:
         self.write_names = check_output_settings(write, threshold, instances)
         check_export(export)
@@ -162,10 +161,9 @@ class ZarrSink:
         self.instance_halo, self.export, self.overlay = int(instance_halo), export, bool(overlay)
         self.skip_background, self.record = bool(skip_background), dict(record or {})
         self.stored = stored_outputs(self.write_names)
-        self.client = client  # a distributed.Client: instances are made on its workers
 
     def __getstate__(self) -> dict:  # what a Dask worker needs to write blocks
-        return {k: v for k, v in self.__dict__.items() if k not in ("source", "client")}
+        return {k: v for k, v in self.__dict__.items() if k != "source"}
 
     def open(self, source: Any, network: nn.Module, settings: TileSettings, layout: BlockLayout) -> list[tuple[int, ...]]:
         """Create (or resume) the store; return the blocks without a marker."""
@@ -287,13 +285,14 @@ class ZarrSink:
         group[MARKERS][tuple(s // b for s, b in zip(lo, self.layout.block))] = 1
         logger.debug("block (pixels %s..%s) written", lo, hi)
 
-    def close(self) -> Path:
-        """After the last block: instances, exports and the overlay; returns the output path."""
+    def close(self, client: Any = None) -> Path:
+        """After the last block: instances (on ``client``'s workers when given), exports and the overlay; returns the
+        output path."""
         group = zarr.open_group(str(self.path), mode="r")
         if not np.asarray(group[MARKERS][...]).all():
             raise RuntimeError(f"{self.path}: blocks are missing; no instances or exports made")
         logger.info("%s: all %d blocks done", self.path, group[MARKERS].size)
-        self._instances(self.client)
+        self._instances(client)
         if self.export or self.overlay:
             self._finish(group)
         self.source.close()
