@@ -139,7 +139,6 @@ class ZarrSink:
             middle section) with the mask's foreground (any class but 0) in red.
         skip_background: predict only blocks that hold tissue (:func:`pipeline.io.pyramids.tissue_mask`, RGB
             sources); skipped blocks are marked done and keep the fill values (probability NaN, mask 0).
-        record: more settings the output records, so that a resume with others is refused.
 
     Raises:
         ValueError: bad ``write``, ``threshold``, ``instances`` or ``export`` (at construction); from
@@ -152,14 +151,14 @@ class ZarrSink:
     def __init__(
         self, output: str | os.PathLike, write: Sequence[str] = OUTPUTS, threshold: float = 0.5, instances: Any = None,
         instance_halo: int = 64, overwrite: bool = False, export: str | None = None, overlay: bool = False,
-        skip_background: bool = False, record: dict | None = None,
+        skip_background: bool = False,
     ) -> None:
         self.write_names = check_output_settings(write, threshold, instances)
         check_export(export)
         self.path, self.threshold, self.overwrite = Path(output), float(threshold), bool(overwrite)
         self.rules = parse_rules(instances) if "instances" in self.write_names else {}
         self.instance_halo, self.export, self.overlay = int(instance_halo), export, bool(overlay)
-        self.skip_background, self.record = bool(skip_background), dict(record or {})
+        self.skip_background = bool(skip_background)
         self.stored = stored_outputs(self.write_names)
 
     def __getstate__(self) -> dict:  # what a Dask worker needs to write blocks
@@ -193,7 +192,7 @@ class ZarrSink:
             "padding_mode": settings.padding_mode, "context": settings.context, "tile_size": tile if isinstance(tile, str) else list(tile),
             "network": fingerprint(network), "amp": str(settings.amp_dtype).removeprefix("torch.") if settings.amp_for(network) else None,
             "source": lazy.identity(), "rgb_to_grey": lazy.rgb_to_grey, "skip_background": self.skip_background,
-            "classes": self.classes, "tta": bool(settings.tta), **self.record,
+            "classes": self.classes, "tta": bool(settings.tta),
         }
         group, resumed = self._open_group(arrays, record, source, lazy.spacing)
         stats = group.attrs.asdict()["streaming"]
