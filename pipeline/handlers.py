@@ -224,10 +224,15 @@ class EvaluationReport:
       :func:`pipeline.metrics.object_scores` (adapted Rand error, VI split/merge, matching at ``iou_threshold``,
       average precision), on the whole sample (a stack or volume in 3D); the overlay shows the first rule's
       instances, each in its colour.
-    - ``classes``: ``pred`` as for instances, ``label`` class indices; the row holds
-      :func:`pipeline.metrics.class_scores` of the arg-max; the overlay marks wrong pixels in red.
+    - ``classes``: ``pred`` as for instances, ``label`` class indices (after ``--class_values``); the row holds
+      :func:`pipeline.metrics.class_scores` of the arg-max, by class value: a class absent from a sample's label
+      and prediction is NaN there (absent); the overlay marks wrong pixels in red.
 
-    A stack's overlay shows its middle section. Files are written atomically.
+    After the samples comes the row ``mean``: of every score over the samples where it is defined (NaN left out);
+    the JSON holds it as ``mean``, and as ``count`` how many samples that is (for classes: the samples where the
+    class is present). The log line shows the means (for classes: ``mean_dice``, ``mean_iou``
+    and each class's Dice, ``absent`` where no sample has the class), with ``(in n of N)`` where a score is
+    defined in fewer samples than all. A stack's overlay shows its middle section. Files are written atomically.
 
     Args:
         output_dir: folder for ``report.csv``, ``report.json`` and ``overlays/``.
@@ -328,6 +333,7 @@ class EvaluationReport:
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a score undefined in every row stays NaN
             mean = {k: float(np.nanmean([r[k] for r in self.rows])) for k in scores}
+        count = {k: int(sum(np.isfinite(float(r[k])) for r in self.rows)) for k in scores}  # the samples of each mean
 
         def write_csv(path):
             with open(path, "w", newline="") as f:
@@ -338,8 +344,15 @@ class EvaluationReport:
 
         csv_path, json_path = self.reports
         replace_atomically(csv_path, write_csv)
-        replace_atomically(json_path, lambda p: p.write_text(json.dumps({"mean": mean, "samples": self.rows}, indent=1)))
-        engine.logger.info("evaluation report: %s", ", ".join(f"{k}={mean[k]:.4f}" for k in scores[:8]))
+        replace_atomically(json_path, lambda p: p.write_text(json.dumps({"mean": mean, "count": count, "samples": self.rows},
+                                                                        indent=1)))
+        shown = ["mean_dice", "mean_iou", *(f"dice_{n}" for n in self.names)] if self.label_mode == "classes" else scores[:8]
+
+        def summary(k):
+            n, value = count[k], "absent" if count[k] == 0 and self.label_mode == "classes" else f"{mean[k]:.4f}"
+            return f"{k}={value}" + (f" (in {n} of {len(self.rows)})" if n < len(self.rows) else "")
+
+        engine.logger.info("evaluation report: %s", ", ".join(summary(k) for k in shown))
 
 
 def _save_png(path, rgb) -> None:

@@ -288,3 +288,54 @@ def test_nan_loss_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path):
         assert all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor)), path
     net = load_checkpoint(UNet(features=FEATURES), models / "model_final.pt")
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.slow
+def test_evaluate_classes_scores_each_class_by_its_value_and_reports_absent_classes(tmp_path):
+    """--label_mode classes, --class_values [0,100,200] of --num_classes 3, labels {0, 200} (classes {0, 2}) in section 0
+    and {0} in section 1, a network that calls every pixel class 2: class 1 is absent from every section (NaN, count 0,
+    'absent' in the log), class 2 is scored by its value in both sections; whole-stack scores pool the sections."""
+    import csv
+    import json
+
+    import tifffile
+
+    from conftest import EVALUATE
+
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "stack.tif", rng.integers(0, 256, (2, 96, 96), dtype=np.uint8), photometric="minisblack")
+    label = np.zeros((2, 96, 96), np.uint8)
+    label[0, :, 48:] = 200  # section 0: 4608 pixels of class 0, 4608 of class 2; section 1: 9216 of class 0
+    tifffile.imwrite(tmp_path / "classes.tif", label, photometric="minisblack")
+    network = UNet(features=FEATURES, out_channels=3)
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))  # class 2 everywhere
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    args = ["run", "--config_file", EVALUATE, "--checkpoint", str(tmp_path / "model.pt"), "--images", str(tmp_path / "stack.tif"),
+            "--labels", str(tmp_path / "classes.tif"), "--label_mode", "classes", "--num_classes", "3",
+            "--class_values", "[0,100,200]", "--class_names", "[bg,membrane,mito]"]
+    proc = bundle(*args, "--output_dir", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ev/report.json").read_text())
+    s0, s1 = report["samples"]
+    # section 0: bg in the label (4608), never predicted: 0; mito: TP 4608 of pred 9216 + label 4608 -> Dice 2/3, IoU 1/2
+    assert (s0["dice_bg"], s0["dice_mito"], s0["iou_mito"]) == pytest.approx((0.0, 2 / 3, 0.5))
+    assert s0["mean_dice"] == pytest.approx(1 / 3) and s0["mean_iou"] == pytest.approx(1 / 4)
+    # section 1: mito predicted, absent from the label: 0 (not NaN); membrane absent from both: NaN in both sections
+    assert (s1["dice_bg"], s1["dice_mito"], s1["mean_dice"]) == (0.0, 0.0, 0.0)
+    assert all(np.isnan(s[k]) for s in (s0, s1) for k in ("dice_membrane", "iou_membrane"))
+    mean, count = report["mean"], report["count"]
+    assert (mean["dice_bg"], mean["dice_mito"], mean["iou_mito"], mean["mean_dice"]) == pytest.approx((0.0, 1 / 3, 1 / 4, 1 / 6))
+    assert np.isnan(mean["dice_membrane"]) and (count["dice_bg"], count["dice_membrane"], count["dice_mito"]) == (2, 0, 2)
+    rows = list(csv.DictReader(open(tmp_path / "ev/report.csv")))
+    assert [r["file"] for r in rows] == ["stack.tif", "stack.tif", "mean"] and rows[0]["dice_membrane"] == "nan"
+    assert float(rows[2]["dice_mito"]) == pytest.approx(1 / 3) and rows[2]["dice_membrane"] == "nan"
+    assert ("evaluation report: mean_dice=0.1667, mean_iou=0.1250, dice_bg=0.0000, dice_membrane=absent (in 0 of 2), "
+            "dice_mito=0.3333") in proc.stdout + proc.stderr
+    # the stack scored whole: bg 13824 in the label, none predicted; mito TP 4608 / (18432 + 4608) -> Dice 2/5, IoU 1/4
+    proc = bundle(*args, "--output_dir", str(tmp_path / "ev3d"), "--eval_volumes", "true")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (whole,) = json.loads((tmp_path / "ev3d/report.json").read_text())["samples"]
+    assert (whole["dice_bg"], whole["dice_mito"], whole["iou_mito"], whole["mean_dice"]) == pytest.approx((0.0, 0.4, 0.25, 0.2))
+    assert np.isnan(whole["dice_membrane"])

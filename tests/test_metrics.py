@@ -425,3 +425,55 @@ def test_adapted_rand_error_by_hand():
     stack_g = np.stack([label, label, np.zeros((1, 5), int)])
     assert M.adapted_rand_error(stack_p, stack_g) == pytest.approx(0.25)
     assert M.evaluate(np.ones((1, 5)), label, sweep=False, warping=False)["adapted_rand_error"] == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- classes (label_mode classes)
+
+
+def test_class_scores_compare_class_values_and_report_absent_classes():
+    """Class values are compared as they are, never renumbered per section: with class 1 absent from the label
+    {0, 2}, calling every class-2 pixel class 1 is wrong, not a relabelling; a class absent from label and
+    prediction is NaN (absent) and left out of the means; one predicted but absent from the label scores 0."""
+    label = np.array([[0, 2], [2, 2]])
+    nan = float("nan")
+    perfect = M.class_scores(label, label, 3)
+    assert perfect == pytest.approx(dict(dice_class_0=1.0, iou_class_0=1.0, dice_class_1=nan, iou_class_1=nan, dice_class_2=1.0,
+                                         iou_class_2=1.0, mean_dice=1.0, mean_iou=1.0), nan_ok=True)
+    # class 2 called class 1: class 0 right (Dice 2*1/(1+1)); class 1 predicted on 3 pixels, in the label on none:
+    # 2*0/(3+0) = 0; class 2 in the label on 3 pixels, predicted on none: 0; mean over the 3 present classes
+    renamed = M.class_scores(np.array([[0, 1], [1, 1]]), label, 3, ["bg", "membrane", "mito"])
+    assert renamed == pytest.approx(dict(dice_bg=1.0, iou_bg=1.0, dice_membrane=0.0, iou_membrane=0.0, dice_mito=0.0, iou_mito=0.0,
+                                         mean_dice=1 / 3, mean_iou=1 / 3))
+    # every pixel class 1: class 0 (label 1 pixel, predicted 0) 0, class 1 (predicted 4, label 0) 0, class 2 (label 3) 0
+    assert M.class_scores(np.ones((2, 2), np.uint8), label, 3)["mean_dice"] == 0.0
+    # one class-2 pixel called 1: class 2: TP 2, |pred| 2 + |label| 3 -> Dice 4/5, IoU 2/3; class 1: 0/(1+0) = 0
+    part = M.class_scores(np.array([[0, 1], [2, 2]]), label, 3)
+    assert part["dice_class_2"] == pytest.approx(0.8) and part["iou_class_2"] == pytest.approx(2 / 3)
+    assert part["dice_class_1"] == 0.0 and part["mean_dice"] == pytest.approx((1 + 0 + 0.8) / 3)
+    assert part["mean_iou"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+
+
+def test_class_scores_of_a_stack_pool_its_sections():
+    """A (Z, H, W) stack scored whole: counts pooled over its sections (class 2 only in section 0, class 1 in none)."""
+    label = np.stack([[[0, 2], [2, 2]], [[0, 0], [0, 0]]])
+    pred = np.stack([[[0, 2], [2, 0]], [[0, 0], [0, 2]]])
+    s = M.class_scores(pred, label, 3)
+    # class 0: label 5 pixels, pred 5, TP 4 -> Dice 8/10, IoU 4/6; class 2: label 3, pred 3, TP 2 -> Dice 4/6, IoU 2/4
+    assert s["dice_class_0"] == pytest.approx(0.8) and s["iou_class_0"] == pytest.approx(4 / 6)
+    assert s["dice_class_2"] == pytest.approx(4 / 6) and s["iou_class_2"] == pytest.approx(0.5)
+    assert np.isnan(s["dice_class_1"]) and np.isnan(s["iou_class_1"])
+    assert s["mean_dice"] == pytest.approx((0.8 + 4 / 6) / 2) and s["mean_iou"] == pytest.approx((4 / 6 + 0.5) / 2)
+
+
+def test_class_scores_bad_input():
+    label = np.array([[0, 2], [2, 2]])
+    with pytest.raises(ValueError, match=r"pred holds class values \[3\] outside 0 \.\. 2 \(num_classes=3\)"):
+        M.class_scores(np.array([[0, 3], [2, 2]]), label, 3)
+    with pytest.raises(ValueError, match=r"true holds class values \[2\] outside 0 \.\. 1"):
+        M.class_scores(np.zeros((2, 2), int), label, 2)
+    with pytest.raises(ValueError, match=r"num_classes=3 needs one name per class"):
+        M.class_scores(label, label, 3, ["bg", "mito"])
+    with pytest.raises(ValueError, match=r"differ in shape"):
+        M.class_scores(label[:1], label, 3)
+    with pytest.raises(ValueError, match=r"must be integer ids"):
+        M.class_scores(label.astype(float), label, 3)

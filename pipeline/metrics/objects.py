@@ -13,7 +13,8 @@
   the variation of information split into its split and merge parts (Meila 2007; CREMI:
   ``VI split = H(pred | true)``, ``VI merge = H(true | pred)``, in bits, ``skimage.metrics.variation_of_information``),
   true background (id 0) ignored; 2D or 3D arrays alike.
-- :func:`class_scores`: Dice and IoU per class of a class map.
+- :func:`class_scores`: Dice and IoU per class of class maps, by class value (never renumbered); a class absent
+  from both maps is NaN (absent), one predicted but not in the truth scores 0.
 
 Ids are any non-negative integers (0 = background); the arrays of one call have the same shape.
 """
@@ -170,16 +171,49 @@ def object_scores(true, pred, threshold: float = 0.5) -> dict[str, float]:
 
 
 def class_scores(pred, true, num_classes: int, names: Sequence[str] | None = None) -> dict[str, float]:
-    """``dice_<name>`` and ``iou_<name>`` of every class of class maps (NaN for a class absent from both),
-    and their means over the classes present, ``mean_dice`` / ``mean_iou``."""
-    p, t = _pair(true, pred)[::-1]
+    """Dice and IoU of every class of two class maps, compared by class value: class ``k`` is the pixels of value
+    ``k`` (``0 .. num_classes - 1``) in both maps. Class values are never renumbered (instance ids are, for the
+    other scores): a section whose label lacks a class is scored against that class's own value.
+
+    Empty classes follow nnU-Net's ``compute_metrics`` (NaN when ``TP + FP + FN == 0``), not MONAI's ``DiceMetric(
+    ignore_empty=True)`` (NaN whenever the label lacks the class): a class absent from both maps is *absent*, NaN,
+    and left out of the means; a class absent from ``true`` but predicted scores 0 (its pixels are all false
+    positives); one in ``true`` but not predicted scores 0.
+
+    Args:
+        pred, true: class maps of one section or volume, the same shape, integers ``0 .. num_classes - 1``
+            (``true`` after the label's own mapping, :func:`pipeline.labels.class_indices`).
+        num_classes: the number of classes.
+        names: one name per class (default ``class_<k>``).
+
+    Returns:
+        ``dice_<name>`` and ``iou_<name>`` per class (NaN: absent), then ``mean_dice`` / ``mean_iou`` over the
+        classes present (in either map).
+
+    Raises:
+        ValueError: non-integer or negative values, values ``>= num_classes``, different shapes, not one name per class.
+    """
+    p, t = _ids(pred, "pred"), _ids(true, "true")
+    if p.shape != t.shape:
+        raise ValueError(f"true {t.shape} and pred {p.shape} differ in shape")
     names = list(names) if names is not None else [f"class_{k}" for k in range(num_classes)]
+    if num_classes < 1 or len(names) != num_classes:
+        raise ValueError(f"num_classes={num_classes} needs one name per class, got names={names}")
+    for arr, name in ((p, "pred"), (t, "true")):
+        outside = (arr < 0) | (arr >= num_classes)  # uint64 above the int64 range wraps to negative
+        if outside.any():
+            found = np.unique(arr[outside])
+            raise ValueError(f"{name} holds class values {found[:6].tolist()} outside 0 .. {num_classes - 1} "
+                             f"(num_classes={num_classes})")
+    n_pred = np.bincount(p.ravel(), minlength=num_classes)
+    n_true = np.bincount(t.ravel(), minlength=num_classes)
+    inter = np.bincount(t.ravel()[p.ravel() == t.ravel()], minlength=num_classes)
     out: dict[str, float] = {}
     for k, name in enumerate(names):
-        a, b = p == k, t == k
-        inter, total = np.count_nonzero(a & b), np.count_nonzero(a) + np.count_nonzero(b)
-        out[f"dice_{name}"] = 2 * inter / total if total else float("nan")
-        out[f"iou_{name}"] = inter / (total - inter) if total else float("nan")
-    out["mean_dice"] = float(np.nanmean([out[f"dice_{n}"] for n in names]))
-    out["mean_iou"] = float(np.nanmean([out[f"iou_{n}"] for n in names]))
+        total = int(n_pred[k] + n_true[k])
+        out[f"dice_{name}"] = 2 * int(inter[k]) / total if total else float("nan")
+        out[f"iou_{name}"] = int(inter[k]) / (total - int(inter[k])) if total else float("nan")
+    present = [n for k, n in enumerate(names) if n_pred[k] + n_true[k]]
+    out["mean_dice"] = float(np.mean([out[f"dice_{n}"] for n in present])) if present else float("nan")
+    out["mean_iou"] = float(np.mean([out[f"iou_{n}"] for n in present])) if present else float("nan")
     return out
