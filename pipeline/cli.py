@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from pipeline.config import BUNDLE_RUN_OPTIONS, config_file_list, flat_keys, read_config, check_overlay_keys, cli_overrides
+
 #: command -> (the bundle config, its run id, what it does)
 COMMANDS = {
     "train": ("train.yaml", "training", "train a U-Net (python -m monai.bundle run training)"),
@@ -201,7 +203,8 @@ def parse(argv: Sequence[str]) -> tuple[str, str, list[str], list[str], dict[str
     known, _ = pre.parse_known_args(rest)
     try:
         files = _resolve(command, known.config)
-    except FileNotFoundError as err:
+        check_overlay_keys(files)  # as python -m monai.bundle does (check_cli_keys)
+    except (FileNotFoundError, ValueError) as err:
         top.error(str(err))
     parser = build_parser(command, files)
     args, unknown = parser.parse_known_args(rest)
@@ -227,6 +230,52 @@ def parse(argv: Sequence[str]) -> tuple[str, str, list[str], list[str], dict[str
         overrides.setdefault("config_files", [str(bundle_dir() / "configs" / "inference.yaml")] + files[1:])
     metas = bundle_metadata(files)[1]
     return command, run_id, files, metas, overrides, values["traceback"]
+
+
+#: training keys that describe the network; inference and evaluation read it from the checkpoint instead
+TRAINING_NETWORK_KEYS = ("features", "padding", "norm", "loss_name", "out_channels", "dropout")
+
+
+def check_cli_keys(argv: Sequence[str] | None = None) -> None:
+    """Raise if a ``--key`` of a ``python -m monai.bundle`` command names nothing in its configs.
+
+    ``argv`` defaults to ``sys.argv`` when this process is the bundle CLI (otherwise, e.g. when a
+    ``ConfigWorkflow`` is built in Python, there is nothing to check). Known keys are every id of
+    every file in ``--config_file`` (``#`` paths included, e.g. ``train#dataloader#num_workers``),
+    the ``--args_file``'s keys and the CLI's own options.
+
+    Raises:
+        ValueError: naming the unknown key(s), the closest known ones and the config files read.
+    """
+    if argv is None:
+        if "monai" not in sys.argv[0] or "bundle" not in sys.argv[0]:
+            return
+        argv = sys.argv[1:]
+        end_errors_with_their_cause()
+    overrides = cli_overrides(argv)
+    if "args_file" in overrides:
+        overrides = {**read_config(overrides["args_file"]), **overrides}
+    files = config_file_list(overrides.get("config_file", ""))
+    check_overlay_keys(files)
+    known = set(BUNDLE_RUN_OPTIONS)
+    for path in files:
+        if Path(path).is_file():
+            known |= flat_keys(read_config(path))
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            same_depth = sorted(k for k in known if k.count("#") == key.count("#"))
+            close = difflib.get_close_matches(key, same_depth, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+            if key in TRAINING_NETWORK_KEYS and "architecture" in known:
+                hint = " (inference and evaluation build the network from the checkpoint's recorded architecture: drop it)"
+            hints.append(f"--{key}{hint}")
+        raise ValueError(
+            f"unknown config key(s): {'; '.join(hints)}. Keys must name an entry of the config files "
+            f"({', '.join(files) or 'none given'}); nested entries are written with '#', e.g. "
+            "--train#dataloader#num_workers 2. To add a new key on purpose, put it in an overlay file that uses it (@key)."
+        )
 
 
 def innermost_cause(error: BaseException) -> BaseException:

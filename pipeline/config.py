@@ -1,7 +1,8 @@
 """What is about the bundle's config files themselves, checked before any work starts.
 
-MONAI's bundle CLI accepts any ``--key value``: a misspelt key (``--num_epoch 3``) silently adds a new,
-unused entry and the run goes on with the default; :func:`check_cli_keys` catches that. :func:`bundle_root`
+MONAI's bundle CLI accepts any key of an overlay file: a misspelt one (``num_epoch: 3``) silently adds a new,
+unused entry and the run goes on with the default; :func:`check_overlay_keys` catches that (and
+:func:`pipeline.cli.check_cli_keys`, with it, the keys of the command line). :func:`bundle_root`
 finds the bundle's folder from the config file given; :func:`check_paths` refuses paths MONAI's parser
 rewrote; :func:`check_writable_dir` fails before training or prediction when an output folder cannot be
 written. Value ranges and booleans are :mod:`pipeline.checks`'; the checks of a run's data are
@@ -15,6 +16,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +32,7 @@ BUNDLE_RUN_OPTIONS = frozenset(
 )
 
 
-def _config_files(value: Any) -> list[str]:
+def config_file_list(value: Any) -> list[str]:
     """``--config_file`` as MONAI accepts it: a path, a comma-separated list, or a list literal."""
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
@@ -43,18 +45,18 @@ def _config_files(value: Any) -> list[str]:
     return [part.strip().strip("'\"") for part in text.strip("[]").split(",") if part.strip().strip("'\"")]
 
 
-def _flat_keys(tree: Any, prefix: str = "") -> set[str]:
+def flat_keys(tree: Any, prefix: str = "") -> set[str]:
     """Every ``a#b#0`` path of a config tree, as MONAI's ``#`` ids spell them."""
     keys: set[str] = set()
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
     for key, value in items:
         path = f"{prefix}{key}"
         keys.add(path)
-        keys |= _flat_keys(value, path + "#")
+        keys |= flat_keys(value, path + "#")
     return keys
 
 
-def _read_config(path: str) -> dict:
+def read_config(path: str) -> dict:
     text = Path(path).read_text()
     data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     return data if isinstance(data, dict) else {}
@@ -76,56 +78,58 @@ def cli_overrides(argv: Sequence[str]) -> dict[str, str]:
     return out
 
 
-#: training keys that describe the network; inference and evaluation read it from the checkpoint instead
-TRAINING_NETWORK_KEYS = ("features", "padding", "norm", "loss_name", "out_channels", "dropout")
+_REFERENCE = re.compile(r"[@%]([A-Za-z_][\w#]*)")
 
 
-def check_cli_keys(argv: Sequence[str] | None = None) -> None:
-    """Raise if a ``--key`` of a ``python -m monai.bundle`` command names nothing in its configs.
+def _references(tree: Any) -> set[str]:
+    """The ids a config tree refers to (``@id``, ``@a#b``, ``%id``) and their leading parts."""
+    found: set[str] = set()
+    if isinstance(tree, str):
+        for ref in _REFERENCE.findall(tree):
+            parts = ref.split("#")
+            found |= {"#".join(parts[: i + 1]) for i in range(len(parts))}
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            found |= _references(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            found |= _references(value)
+    return found
 
-    ``argv`` defaults to ``sys.argv`` when this process is the bundle CLI (otherwise, e.g. when a
-    ``ConfigWorkflow`` is built in Python, there is nothing to check). Known keys are every id of
-    every file in ``--config_file`` (``#`` paths included, e.g. ``train#dataloader#num_workers``),
-    the ``--args_file``'s keys and the CLI's own options.
+
+def check_overlay_keys(config_files: Sequence[str | os.PathLike]) -> None:
+    """Refuse a key of an overlay file (a config file after the first) that names nothing: not an entry of any
+    config of the bundle (the first file's folder: train, inference, evaluate, ... -- an overlay may serve them
+    all), nor of an earlier file, nor an id that one of the files uses (``@key``). A misspelt key
+    (``num_epoch: 1``) would otherwise add an unused entry and the run would go on with the default.
 
     Raises:
-        ValueError: naming the unknown key(s), the closest known ones and the config files read.
+        ValueError: naming the overlay, its unknown key(s) and the closest known ones.
     """
-    if argv is None:
-        if "monai" not in sys.argv[0] or "bundle" not in sys.argv[0]:
-            return
-        argv = sys.argv[1:]
-        from pipeline.cli import end_errors_with_their_cause
-
-        end_errors_with_their_cause()
-    overrides = cli_overrides(argv)
-    if "args_file" in overrides:
-        overrides = {**_read_config(overrides["args_file"]), **overrides}
-    files = _config_files(overrides.get("config_file", ""))
-    known = set(BUNDLE_RUN_OPTIONS)
-    for path in files:
-        if Path(path).is_file():
-            known |= _flat_keys(_read_config(path))
-    unknown = sorted(k for k in overrides if k not in known)
-    if unknown:
-        hints = []
-        for key in unknown:
-            same_depth = sorted(k for k in known if k.count("#") == key.count("#"))
-            close = difflib.get_close_matches(key, same_depth, n=3, cutoff=0.6)
-            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
-            if key in TRAINING_NETWORK_KEYS and "architecture" in known:
-                hint = " (inference and evaluation build the network from the checkpoint's recorded architecture: drop it)"
-            hints.append(f"--{key}{hint}")
-        raise ValueError(
-            f"unknown config key(s): {'; '.join(hints)}. Keys must name an entry of the config files "
-            f"({', '.join(files) or 'none given'}); nested entries are written with '#', e.g. "
-            "--train#dataloader#num_workers 2. To add a new key on purpose, put it in an overlay file."
-        )
+    files = [str(f) for f in config_files if Path(f).is_file()]
+    if len(files) < 2:
+        return
+    folder = Path(files[0]).parent
+    bundle = [f for f in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.json")) if not f.name.endswith("metadata.json")]
+    trees = {f: read_config(f) for f in files}
+    known = set(BUNDLE_RUN_OPTIONS).union(*(flat_keys(read_config(str(f))) for f in bundle), *map(_references, trees.values()))
+    for path in files[1:]:
+        unknown = [k for k in trees[path] if str(k) not in known]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), sorted(k for k in known if k.count("#") == str(key).count("#")), n=3, cutoff=0.6)
+                hints.append(f"{key}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            raise ValueError(
+                f"{path}: unknown key(s): {'; '.join(hints)}. A key of an overlay must name an entry of the bundle's "
+                f"configs ({folder}) or be used by the configs (@key); nothing was run"
+            )
+        known |= flat_keys(trees[path])
 
 
 def _root_of(config_file: Any) -> str | None:
     """The bundle folder of a config file: the parent of its ``configs/`` folder (MONAI's layout), else its folder."""
-    files = _config_files(config_file) if config_file else []
+    files = config_file_list(config_file) if config_file else []
     if not files:
         return None
     folder = Path(files[0]).parent

@@ -119,6 +119,7 @@ def paired_items(
     volumes: bool = False,
     outside: bool = False,
     sections_key: str = "eval_slices",
+    allow_missing_chunks: bool = False,
 ) -> list[dict]:
     """Every item of an image/label pair of stacks, volumes, files or folders, checked.
 
@@ -129,7 +130,8 @@ def paired_items(
     (clipped to the file; files with no section in the range are dropped); with ``outside`` too, the parts of each
     3D file before and after the range (3D training around validation sections). In HDF5 and zarr
     containers the datasets ``image_key`` / ``label_key`` are read (default: the only one); images and
-    labels may be two datasets of one file.
+    labels may be two datasets of one file. A zarr / N5 / HDF5 dataset with chunks missing is refused unless
+    ``allow_missing_chunks`` (:func:`pipeline.io.containers.check_chunks`; the readers then take the same value).
 
     Raises:
         FileNotFoundError: a path does not exist or a folder holds no images.
@@ -138,8 +140,8 @@ def paired_items(
     items = []
     for image, label in _pair(_image_files(images, "image"), _image_files(labels, "label")):
         item = _with_dataset(_with_dataset({"image": str(image), "label": str(label)}, "image", image_key), "label", label_key)
-        img, img_meta = read_cached(image, item.get("image_dataset"))
-        lab, lab_meta = read_cached(label, item.get("label_dataset"))
+        img, img_meta = read_cached(image, item.get("image_dataset"), allow_missing_chunks)
+        lab, lab_meta = read_cached(label, item.get("label_dataset"), allow_missing_chunks)
         # compared in the pipeline's axis order (channel_first), so a NIfTI image pairs with a TIFF label
         shape, lab_shape = channel_first(img, img_meta, image)[0].shape[1:], channel_first(lab, lab_meta, label)[0].shape[1:]
         if shape != lab_shape:
@@ -181,6 +183,7 @@ def make_datalists(
     image_key: str | None = None,
     label_key: str | None = None,
     volumes: bool = False,
+    allow_missing_chunks: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     """Training and validation datalists from image/label stacks, volumes or folders.
 
@@ -195,6 +198,7 @@ def make_datalists(
         image_key, label_key: the datasets inside HDF5 / zarr containers (:func:`paired_items`).
         volumes: items are whole stacks / volumes (a 3D network): ``val_slices`` validates on that range of
             each and trains on the sections before and after it (``"slices": [start, stop)`` items).
+        allow_missing_chunks: read container datasets with chunks missing (:func:`paired_items`).
 
     Returns:
         ``(train, val)`` lists of :func:`paired_items` items.
@@ -208,8 +212,8 @@ def make_datalists(
     if val_slices is not None and (len(val_slices) != 2 or not 0 <= val_slices[0] < val_slices[1]):
         raise ValueError(f"val_slices must be [start, stop) with 0 <= start < stop, got {list(val_slices)}")
     if volumes:
-        return _volume_datalists(images, labels, val_slices, val_files, image_key, label_key)
-    items = paired_items(images, labels, image_key=image_key, label_key=label_key)
+        return _volume_datalists(images, labels, val_slices, val_files, image_key, label_key, allow_missing_chunks)
+    items = paired_items(images, labels, image_key=image_key, label_key=label_key, allow_missing_chunks=allow_missing_chunks)
     val_names = _validation_files(list(dict.fromkeys(Path(i["image"]).name for i in items)), val_files)
     if val_slices is not None and not any(val_slices[0] <= i.get("slice", -1) < val_slices[1] for i in items):
         found = sorted({i["slice"] for i in items if "slice" in i})
@@ -246,11 +250,11 @@ def _validation_files(names: list[str], val_files: int | Sequence[str] | None) -
     return chosen
 
 
-def _volume_datalists(images, labels, val_slices, val_files, image_key, label_key) -> tuple[list[dict], list[dict]]:
+def _volume_datalists(images, labels, val_slices, val_files, image_key, label_key, holes=False) -> tuple[list[dict], list[dict]]:
     """:func:`make_datalists` for a 3D network: whole stacks / volumes, or their parts around ``val_slices``."""
-    keys = dict(image_key=image_key, label_key=label_key, volumes=True, sections_key="val_slices")
+    keys = dict(image_key=image_key, label_key=label_key, volumes=True, sections_key="val_slices", allow_missing_chunks=holes)
     items = paired_items(images, labels, **keys)
-    flat = [i["image"] for i in items if read_cached(i["image"], i.get("image_dataset"))[0].ndim < 3]
+    flat = [i["image"] for i in items if read_cached(i["image"], i.get("image_dataset"), holes)[0].ndim < 3]
     if flat:
         raise ValueError(f"a 3D network (spatial_dims 3) trains on stacks and volumes; {flat[0]} is a 2D image "
                          f"({len(flat)} of {len(items)} files). Give (Z, Y, X) files, or train a 2D network (--spatial_dims 2)")
@@ -290,7 +294,7 @@ def check_datalists(**datalists: Any) -> None:
 
 def check_labels(
     datalist: Sequence[dict], mask_threshold: float | None = None, label_mode: str = "binary", num_classes: int = 2,
-    class_values: Any = None,
+    class_values: Any = None, allow_missing_chunks: bool = False,
 ) -> None:
     """Every label file (or container dataset) of a datalist reads by ``label_mode``'s rule, checked on the
     whole file before any output: binary masks by the one binarisation rule
@@ -309,7 +313,7 @@ def check_labels(
         if "label" not in item or (item["label"], item.get("label_dataset")) in seen:
             continue
         seen.add((item["label"], item.get("label_dataset")))
-        array, meta = io.read_cached(item["label"], item.get("label_dataset"))
+        array, meta = io.read_cached(item["label"], item.get("label_dataset"), allow_missing_chunks)
         array = io.channel_first(array, meta, item["label"])[0]  # a grey label saved as RGB: one channel
         if array.shape[0] > 1:
             raise ValueError(

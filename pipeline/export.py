@@ -122,14 +122,6 @@ def merged_config(config_files: Sequence[str | os.PathLike], overrides: dict | N
     return copy.deepcopy(parser.get())
 
 
-def check_targets(paths: Sequence[str | os.PathLike], overwrite: bool = False) -> None:
-    """Raise ``FileExistsError`` naming the exports that exist already, unless ``overwrite`` (before any is written)."""
-    existing = [str(p) for p in paths if Path(p).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} exist(s) already; give another output_dir=... (or package=... / "
-                              "torchscript=...) or overwrite=True")
-
-
 def export_torchscript(network: UNet, filepath: str | os.PathLike, config: dict | None = None, metadata: dict | None = None,
                        overwrite: bool = False) -> str:
     """Script ``network`` (``torch.jit.script``: every valid input size works, unlike tracing) and save it with
@@ -140,16 +132,16 @@ def export_torchscript(network: UNet, filepath: str | os.PathLike, config: dict 
     Returns the path written (``.ts`` added when there is no suffix), replaced atomically.
 
     Raises:
-        FileExistsError: the file exists and ``overwrite`` is false.
+        FileExistsError: the file exists and ``overwrite`` is false (:func:`pipeline.io.check_outputs`).
     """
     from monai.data import save_net_with_metadata
 
-    from pipeline.io import replace_atomically
+    from pipeline.io import check_outputs, replace_atomically
 
     filepath = Path(filepath)
     if not filepath.suffix:
         filepath = filepath.with_suffix(".ts")
-    check_targets([filepath], overwrite)
+    check_outputs({}, [filepath], "torchscript", overwrite=overwrite)
     meta = copy.deepcopy(metadata or {})
     channel_def = ((meta.get("network_data_format") or {}).get("outputs", {}).get("pred", {}).get("channel_def"))
     if not isinstance(channel_def, dict) or len(channel_def) != network.out_channels:  # metadata of another overlay
@@ -307,14 +299,16 @@ def export_bioimageio(
         The package path.
 
     Raises:
-        FileExistsError: ``output_path`` exists and ``overwrite`` is false.
+        FileExistsError: ``output_path`` exists and ``overwrite`` is false (:func:`pipeline.io.check_outputs`).
         ValueError: a sample that is too small or of the wrong dimensionality; a description that
             ``bioimageio.spec`` rejects (its validation message); a package that fails ``test_model``.
     """
     from bioimageio.spec import save_bioimageio_package
 
+    from pipeline.io import check_outputs
+
     output_path = Path(output_path)
-    check_targets([output_path], overwrite)
+    check_outputs({}, [output_path], "package", overwrite=overwrite)
     network = network.eval().cpu()
     channel_names = _channel_names(network, channel_names)
     model = ProbabilityUNet(**network.architecture)

@@ -399,6 +399,8 @@ def label_zarr(store: str, source: str, rule: InstanceRule, name: str, block: Se
     """
     import zarr
 
+    from pipeline.io.containers import every_chunk
+
     group = zarr.open_group(store, mode="r+")
     src = group[source]
     classes = src.shape[0] if class_axis else 2
@@ -431,12 +433,12 @@ def label_zarr(store: str, source: str, rule: InstanceRule, name: str, block: Se
     target = f"instances/{name}"
     stage = group.create_array(f"{tmp}/seeds" if rule.method == "watershed" else target, shape=shape, chunks=chunks,
                                dtype="uint32", fill_value=0, overwrite=True)
-    run(lambda i: _relabel_block(zarr.open_group(store, mode="r")[f"{tmp}/local"], zarr.open_group(store, mode="r+")[stage.path],
+    run(lambda i: _relabel_block(zarr.open_group(store, mode="r")[f"{tmp}/local"], every_chunk(zarr.open_group(store, mode="r+")[stage.path]),
                                  i, block, shape, offsets[i], lut), blocks)
     if rule.method == "watershed":
         group.create_array(target, shape=shape, chunks=chunks, dtype="uint32", fill_value=0, overwrite=True)
         pad = [0 if (sections and a == 0) else int(halo) for a in range(len(shape))]
         run(lambda i: _flood_block(zarr.open_group(store, mode="r")[source], zarr.open_group(store, mode="r")[f"{tmp}/seeds"],
-                                   zarr.open_group(store, mode="r+")[target], rule, i, block, shape, pad), blocks)
+                                   every_chunk(zarr.open_group(store, mode="r+")[target]), rule, i, block, shape, pad), blocks)
     del group["_instances_tmp"]
     return target

@@ -6,9 +6,11 @@ The reference is the same stack as a plain TIFF: every container path must give 
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import h5py
 import json
+import re
 import struct
 
 import numpy as np
@@ -23,6 +25,7 @@ from pipeline.io import probe_image, read_image, write_image
 from pipeline.io.lazy import LazySource
 from pipeline.networks import UNet
 from pipeline.synthetic import make_stack, to_uint8
+from pipeline.transforms import LoadSectiond
 
 from conftest import EVALUATE, FEATURES, INFER, bundle
 
@@ -290,3 +293,247 @@ def test_review_findings_spacing_of_dropped_axes_and_nan_in_a_later_streaming_in
     with pytest.raises(ValueError, match=r"b.tif has 1 non-finite pixel\(s\) \(NaN or Inf\) of 3520 in section\(s\) 1 \(1\); pass fill_nan=True"):
         predict_files(UNet(features=FEATURES), [str(tmp_path / "in" / n) for n in ("a.tif", "b.tif")], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- missing data: one rule in every reading path
+HOLES = {  # kind: (the unit's name in the message, units in all)
+    "zarr2-dot": ("1.0.1 (array index (1, 0, 1))", "8 chunks"),
+    "zarr2-slash": ("1/0/1 (array index (1, 0, 1))", "8 chunks"),
+    "zarr3": ("c/1/0/1 (array index (1, 0, 1))", "8 chunks"),
+    "zarr3-sharded": ("c/1/0/0 (array index (1, 0, 0))", "2 shards"),
+    "n5": ("1/0/1 (array index (1, 0, 1))", "8 chunks"),
+    "hdf5": ("the chunk at (1, 0, 22) (array index (1, 0, 1))", "8 chunks"),
+}
+
+
+def holey(tmp, kind):
+    """A (2, 40, 44) volume (values 1..) in chunks (1, 20, 22) (shards (1, 40, 44)) of ``kind`` whose unit at array index
+    (1, 0, 1) (the shard (1, 0, 0)) is not stored; returns ``(path, key, what the readers give with the hole: 0 there)``."""
+    volume = np.arange(1, 2 * 40 * 44 + 1, dtype=np.float32).reshape(2, 40, 44)
+    hole = (1, slice(0, 40), slice(None)) if kind == "zarr3-sharded" else (1, slice(0, 20), slice(22, 44))
+    expected = volume.copy()
+    expected[hole] = 0
+    if kind == "hdf5":
+        path, key = tmp / "holey.h5", "raw"
+        with h5py.File(path, "w") as f:
+            dataset = f.create_dataset(key, shape=volume.shape, chunks=(1, 20, 22), dtype="float32")
+            dataset[0], dataset[1, 20:], dataset[1, :20, :22] = volume[0], volume[1, 20:], volume[1, :20, :22]  # one chunk never written
+        return path, key, expected
+    if kind == "n5":
+        write_n5_by_hand(tmp / "holey.n5", "raw", volume, block=(1, 20, 22), resolution_xyz=[1.0, 1.0, 1.0])
+        (tmp / "holey.n5" / "raw" / "1" / "0" / "1").unlink()  # x 1, y 0, z 1 (N5 lists x first)
+        return tmp / "holey.n5", "raw", expected
+    options = {"zarr2-dot": {"zarr_format": 2}, "zarr2-slash": {"zarr_format": 2, "chunk_key_encoding": {"name": "v2", "separator": "/"}},
+               "zarr3": {}, "zarr3-sharded": {"shards": (1, 40, 44)}}[kind]
+    path = tmp / f"{kind}.zarr"
+    array = zarr.create_array(str(path), shape=volume.shape, chunks=(1, 20, 22), dtype="float32", fill_value=0, **options)
+    array[...] = volume
+    (path / HOLES[kind][0].split(" ")[0]).unlink()
+    return path, None, expected
+
+
+@pytest.mark.parametrize("kind", list(HOLES))
+def test_missing_chunks_are_refused_alike_by_every_reading_path(tmp_path, kind):
+    """Whole-file reading (inference in memory, training and evaluation datalists), the pre-flight check and block-by-block
+    reading refuse a dataset with a chunk (shard) not stored, naming it; allow_missing_chunks=True reads the fill value there."""
+    from pipeline.engine import ReadSettings
+    from pipeline.engine.files import check_file
+    from pipeline.io.containers import check_stored
+
+    path, key, expected = holey(tmp_path, kind)
+    name, units = HOLES[kind]
+    where = re.escape(path.name + (f" dataset '{key}'" if key else ""))
+    pattern = rf"{where}: 1 of {units} are missing from the (zarr array|N5 dataset|HDF5 dataset), e.g\. {re.escape(name)};.*" \
+              r"fill value \(0(\.0)?\).*pass allow_missing_chunks=True to read them as the fill value"
+    net = UNet(features=FEATURES)
+    readers = {
+        "read_image": lambda: read_image(path, key=key),
+        "check_stored": lambda: check_stored(path, key),
+        "check_file (in memory, pre-flight)": lambda: check_file(net, str(path), ReadSettings(), key),
+        "LoadSectiond": lambda: LoadSectiond(keys="image")({"image": str(path), "image_dataset": key}),
+        "streaming": lambda: LazySource(path, 2, 1, key=key).check_complete(),
+        "datalists": lambda: paired_items(path, path, image_key=key, label_key=key),
+    }
+    messages = {}
+    for what, read in readers.items():
+        with pytest.raises(ValueError, match=pattern) as err:
+            read()
+        messages[what] = str(err.value)
+    assert len(set(messages.values())) == 1, messages  # one rule, one message
+    array, _ = read_image(path, key=key, allow_missing_chunks=True)
+    assert np.array_equal(array, expected)
+    check_file(net, str(path), ReadSettings(allow_missing_chunks=True), key)
+    loaded = LoadSectiond(keys="image", allow_missing_chunks=True)({"image": str(path), "image_dataset": key})["image"]
+    assert np.array_equal(loaded.numpy()[0], expected)
+    lazy = LazySource(path, 2, 1, key=key)
+    assert np.array_equal(lazy.read((slice(0, 2), slice(0, 40), slice(0, 44)))[0], expected)
+    assert len(paired_items(path, path, image_key=key, label_key=key, allow_missing_chunks=True)) == 2
+
+
+def test_missing_chunks_in_memory_as_streaming_and_blank_chunks_written_or_nan_filled(tmp_path):
+    """In memory and streaming refuse alike before any output, and with allow_missing_chunks predict the same values: those
+    of the volume with zeros in the hole. The writers store blank chunks (no false holes); holes of a NaN-filled array read
+    as NaN, left to the non-finite rule (fill_nan)."""
+    from pipeline.engine import ReadSettings, predict_files
+    from pipeline.streaming import predict_files as stream_files
+
+    path, _, expected = holey(tmp_path, "zarr2-slash")
+    net = UNet(features=FEATURES)
+    with pytest.raises(ValueError, match=r"zarr2-slash.zarr: 1 of 8 chunks are missing .* e\.g\. 1/0/1"):
+        predict_files(net, [str(path)], tmp_path / "memory")
+    with pytest.raises(ValueError, match=r"zarr2-slash.zarr: 1 of 8 chunks are missing .* e\.g\. 1/0/1"):
+        stream_files(net, [str(path)], tmp_path / "stream")
+    assert not (tmp_path / "memory").exists() and not (tmp_path / "stream").exists()
+    [files] = predict_files(net, [str(path)], tmp_path / "memory", reading=ReadSettings(allow_missing_chunks=True))
+    [store] = stream_files(net, [str(path)], tmp_path / "stream", allow_missing_chunks=True, export=None)
+    write_image(expected, tmp_path / "filled.tif")
+    [want] = predict_files(net, [str(tmp_path / "filled.tif")], tmp_path / "want")
+    memory, _ = read_image(files["probabilities"])
+    np.testing.assert_array_equal(memory, read_image(want["probabilities"])[0])
+    assert np.abs(zarr.open_group(str(store), mode="r")["probabilities"][...] - memory).max() <= 1e-5
+
+    blank = np.zeros((2, 300, 40), np.float32)
+    blank[0] = 1  # section 1 blank: its chunks equal the fill value, and are stored all the same
+    for suffix in (".zarr", ".n5"):
+        write_image(blank, tmp_path / f"blank{suffix}")
+        assert np.array_equal(read_image(tmp_path / f"blank{suffix}")[0], blank)
+
+    nan = zarr.create_array(str(tmp_path / "nan.zarr"), shape=(2, 40, 44), chunks=(1, 20, 22), dtype="float32", fill_value=np.nan)
+    nan[...] = 1.0
+    (tmp_path / "nan.zarr" / "c" / "1" / "0" / "1").unlink()
+    array, _ = read_image(tmp_path / "nan.zarr")
+    assert np.isnan(array[1, :20, 22:]).all() and (array[1, 20:] == 1).all()
+    with pytest.raises(ValueError, match=r"nan.zarr has 440 non-finite pixel\(s\) \(NaN or Inf\) of 3520, the first at \(z, y, x\) \(1, 0, 22\) in section\(s\) 1 \(440\); pass fill_nan=True"):
+        predict_files(net, [str(tmp_path / "nan.zarr")], tmp_path / "nan")
+
+
+@pytest.mark.slow
+def test_cli_in_memory_refuses_a_missing_shard_and_predicts_it_with_allow_missing_chunks(data, tmp_path):
+    """The bundle in memory: a zarr v3 array with a missing shard is refused before any output (in the bundle's words);
+    --allow_missing_chunks true predicts the hole from the fill value, as the library does."""
+    from pipeline.engine import ReadSettings, predict_files
+
+    tmp, *_ = data
+    path, _, expected = holey(tmp_path, "zarr3-sharded")
+    proc = infer(tmp, path, tmp_path / "out")
+    assert proc.returncode != 0
+    assert re.search(r"zarr3-sharded.zarr: 1 of 2 shards are missing from the zarr array, e\.g\. c/1/0/0 .*pass "
+                     r"--allow_missing_chunks true to read them as the fill value", proc.stderr.splitlines()[-1])
+    assert not (tmp_path / "out").exists()
+    proc = infer(tmp, path, tmp_path / "out", "--allow_missing_chunks", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    net = UNet(features=FEATURES)
+    net.load_state_dict(torch.load(tmp / "model.pt"))
+    write_image(expected, tmp_path / "filled.tif")
+    [want] = predict_files(net, [str(tmp_path / "filled.tif")], tmp_path / "want", reading=ReadSettings())
+    np.testing.assert_allclose(read_image(tmp_path / "out/probabilities/zarr3-sharded.zarr")[0],
+                               read_image(want["probabilities"])[0], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- axis names from the file's own metadata
+def _axistags(keys):
+    flags = {"c": 1, "t": 8}
+    return json.dumps({"axes": [{"key": k, "typeFlags": flags.get(k, 2), "resolution": 0, "description": ""} for k in keys]})
+
+
+def _named(tmp, fmt, names, stored):
+    """``stored`` written as one dataset of ``fmt`` whose metadata names its axes ``names`` (C order, as the array is read)."""
+    if fmt == "ilastik-h5":
+        with h5py.File(tmp / "a.h5", "w") as f:
+            f["data"] = stored
+            f["data"].attrs["axistags"] = _axistags(names)
+        return tmp / "a.h5"
+    if fmt in ("zarr3-dimension_names", "zarr2-xarray"):
+        v3 = fmt.startswith("zarr3")
+        array = zarr.create_array(str(tmp / "a.zarr"), shape=stored.shape, dtype=stored.dtype, zarr_format=3 if v3 else 2,
+                                  dimension_names=list(names) if v3 else None)
+        array[...] = stored
+        if not v3:
+            array.attrs["_ARRAY_DIMENSIONS"] = list(names)  # xarray's convention
+        return tmp / "a.zarr"
+    block = tmp / "a.n5" / "data" / Path(*["0"] * stored.ndim)  # one block of any rank, from the spec
+    block.parent.mkdir(parents=True)
+    (tmp / "a.n5" / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))
+    header = struct.pack(">HH", 0, stored.ndim) + struct.pack(f">{stored.ndim}I", *stored.shape[::-1])
+    block.write_bytes(header + stored.astype(stored.dtype.newbyteorder(">")).tobytes())  # x fastest: C order
+    attrs_file = tmp / "a.n5" / "data" / "attributes.json"
+    attrs = {"dimensions": list(stored.shape[::-1]), "blockSize": list(stored.shape[::-1]), "dataType": stored.dtype.name,
+             "compression": {"type": "raw"}}
+    if fmt == "n5-axes":  # n5-ij / N5 "axes": x first
+        attrs["axes"] = list(names)[::-1]
+    elif fmt == "n5-imagej":  # Fiji's N5 export: dimensions x, y[, c][, z][, t]
+        sizes = dict(zip(names, stored.shape))
+        attrs.update(numChannels=sizes.get("c", 1), numSlices=sizes.get("z", 1), numFrames=sizes.get("t", 1), pixelWidth=1.0)
+    else:  # ilastik's N5 export: axistags in the array's (C) order
+        attrs["axistags"] = _axistags(names)
+    attrs_file.write_text(json.dumps(attrs))
+    return tmp / "a.n5"
+
+
+AXES = [  # format, names (C order), stored shape, planned shape, planned letters, stored -> planned
+    ("ilastik-h5", "yxc", (96, 96, 3), (96, 96, 3), "YXC", lambda a: a),  # the issue's file: not 96 sections of 96 x 3
+    ("ilastik-h5", "cyx", (3, 40, 44), (40, 44, 3), "YXC", lambda a: np.moveaxis(a, 0, -1)),
+    ("ilastik-h5", "zyx", (5, 40, 44), (5, 40, 44), "ZYX", lambda a: a),
+    ("ilastik-h5", "tzyxc", (1, 4, 40, 44, 1), (4, 40, 44), "ZYX", lambda a: a[0, ..., 0]),
+    ("ilastik-h5", "xyz", (44, 40, 5), (5, 40, 44), "ZYX", lambda a: a.transpose(2, 1, 0)),
+    ("zarr3-dimension_names", "cyx", (3, 40, 44), (40, 44, 3), "YXC", lambda a: np.moveaxis(a, 0, -1)),
+    ("zarr2-xarray", ["y", "x", "channel"], (40, 44, 2), (40, 44, 2), "YXC", lambda a: a),
+    ("zarr3-dimension_names", ["dim_0", "dim_1", "dim_2"], (5, 40, 44), (5, 40, 44), "ZYX", lambda a: a),  # not axis names: unnamed
+    ("n5-axes", "cyx", (3, 40, 44), (40, 44, 3), "YXC", lambda a: np.moveaxis(a, 0, -1)),
+    ("n5-axes", "zyx", (5, 40, 44), (5, 40, 44), "ZYX", lambda a: a),
+    ("n5-imagej", "zcyx", (4, 2, 40, 44), (4, 40, 44, 2), "ZYXC", lambda a: np.moveaxis(a, 1, -1)),
+    ("n5-imagej", "tyx", (3, 40, 44), (3, 40, 44), "TYX", lambda a: a),
+    ("n5-ilastik", "cyx", (3, 40, 44), (40, 44, 3), "YXC", lambda a: np.moveaxis(a, 0, -1)),
+]
+
+
+@pytest.mark.parametrize("fmt, names, stored_shape, planned, letters, plan", AXES)
+def test_axis_names_from_container_metadata_in_memory_and_streaming(tmp_path, fmt, names, stored_shape, planned, letters, plan):
+    """ilastik axistags, zarr dimension names, N5 axes and Fiji's N5 attributes name the axes, read by the one axis rule:
+    in memory and block by block alike (a 3-channel network reads the channels, a 1-channel network is refused alike)."""
+    from pipeline.io import channel_first
+    from pipeline.io.containers import dataset_plan, open_dataset
+
+    stored = np.arange(np.prod(stored_shape), dtype=np.uint16).reshape(stored_shape)
+    path = _named(tmp_path, fmt, names, stored)
+    array, meta = read_image(path)
+    assert array.shape == planned and np.array_equal(array, plan(stored))
+    opened, info = open_dataset(path)
+    assert dataset_plan(opened, info, path).axes == letters
+    if isinstance(opened, h5py.Dataset):
+        opened.file.close()
+    channels = planned[-1] if letters.endswith("C") else 1
+    assert probe_image(path).channels == channels and probe_image(path).shape == planned
+    first, _ = channel_first(array, meta, path, rgb_to_grey=True)  # channels, not colour: never mixed
+    assert first.shape[0] == channels
+    lazy = LazySource(path, 2, channels)
+    box = tuple(slice(1, n - 1) for n in lazy.spatial)
+    assert np.array_equal(lazy.read(box), first[(slice(None), *box)])
+    if channels > 1:
+        from pipeline.engine import ReadSettings
+        from pipeline.engine.files import check_file
+
+        with pytest.raises(ValueError) as memory:
+            check_file(UNet(features=FEATURES), str(path), ReadSettings(rgb_to_grey=True))
+        with pytest.raises(ValueError) as streaming:
+            LazySource(path, 2, 1, rgb_to_grey=True)
+        assert str(memory.value) == str(streaming.value)
+        assert f"has {channels} channel(s)" in str(memory.value) and "rgb_to_grey=True applies to RGB colour only" in str(memory.value)
+
+
+def test_ome_zarr_channels_are_colour_only_when_marked_red_green_blue(tmp_path):
+    """An OME-Zarr image's c of 3 is colour (rgb_to_grey takes its luminance) when its omero channels are red, green and
+    blue (bioformats2raw's colour slides); without that mark its channels are refused for a 1-channel network."""
+    rgb = np.random.default_rng(0).integers(0, 255, (3, 40, 44), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.moveaxis(rgb, 0, -1), photometric="rgb")
+    for marked in (True, False):
+        group = zarr.open_group(str(tmp_path / f"{marked}.ome.zarr"), mode="w")
+        group.create_array("0", shape=rgb.shape, dtype="uint8")[...] = rgb
+        group.attrs["multiscales"] = [{"version": "0.4", "axes": ["c", "y", "x"], "datasets": [{"path": "0"}]}]
+        if marked:
+            group.attrs["omero"] = {"channels": [{"color": c, "label": n} for c, n in zip(("FF0000", "00FF00", "0000FF"), "RGB")]}
+    grey = LoadSectiond(keys="image", rgb_to_grey=True)({"image": str(tmp_path / "True.ome.zarr")})["image"].numpy()
+    assert np.array_equal(grey, LoadSectiond(keys="image", rgb_to_grey=True)({"image": str(tmp_path / "rgb.tif")})["image"].numpy())
+    assert np.array_equal(LazySource(tmp_path / "True.ome.zarr", 2, 1, rgb_to_grey=True).read((slice(0, 40), slice(0, 44))), grey)
+    with pytest.raises(ValueError, match=r"False.ome.zarr has 3 channel\(s\) .*channels by the file's own metadata \(axis C\)"):
+        LazySource(tmp_path / "False.ome.zarr", 2, 1, rgb_to_grey=True)

@@ -101,7 +101,7 @@ def test_console_train_predict_export_import_evaluate(trained):
         assert (scripted(x) - original(x)).abs().max().item() <= 1e-5
 
     again = em_unet("export", "--model", str(ckpt), "-o", "export", "--format", "torchscript", cwd=tmp)
-    assert again.returncode != 0 and "exist(s) already" in again.stderr and "--overwrite true" in again.stderr
+    assert again.returncode != 0 and "exist already" in again.stderr and "--overwrite true" in again.stderr
 
     ok(em_unet("evaluate", "--model", str(ckpt), "--images", "stack.tif", "--labels", "labels.tif", "-o", "evaluation", cwd=tmp))
     report = json.loads((tmp / "evaluation/report.json").read_text())

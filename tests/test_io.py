@@ -218,3 +218,81 @@ def test_check_outputs_hard_link_inside_and_collisions(tmp_path):
     with pytest.raises(ValueError, match=r"report.csv is the input"):
         check_outputs({str(tmp_path / "report.csv"): []}, shared=[tmp_path / "report.csv"])
     check_outputs({"a.tif": ["o/a.tif"], "b.tif": ["o/b.tif"]}, shared=["o/report.csv"])  # distinct: fine
+
+
+# ---------------------------------------------------------------- colour is what the file says is colour
+def test_sections_stored_as_imagej_channels_are_refused_with_how_to_resave_never_mixed(tmp_path):
+    """tifffile.imwrite(path, (3, Y, X), imagej=True) writes an ImageJ hyperstack of channels=3. For a 1-channel network it
+    is refused in memory and streaming alike, rgb_to_grey=True too (it would mix 3 sections into one image), with how to
+    save it as a stack; saved as advised, it reads as the 3 sections."""
+    import torch
+
+    from pipeline.engine import ReadSettings, predict_files
+    from pipeline.engine.files import check_file
+    from pipeline.io import channel_first, probe_image
+    from pipeline.io.lazy import LazySource
+    from pipeline.networks import UNet
+    from pipeline.streaming import predict_files as stream_files
+
+    stack = _stack(np.uint8, (3, 40, 44))
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(path, stack, imagej=True)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.imagej_metadata["channels"] == 3 and tif.series[0].axes == "CYX"
+    torch.manual_seed(0)
+    net = UNet(features=[4, 8, 16, 32, 64]).eval()
+    advice = (r"ij.tif has 3 channel\(s\) \(shape \(3, 40, 44\), stored axes CYX\), but the network takes 1; {}"
+              r"If they are 3 sections stored as channels, save the file again as a stack \(in Fiji, Image > Hyperstacks > "
+              r"Re-order Hyperstack\.\.\. \(channels <-> slices\) and save; in Python, tifffile\.imwrite\(path, "
+              r"tifffile\.imread\(path\), imagej=True, metadata=\{{'axes': 'ZYX'\}}\)\); a 2D network then predicts each "
+              r"section, a 3D network the stack\. If they are channels, predict with a network trained on 3 channels")
+    why = {False: r"its 3 planes are channels by the file's own metadata \(axis C\), not RGB colour, so rgb_to_grey=True does not apply\. ",
+           True: r"rgb_to_grey=True applies to RGB colour only, and its 3 planes are channels by the file's own metadata \(axis C\), "
+                 r"not RGB colour: their luminance would mix them\. "}
+    for rgb_to_grey, text in why.items():
+        messages = []
+        for refuse in (lambda: check_file(net, str(path), ReadSettings(rgb_to_grey=rgb_to_grey)),
+                       lambda: predict_files(net, [str(path)], tmp_path / "memory", reading=ReadSettings(rgb_to_grey=rgb_to_grey)),
+                       lambda: LazySource(path, 2, 1, rgb_to_grey=rgb_to_grey),
+                       lambda: stream_files(net, [str(path)], tmp_path / "stream", rgb_to_grey=rgb_to_grey)):
+            with pytest.raises(ValueError, match=advice.format(text)) as err:
+                refuse()
+            messages.append(str(err.value))
+        assert len(set(messages)) == 1  # in memory and streaming: one message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ij.tif"]  # nothing written
+    array, meta = read_image(path)
+    assert meta["colour"] is False and np.array_equal(channel_first(array, meta, path, rgb_to_grey=True)[0], stack)  # never mixed
+    tifffile.imwrite(path, tifffile.imread(path), imagej=True, metadata={"axes": "ZYX"})  # the advice, as given
+    array, meta = read_image(path)
+    assert np.array_equal(array, stack) and meta["tiff_axes"] == "ZYX" and probe_image(path).channels == 1
+    check_file(net, str(path), ReadSettings())
+    assert LazySource(path, 2, 1).spatial == (3, 40, 44)
+
+
+def test_rgb_to_grey_applies_to_colour_the_file_declares(tmp_path):
+    """Colour is photometric RGB (contiguous or planar) or an ImageJ composite whose lookup tables are red, green, blue:
+    rgb_to_grey gives the same luminance for each, in memory and streaming. Samples that are not RGB (minisblack with
+    extra samples) and plain minisblack pages (sections) are not colour."""
+    from pipeline.io import channel_first, probe_image
+    from pipeline.io.lazy import LazySource
+    from pipeline.io.readers import colour_to_grey
+
+    rgb = _stack(np.uint8, (3, 40, 44))
+    luminance = colour_to_grey(rgb, luminance=True)
+    tifffile.imwrite(tmp_path / "contig.tif", np.moveaxis(rgb, 0, -1), photometric="rgb")
+    tifffile.imwrite(tmp_path / "planar.tif", rgb, photometric="rgb", planarconfig="separate")
+    luts = [np.zeros((3, 256), np.uint8) for _ in range(3)]
+    for i, lut in enumerate(luts):
+        lut[i] = np.arange(256)
+    tifffile.imwrite(tmp_path / "composite.tif", rgb, imagej=True, metadata={"axes": "CYX", "mode": "composite", "LUTs": luts})
+    for name in ("contig.tif", "planar.tif", "composite.tif"):
+        array, meta = read_image(tmp_path / name)
+        assert meta["colour"] is True and probe_image(tmp_path / name).colour
+        np.testing.assert_array_equal(channel_first(array, meta, name, rgb_to_grey=True)[0], luminance)
+        np.testing.assert_array_equal(LazySource(tmp_path / name, 2, 1, rgb_to_grey=True).read((slice(0, 40), slice(0, 44))), luminance)
+    tifffile.imwrite(tmp_path / "extra.tif", np.moveaxis(rgb, 0, -1), photometric="minisblack", extrasamples=["unspecified"] * 2)
+    assert probe_image(tmp_path / "extra.tif").axes == "YXS" and not probe_image(tmp_path / "extra.tif").colour
+    with pytest.raises(ValueError, match=r"extra.tif has 3 channel\(s\) .*channels by the file's own metadata \(axis S\)"):
+        LazySource(tmp_path / "extra.tif", 2, 1, rgb_to_grey=True)
+    tifffile.imwrite(tmp_path / "pages.tif", rgb, photometric="minisblack")
+    assert probe_image(tmp_path / "pages.tif").shape == (3, 40, 44) and np.array_equal(read_image(tmp_path / "pages.tif")[0], rgb)

@@ -6,8 +6,11 @@ exactly as it was (no new, changed or removed file: nothing half-written). Bundl
 real ``python -m monai.bundle`` CLI; their error is the process's stderr.
 """
 
+import json
 import re
 from pathlib import Path
+
+import h5py
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +19,7 @@ import tifffile
 import torch
 import zarr
 
-from pipeline import checks, config, data, metrics
+from pipeline import checks, cli, config, data, metrics
 from pipeline.inferers import OverlapTileInferer
 from pipeline.checkpoints import latest_checkpoint, load_checkpoint
 from pipeline.io import read_image, write_image
@@ -394,7 +397,7 @@ def _(tmp):
     return infer(tmp, "--input_path", str(tmp / "stack.tif"), "--overwrite", "false")
 
 
-@row("cli-output-is-the-input", BundleError, r"output .*X/masks/stack.tif is the input .*X/masks/stack.tif: predicting would destroy the input.*overwrite or not.*--output_dir")
+@row("cli-output-is-the-input", BundleError, r"output .*X/masks/stack.tif is the input .*X/masks/stack.tif: writing it would destroy the input.*overwrite or not.*--output_dir")
 def _(tmp):
     tiny_checkpoint(tmp)
     (tmp / "X" / "masks").mkdir(parents=True)
@@ -696,6 +699,20 @@ def _(tmp):
     return lambda: predict_files(net(), [str(tmp / "grey.tif")], tmp / "out", skip_background=True)
 
 
+@row("cli-streaming-tissue-rule-on-grey-rgb", BundleError, r"section.tif: the tissue rule reads colour saturation, but this RGB image is grey .*set --skip_background false")
+def _(tmp):
+    grey = to_uint8(make_image((64, 72), seed=0)[0])
+    tifffile.imwrite(tmp / "section.tif", np.stack([grey] * 3, -1), photometric="rgb")  # an EM section saved as RGB
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "section.tif"), "--streaming", "true", "--skip_background", "true", "--rgb_to_grey", "true")
+
+
+@row("streaming-tissue-rule-finds-no-tissue", ValueError, r"blank.tif: skip_background found no tissue .*nothing would be predicted; set skip_background=False")
+def _(tmp):
+    tifffile.imwrite(tmp / "blank.tif", np.full((64, 72, 3), 235, np.uint8), photometric="rgb")
+    return lambda: predict_files(UNet(in_channels=3, features=FEATURES).eval(), [str(tmp / "blank.tif")], tmp / "out", skip_background=True)
+
+
 @row("streaming-source-non-finite", ValueError, r"a.zarr has 1 non-finite pixel\(s\) \(NaN or Inf\) of \d+ in section\(s\) 1 \(1\); pass fill_nan=True")
 def _(tmp):
     volume = np.ones((2, 40, 44), np.float32)
@@ -704,12 +721,17 @@ def _(tmp):
     return lambda: predict_zarr(net(), str(tmp / "a.zarr"), tmp / "out.zarr")
 
 
-@row("export-existing-output", FileExistsError, r"pkg.zip exist\(s\) already; give another output_dir=\.\.\. \(or package=\.\.\. / torchscript=\.\.\.\) or overwrite=True")
+@row("export-existing-output", FileExistsError, r"1 output file\(s\) exist already, e.g. \[.*pkg.zip'\]; nothing was written. Pass overwrite=True to replace them, or choose another package=<path>")
 def _(tmp):
     from pipeline.export import export_bioimageio
 
     (tmp / "pkg.zip").write_bytes(b"an earlier export")
     return lambda: export_bioimageio(net(), tmp / "pkg.zip", test=False)
+
+
+@row("metric-class-out-of-range", ValueError, r"pred holds class values \[3\] outside 0 \.\. 2 \(num_classes=3\)")
+def _(tmp):
+    return lambda: metrics.class_scores(np.array([[0, 3], [2, 2]]), np.array([[0, 2], [2, 2]]), 3)
 
 
 @row("export-sample-too-small", ValueError, r"sample_input .*small.tif' is 100 px along axis 0; the network needs at least 188 \(valid sizes: 188 \+ 16 \* n\)")
@@ -720,18 +742,164 @@ def _(tmp):
     return lambda: export_bioimageio(net(), tmp / "pkg.zip", sample_input=tmp / "small.tif", test=False)
 
 
-@row("console-misspelt-key", BundleError, r"em-unet train: error: unknown argument\(s\): --num_epoch \(did you mean --num_epochs")
-def _(tmp):
+def console(tmp, *args):
+    """An ``em-unet`` command that must fail: raise its stderr as :class:`BundleError`."""
     import subprocess
     import sys
 
     def action():
-        proc = subprocess.run([str(Path(sys.executable).with_name("em-unet")), "train", "--num_epoch", "3"], cwd=tmp,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([str(Path(sys.executable).with_name("em-unet")), *args], cwd=tmp, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise BundleError(proc.stderr)
 
     return action
+
+
+@row("console-misspelt-key", BundleError, r"em-unet train: error: unknown argument\(s\): --num_epoch \(did you mean --num_epochs")
+def _(tmp):
+    return console(tmp, "train", "--num_epoch", "3")
+
+
+@row("console-overlay-misspelt-key", BundleError, r"em-unet: error: mine.yaml: unknown key\(s\): num_epoch \(did you mean num_epochs\?\)")
+def _(tmp):
+    (tmp / "mine.yaml").write_text("num_epoch: 1\n")
+    return console(tmp, "train", "--config", "mine.yaml")
+
+
+@row("cli-overlay-misspelt-key", BundleError, r"mine.yaml: unknown key\(s\): num_epoch \(did you mean num_epochs\?\)")
+def _(tmp):
+    (tmp / "mine.yaml").write_text("num_epoch: 1\n")
+    return lambda: run("run", "training", "--config_file", f"['{TRAIN}','{tmp / 'mine.yaml'}']", "--bundle_root", str(tmp))
+
+
+@row("console-export-torchscript-onto-its-checkpoint", BundleError, r"output .*D/model.pt is the input .*D/model.pt: writing it would destroy the input, so nothing was written \(overwrite or not\)")
+def _(tmp):
+    (tmp / "D").mkdir()
+    tiny_checkpoint(tmp).rename(tmp / "D" / "model.pt")
+    return console(tmp, "export", "--model", "D/model.pt", "--format", "torchscript", "--torchscript", "D/model.pt", "--overwrite", "true")
+
+
+@row("console-export-package-onto-its-checkpoint", BundleError, r"output D/model.pt is the input .*/model.pt \(through a link\): writing it would destroy the input")
+def _(tmp):
+    (tmp / "D").mkdir()
+    tiny_checkpoint(tmp)
+    (tmp / "D" / "model.pt").symlink_to(tmp / "model.pt")
+    return console(tmp, "export", "--model", str(tmp / "model.pt"), "--format", "bioimageio", "--package", "D/model.pt", "--overwrite", "true")
+
+
+@row("console-export-package-onto-itself", BundleError, r"output .*pkg.zip is the input .*pkg.zip: writing it would destroy the input")
+def _(tmp):
+    (tmp / "pkg.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # (an empty zip: the check comes before reading it)
+    return console(tmp, "export", "--model", "pkg.zip", "--format", "bioimageio", "--package", "pkg.zip", "--overwrite", "true")
+
+
+# ------------------------------------------------------------------ what a run writes beside its outputs (issue 32)
+
+
+@row("cli-streaming-export-over-users-ome-zarr", BundleError, r"1 output file\(s\) exist already, e.g. \[.*out/stack.ome.zarr'\]; nothing was written. Pass --overwrite true")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    zarr.open_group(str(tmp / "out" / "stack.ome.zarr"), mode="w").create_array("0", shape=(2, 8, 8), dtype="uint8")
+    return infer(tmp, "--input_path", str(sections(tmp)), "--streaming", "true", "--export", "ome-zarr")
+
+
+@row("cli-streaming-export-over-users-ome-tiff", BundleError, r"exist already, e.g. \[.*out/stack_probabilities.ome.tif'\]")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    (tmp / "out").mkdir()
+    tifffile.imwrite(tmp / "out" / "stack_probabilities.ome.tif", np.zeros((2, 8, 8), np.float32), ome=True)
+    return infer(tmp, "--input_path", str(sections(tmp)), "--streaming", "true", "--export", "ome-tiff")
+
+
+@row("cli-streaming-overlay-over-users-png", BundleError, r"exist already, e.g. \[.*out/stack_overlay.png'\]")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    write_image(np.zeros((8, 8), np.uint8), tmp / "out" / "stack_overlay.png")
+    return infer(tmp, "--input_path", str(sections(tmp)), "--streaming", "true", "--overlay", "true")
+
+
+@row("cli-streaming-hdf5-export-into-users-file", BundleError, r"out/sample.h5 exists and holds curated, labels, which this run does not write \(it writes mask, probabilities\): replacing it would lose them.*overwrite or not")
+def _(tmp):
+    import h5py
+
+    tiny_checkpoint(tmp)
+    (tmp / "out").mkdir()
+    with h5py.File(tmp / "out" / "sample.h5", "w") as f:
+        f["labels"], f["curated"] = np.ones((2, 40, 44), np.uint8), np.zeros((2, 40, 44), np.uint8)
+    write_image(np.stack([to_uint8(make_image((40, 44), seed=i)[0]) for i in range(2)]), tmp / "data" / "sample.h5", meta={"dataset": "raw"})
+    return infer(tmp, "--input_path", str(tmp / "data" / "sample.h5"), "--streaming", "true", "--export", "hdf5", "--overwrite", "true")
+
+
+@row("cli-streaming-store-over-users-zarr-group", BundleError, r"out/stack.zarr exists and holds raw, which this run does not write .*overwrite or not")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    zarr.open_group(str(tmp / "out" / "stack.zarr"), mode="w").create_array("raw", shape=(2, 8, 8), dtype="uint8")
+    return infer(tmp, "--input_path", str(sections(tmp)), "--streaming", "true", "--overwrite", "true")
+
+
+@row("cli-predict-into-users-hdf5", BundleError, r"out/masks/sample.h5 exists and holds curated, which this run does not write")
+def _(tmp):
+    import h5py
+
+    tiny_checkpoint(tmp)
+    write_image(np.stack([to_uint8(make_image((40, 44), seed=i)[0]) for i in range(2)]), tmp / "data" / "sample.h5", meta={"dataset": "raw"})
+    (tmp / "out" / "masks").mkdir(parents=True)
+    with h5py.File(tmp / "out" / "masks" / "sample.h5", "w") as f:
+        f["mask"], f["curated"] = np.ones((2, 40, 44), np.uint8), np.zeros((2, 40, 44), np.uint8)
+    return infer(tmp, "--input_path", str(tmp / "data" / "sample.h5"), "--write", "[mask]", "--overwrite", "true")
+
+
+@row("cli-zarr-missing-shard-in-memory", BundleError, r"vol.zarr: 1 of 2 shards are missing from the zarr array, e\.g\. c/1/0/0 \(array index \(1, 0, 0\)\).*pass --allow_missing_chunks true")
+def _(tmp):
+    zarr.create_array(str(tmp / "vol.zarr"), shape=(2, 40, 44), shards=(1, 40, 44), chunks=(1, 20, 22), dtype="float32")[...] = 1.0
+    (tmp / "vol.zarr" / "c" / "1" / "0" / "0").unlink()  # one shard lost in a copy
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "vol.zarr"))
+
+
+@row("zarr-v2-missing-chunk-in-memory", ValueError, r"v2.zarr: 1 of 8 chunks are missing from the zarr array, e\.g\. 1/0/1 \(array index \(1, 0, 1\)\).*pass allow_missing_chunks=True")
+def _(tmp):
+    from pipeline.engine import predict_files as predict_in_memory
+
+    zarr.create_array(str(tmp / "v2.zarr"), shape=(2, 40, 44), chunks=(1, 20, 22), dtype="float32", zarr_format=2,
+                      chunk_key_encoding={"name": "v2", "separator": "/"})[...] = 1.0
+    (tmp / "v2.zarr" / "1" / "0" / "1").unlink()
+    return lambda: predict_in_memory(net(), [str(tmp / "v2.zarr")], tmp / "out")
+
+
+@row("hdf5-chunk-never-written-in-datalists", ValueError, r"raw.h5 dataset 'raw': 1 of 8 chunks are missing from the HDF5 dataset, e\.g\. the chunk at \(1, 0, 22\) \(array index \(1, 0, 1\)\).*pass allow_missing_chunks=True")
+def _(tmp):
+    with h5py.File(tmp / "raw.h5", "w") as f:
+        raw = f.create_dataset("raw", shape=(2, 40, 44), chunks=(1, 20, 22), dtype="float32")
+        raw[0], raw[1, 20:], raw[1, :20, :22] = 1.0, 1.0, 1.0  # the chunk [1, :20, 22:] never written
+        f["labels"] = np.zeros((2, 40, 44), np.uint8)
+    return lambda: data.make_datalists(tmp / "raw.h5", tmp / "raw.h5", val_slices=[1, 2], image_key="raw", label_key="labels")
+
+
+@row("cli-train-hdf5-chunk-never-written", BundleError, r"raw.h5 dataset 'raw': 1 of 8 chunks are missing from the HDF5 dataset.*pass --allow_missing_chunks true")
+def _(tmp):
+    with h5py.File(tmp / "raw.h5", "w") as f:
+        raw = f.create_dataset("raw", shape=(2, 40, 44), chunks=(1, 20, 22), dtype="float32")
+        raw[0], raw[1, 20:], raw[1, :20, :22] = 1.0, 1.0, 1.0
+        f["labels"] = np.zeros((2, 40, 44), np.uint8)
+    return train(tmp, "--images", str(tmp / "raw.h5"), "--labels", str(tmp / "raw.h5"), "--image_key", "raw", "--label_key", "labels",
+                 "--val_slices", "[1,2]")
+
+
+@row("ilastik-axistags-channels-for-grey-network", ValueError, r"il.h5 has 3 channel\(s\) \(shape \(96, 96, 3\), stored axes YXC\), but the network takes 1; its 3 planes are channels by the file's own metadata \(axis C\), not RGB colour")
+def _(tmp):
+    with h5py.File(tmp / "il.h5", "w") as f:  # ilastik names the axes: y, x, c (not 96 sections of 96 x 3)
+        f["data"] = np.zeros((96, 96, 3), np.uint8)
+        f["data"].attrs["axistags"] = json.dumps({"axes": [{"key": k, "typeFlags": 1 if k == "c" else 2} for k in "yxc"]})
+    return lambda: predict_files(net(), [str(tmp / "il.h5")], tmp / "out")
+
+
+@row("cli-imagej-channels-with-rgb-to-grey", BundleError, r"ij.tif has 3 channel\(s\) \(shape \(3, 40, 44\), stored axes CYX\), but the network takes 1; --rgb_to_grey true applies to RGB colour only, and its 3 planes are channels .*: their luminance would mix them\. If they are 3 sections stored as channels, save the file again as a stack \(in Fiji, Image > Hyperstacks > Re-order Hyperstack")
+def _(tmp):
+    stack = np.stack([to_uint8(make_image((40, 44), seed=i)[0]) for i in range(3)])
+    tifffile.imwrite(tmp / "ij.tif", stack, imagej=True)  # tifffile's ImageJ default for (3, Y, X): channels=3
+    tiny_checkpoint(tmp)
+    return infer(tmp, "--input_path", str(tmp / "ij.tif"), "--rgb_to_grey", "true")
 
 
 def two_series(path):
@@ -805,9 +973,9 @@ def test_config_check_helpers():
     """The checks the configs run, on their own: CLI parsing forms and ranges."""
     assert config.cli_overrides(["run", "training", "--a", "1", "--b=2", "--flag", "--c", "x"]) == {"a": "1", "b": "2", "flag": "", "c": "x"}
     train_yaml, quick, isbi = ROOT / TRAIN, ROOT / "configs/quickstart.yaml", ROOT / "configs/isbi2012.yaml"
-    config.check_cli_keys(["run", "--config_file", f"['{train_yaml}','{quick}']", "--train#dataloader#num_workers", "2"])
+    cli.check_cli_keys(["run", "--config_file", f"['{train_yaml}','{quick}']", "--train#dataloader#num_workers", "2"])
     with pytest.raises(ValueError, match=r"--val_slice \(did you mean --val_slices, --val_files\?\)"):
-        config.check_cli_keys(["run", "--config_file", f"{train_yaml},{isbi}", "--val_slice", "[0,5]"])
+        cli.check_cli_keys(["run", "--config_file", f"{train_yaml},{isbi}", "--val_slice", "[0,5]"])
     with pytest.raises(ValueError, match=r"num_epochs=0 is out of range; valid: \[1, inf\]; momentum=1 is out of range"):
         checks.check_hyperparameters(num_epochs=0, momentum=1, learning_rate=None)
     with pytest.raises(ValueError, match=r"batch_size=2.5 must be an integer"):

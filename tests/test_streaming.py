@@ -331,3 +331,34 @@ def test_allow_missing_chunks_predicts_them_from_the_fill_value(tmp_path):
     got = predict_zarr(tiny_net(), str(tmp_path / "v.zarr"), tmp_path / "o.zarr", block_size=(1, 32, 32), allow_missing_chunks=True)
     want = predict_zarr(tiny_net(), holey, tmp_path / "w.zarr", block_size=(1, 32, 32))
     np.testing.assert_array_equal(zarr.open_group(str(got))["probabilities"][...], zarr.open_group(str(want))["probabilities"][...])
+
+
+def test_exports_beside_the_store_are_checked_with_it(tmp_path):
+    """The exports and overlay are outputs like the store: a rerun takes up those its store records, other
+    existing ones need overwrite, and an HDF5 file holding other datasets is never replaced."""
+    import h5py
+
+    tifffile.imwrite(tmp_path / "v.tif", to_uint8(make_stack((2, 40, 44), seed=0)[0]), photometric="minisblack")
+    out, options = tmp_path / "out", {"block_size": (1, 32, 32), "export": "hdf5", "overlay": True}
+    streaming.predict_files(_net(), [str(tmp_path / "v.tif")], out, **options)
+    assert zarr.open_group(str(out / "v.zarr")).attrs["exported"] == ["v.h5", "v_overlay.png"]
+    streaming.predict_files(_net(), [str(tmp_path / "v.tif")], out, **options)  # resumed: its own exports rewritten
+    with h5py.File(out / "v.h5") as f:
+        want = f["probabilities"][...]
+        assert sorted(f) == ["mask", "probabilities"]
+    np.testing.assert_array_equal(want, _read(out / "v.zarr"))
+
+    import shutil
+
+    shutil.rmtree(out / "v.zarr")  # the files beside it are no longer recorded as this run's
+    with pytest.raises(FileExistsError, match=r"2 output file\(s\) exist already, e.g. \[.*v.h5', .*v_overlay.png'\]"):
+        streaming.predict_files(_net(), [str(tmp_path / "v.tif")], out, **options)
+    assert not (out / "v.zarr").exists()
+    streaming.predict_files(_net(), [str(tmp_path / "v.tif")], out, overwrite=True, **options)
+    with h5py.File(out / "v.h5", "r+") as f:
+        f["curated"] = np.ones((2, 40, 44), np.uint8)
+    with pytest.raises(FileExistsError, match=r"v.h5 exists and holds curated, which this run does not write"):
+        streaming.predict_files(_net(), [str(tmp_path / "v.tif")], out, overwrite=True, **options)
+    with h5py.File(out / "v.h5") as f:
+        assert sorted(f) == ["curated", "mask", "probabilities"]
+        np.testing.assert_array_equal(f["probabilities"][...], want)

@@ -30,8 +30,9 @@ from pipeline.engine.run import check_adapt_norm, predict
 from pipeline.engine.settings import TileSettings
 from pipeline.engine.sinks import FilesSink, file_targets
 from pipeline.engine.sources import ImageSource
-from pipeline.engine.store import ZarrSink, check_export, check_tissue_rule, export_paths, resolve_export, stored_outputs
+from pipeline.engine.store import ZarrSink, check_export
 from pipeline.instances import parse_rules
+from pipeline.io.containers import is_container
 from pipeline.io.lazy import LazySource
 from pipeline.io.outputs import check_outputs
 from pipeline.tiling import unwrap
@@ -49,7 +50,9 @@ class ReadSettings:
         normalize: zero mean, unit std per channel and section (:func:`pipeline.transforms.intensity.section_stats`).
         fill_nan: NaN/Inf pixels are no-data (left out of the statistics, predicted as 0, written as
             probability NaN and mask 0); else they are refused.
-        allow_missing_chunks: predict zarr chunks that are not stored from the fill value (streaming).
+        allow_missing_chunks: read the chunks a zarr / N5 / HDF5 input does not store as its fill value and predict
+            them (in memory and streaming); else such an input is refused before any output, naming the chunks
+            (:func:`pipeline.io.containers.check_chunks`).
     """
 
     tiff_series: int | None = None
@@ -132,8 +135,8 @@ def _item(source: Any) -> tuple[Any, str | None]:
 
 
 def open_lazy(network: nn.Module, source: Any, reading: ReadSettings, key: str | None = None) -> LazySource:
-    """``source`` opened block by block for ``network`` (its dimensions and channels), with no zarr chunk
-    missing unless ``reading.allow_missing_chunks``.
+    """``source`` opened block by block for ``network`` (its dimensions and channels), with no chunk of a zarr / N5 /
+    HDF5 dataset missing unless ``reading.allow_missing_chunks`` (the rule of :func:`check_file` too).
 
     Raises:
         FileNotFoundError, ValueError: naming the source (:class:`pipeline.io.lazy.LazySource`).
@@ -148,17 +151,20 @@ def open_lazy(network: nn.Module, source: Any, reading: ReadSettings, key: str |
 
 def check_file(network: nn.Module, path: str, reading: ReadSettings, key: str | None = None) -> None:
     """An input to be read whole: its header (:func:`pipeline.io.probe_image`; the dataset of a container), the
-    TIFF series and the channels ``network`` takes; a floating-point file is read once and refused if it holds
-    NaN or Inf (:func:`pipeline.transforms.intensity.check_finite`; with ``fill_nan`` a warning).
+    TIFF series, a container's chunks (none missing unless ``allow_missing_chunks``: the streaming rule,
+    :func:`pipeline.io.containers.check_chunks`) and the channels ``network`` takes; a floating-point file is read
+    once and refused if it holds NaN or Inf (:func:`pipeline.transforms.intensity.check_finite`; with ``fill_nan`` a
+    warning).
 
     Raises:
         ValueError: naming the file, what is wrong and what to do.
     """
     info = io.probe_image(path, reading.tiff_series, key)
+    io.containers.check_stored(path, key, reading.allow_missing_chunks)
     loaded: list = []  # the file read at most once, for the colour test and the NaN scan
 
     def read() -> tuple:
-        loaded[:] = loaded or [io.read_image(path, reading.tiff_series, key)]
+        loaded[:] = loaded or [io.read_image(path, reading.tiff_series, key, reading.allow_missing_chunks)]
         return loaded[0]
 
     io.check_channels(path, info, unwrap(network).in_channels, pixels=lambda: read()[0], rgb_to_grey=reading.rgb_to_grey)
@@ -172,7 +178,9 @@ def load_image(network: nn.Module, path: str, reading: ReadSettings, key: str | 
     a :class:`~pipeline.io.lazy.LazySource` and the file's meta (for writing the results back)."""
     from pipeline.transforms.io import LoadSectiond
 
-    image = LoadSectiond(keys="image", tiff_series=reading.tiff_series, rgb_to_grey=reading.rgb_to_grey)({"image": path, "image_dataset": key})["image"]
+    load = LoadSectiond(keys="image", tiff_series=reading.tiff_series, rgb_to_grey=reading.rgb_to_grey,
+                        allow_missing_chunks=reading.allow_missing_chunks)
+    image = load({"image": path, "image_dataset": key})["image"]
     net = unwrap(network)
     return LazySource(image.numpy(), net.spatial_dims, net.in_channels), dict(image.meta)
 
@@ -268,11 +276,9 @@ def _file_sinks(network: nn.Module, items: list, output_dir: Any, reading: ReadS
     """In memory: a :class:`FilesSink` per input, checked (outputs free unless ``overwrite``; headers, channels, NaN)."""
     rules = list(parse_rules(outputs.instances)) if "instances" in outputs.write else []
     targets = {str(p): list(file_targets(p, output_dir, outputs.write, rules, outputs.output_ext).values()) for p, _ in items}
-    check_outputs(targets)
-    taken = [str(t) for ts in targets.values() for t in ts if t.exists()]
-    if taken and not outputs.overwrite:
-        raise FileExistsError(f"{len(taken)} output file(s) exist already, e.g. {taken[:3]}; nothing was written. Pass "
-                              "overwrite=True to replace them, or choose another output_dir=<folder>")
+    ours = {*OUTPUTS, *rules}  # a container output holds one dataset, named after what it holds
+    containers = {t: ours for ts in targets.values() for t in ts if is_container(t)}
+    check_outputs(targets, overwrite=outputs.overwrite, datasets=containers)
     for path, key in items:
         check_file(network, str(path), reading, key)
     return [(None, FilesSink(output_dir, path, None, outputs.write, outputs.threshold, outputs.instances, outputs.output_ext,
@@ -285,22 +291,28 @@ def zarr_sink(path: str | os.PathLike, outputs: OutputSettings) -> ZarrSink:
 
 
 def _streaming_sinks(network: nn.Module, items: list, output_dir: Any, reading: ReadSettings, outputs: OutputSettings) -> list:
-    """Streaming: every input opened and a :class:`ZarrSink` for it, outputs checked, then each input's statistics
-    pass (NaN/Inf, colour read as grey) before the first store exists; the statistics are reused."""
+    """Streaming: every input opened and a :class:`ZarrSink` for it, outputs checked, then each input's tissue rule
+    (``skip_background``) and statistics pass (NaN/Inf, colour read as grey) before the first store exists; both
+    are reused."""
     lazies = [open_lazy(network, path, reading, key) for path, key in items]
-    stored = stored_outputs(outputs.write)
-    targets = {}
+    targets: dict[str, list] = {}
+    datasets: dict[Path, Any] = {}
+    own: list[Path] = []
+    sinks = []
     for (path, _), lazy in zip(items, lazies):
-        if outputs.skip_background:
-            check_tissue_rule(lazy)
-        zarr_path = output_path(output_dir, path if lazy.path else "array")
-        targets[str(path) if lazy.path else f"array {len(targets)}"] = [zarr_path, *export_paths(zarr_path, resolve_export(outputs.export, lazy), outputs.overlay, stored)]
-    check_outputs(targets)
+        sinks.append(zarr_sink(output_path(output_dir, path if lazy.path else "array"), outputs))
+        found = sinks[-1].outputs(lazy)
+        targets[str(path) if lazy.path else f"array {len(targets)}"] = found["targets"]
+        own += found["own"]
+        datasets.update(found["datasets"])
+    check_outputs(targets, overwrite=outputs.overwrite, own=own, datasets=datasets)
     pairs = []
-    for (path, _), lazy, (_, paths) in zip(items, lazies, targets.items()):
+    for lazy, sink in zip(lazies, sinks):
+        if outputs.skip_background:
+            sink.tissue(lazy)  # not RGB, grey, or no tissue anywhere: refused before the first output
         source = ImageSource(lazy, reading.normalize, reading.fill_nan)
         if (reading.normalize and not reading.fill_nan) or (lazy.grey and not lazy.rgb_to_grey):
             source.statistics()  # NaN/Inf (or colour read as grey) in any input: before the first output
             lazy.close()
-        pairs.append((source, zarr_sink(paths[0], outputs)))
+        pairs.append((source, sink))
     return pairs

@@ -36,13 +36,17 @@ from pipeline.engine.settings import TileSettings
 from pipeline.instances import label_zarr, parse_rules, rule_settings
 from pipeline.io import stem
 from pipeline.io.axes import OME_TIFF_UNITS
+from pipeline.io.containers import every_chunk
 from pipeline.io.lazy import LazySource
+from pipeline.io.outputs import check_outputs
 from pipeline.tiling import unwrap
 from pipeline.transforms.post import OUTPUTS, check_output_settings, encode_logits
 
 logger = logging.getLogger(__name__)
 
 MARKERS = "blocks_done"
+#: what a store may hold: its arrays, instances, and an instance rule's work space while it runs
+STORE_MEMBERS = frozenset({"probabilities", "mask", MARKERS, "instances", "_instances_tmp"})
 THUMBNAIL = 2048  # pixels a side of the overlay PNG and of the tissue rule's thumbnail
 EXPORTS = ("auto", "none", "ome-zarr", "ome-tiff", "hdf5")
 
@@ -106,13 +110,41 @@ def export_paths(output: str | os.PathLike, export: str | None, overlay: bool, w
     return out
 
 
-def check_tissue_rule(src: LazySource) -> None:
-    """Refuse ``skip_background`` for a source that is not RGB(A) (before any output)."""
+def recorded_exports(output: str | os.PathLike) -> list[Path]:
+    """The exports and overlay an existing store at ``output`` records having written (none when there is no such
+    store): a later run of it may replace them without ``overwrite``, as it resumes the store."""
+    path = Path(output)
+    try:
+        names = zarr.open_group(str(path), mode="r").attrs.asdict().get("exported", [])
+    except Exception:  # no store, or not one: nothing recorded
+        return []
+    return [path.with_name(str(n)) for n in names if str(n) == Path(str(n)).name]
+
+
+def find_tissue(src: LazySource) -> tuple[np.ndarray, int]:
+    """The tissue rule (:func:`pipeline.io.pyramids.tissue_mask`) on a thumbnail of ``src`` at most
+    :data:`THUMBNAIL` pixels a side: the mask and the thumbnail's downsampling factor. Checked before any output.
+
+    Raises:
+        ValueError: naming the source: not RGB(A), grey stored as RGB, or no tissue anywhere (nothing would be predicted).
+    """
+    from pipeline.io.pyramids import thumbnail, tissue_mask
+
+    name = src.path or "the source"
     if src.stored_channels not in (3, 4):
         raise ValueError(
-            f"{src.path or 'the source'}: skip_background applies to RGB whole-slide images (the tissue rule reads colour "
+            f"{name}: skip_background applies to RGB whole-slide images (the tissue rule reads colour "
             f"saturation), but it has {src.stored_channels} channel(s); set skip_background=False"
         )
+    image, factor = thumbnail(_colour(src), max(1, math.ceil(max(src.spatial[-2:]) / THUMBNAIL)))
+    try:
+        tissue = tissue_mask(image)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    if not tissue.any():
+        raise ValueError(f"{name}: skip_background found no tissue (the tissue rule: colour saturation above Otsu's "
+                         "threshold), so nothing would be predicted; set skip_background=False to predict every block")
+    return tissue, factor
 
 
 def _colour(src: LazySource) -> LazySource:
@@ -161,8 +193,16 @@ class ZarrSink:
         self.skip_background = bool(skip_background)
         self.stored = stored_outputs(self.write_names)
 
+    def outputs(self, lazy: LazySource) -> dict[str, Any]:
+        """What :func:`pipeline.io.outputs.check_outputs` needs of this sink for ``lazy``: ``targets`` (the store
+        and its exports), ``own`` (the store, resumed, and the exports it records) and ``datasets`` (what each
+        container may hold)."""
+        exports = export_paths(self.path, resolve_export(self.export, lazy), self.overlay, self.stored)
+        datasets = {self.path: STORE_MEMBERS, **{t: OUTPUTS for t in exports if t.suffix == ".h5"}}
+        return {"targets": [self.path, *exports], "own": [self.path, *recorded_exports(self.path)], "datasets": datasets}
+
     def __getstate__(self) -> dict:  # what a Dask worker needs to write blocks
-        return {k: v for k, v in self.__dict__.items() if k != "source"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("source", "_tissue")}
 
     def open(self, source: Any, network: nn.Module, settings: TileSettings, layout: BlockLayout) -> list[tuple[int, ...]]:
         """Create (or resume) the store; return the blocks without a marker."""
@@ -174,12 +214,15 @@ class ZarrSink:
                                  f"{self.classes - 1} of this network), without background_channel")
         self.source, self.layout = source, layout
         lazy = source.lazy
+        found = self.outputs(lazy)  # also checked by predict_files for all inputs first
+        check_outputs({lazy.path: found["targets"]} if lazy.path else {}, () if lazy.path else found["targets"],
+                      overwrite=self.overwrite, own=found["own"], datasets=found["datasets"])
         self.export = resolve_export(self.export, lazy)
         if self.classes > 2 and self.export in ("ome-zarr", "ome-tiff") and "probabilities" in self.stored:
             raise ValueError(f"export={self.export!r} writes one image per result, but this network predicts {self.classes} "
                              "classes (probabilities (C, *spatial)); export 'hdf5' or 'none', or write only the mask")
         if self.skip_background:
-            check_tissue_rule(lazy)
+            self.tissue(lazy)
         classes = (self.classes,) if self.classes > 2 else ()
         arrays = {"probabilities": (classes + layout.shape, classes + layout.chunks, "float32", float("nan")),
                   "mask": (layout.shape, layout.chunks, "uint8", 0)}
@@ -257,12 +300,15 @@ class ZarrSink:
                              "to replace it")
         return group
 
-    def _skip_background(self, lazy: LazySource, group: Any, pending: list) -> list:
-        """Mark blocks without tissue (:func:`pipeline.io.pyramids.tissue_mask`) done; return the others."""
-        from pipeline.io.pyramids import thumbnail, tissue_mask
+    def tissue(self, lazy: LazySource) -> tuple[np.ndarray, int]:
+        """:func:`find_tissue` of the source, found once (by the check before any output, or at :meth:`open`)."""
+        if getattr(self, "_tissue", None) is None:
+            self._tissue = find_tissue(lazy)
+        return self._tissue
 
-        image, factor = thumbnail(_colour(lazy), max(1, math.ceil(max(lazy.spatial[-2:]) / THUMBNAIL)))
-        tissue = tissue_mask(image)
+    def _skip_background(self, lazy: LazySource, group: Any, pending: list) -> list:
+        """Mark blocks without tissue (:meth:`tissue`) done; return the others."""
+        tissue, factor = self.tissue(lazy)
         keep = []
         for index in pending:
             lo = self.layout.box(index)[0][-2:]
@@ -280,7 +326,7 @@ class ZarrSink:
         group = zarr.open_group(str(self.path), mode="r+")
         region = tuple(slice(s, h) for s, h in zip(lo, hi))
         for name, values in encode_logits(logits, self.threshold, self.stored, nodata).items():
-            group[name][(slice(None),) * (values.ndim - len(region)) + region] = values
+            every_chunk(group[name])[(slice(None),) * (values.ndim - len(region)) + region] = values  # blank ones too
         group[MARKERS][tuple(s // b for s, b in zip(lo, self.layout.block))] = 1
         logger.debug("block (pixels %s..%s) written", lo, hi)
 
@@ -320,6 +366,7 @@ class ZarrSink:
         names = [n for n in OUTPUTS if n in self.stored]
         spacing = lazy.spacing or (1.0,) * len(lazy.spatial)
         targets = export_paths(self.path, self.export, self.overlay, names)
+        zarr.open_group(str(self.path), mode="r+").attrs["exported"] = [t.name for t in targets]  # checked free: ours now
         unit = lazy.unit  # an NGFF unit name, or None (then none is written)
         if self.export == "ome-zarr":
             pyramids.write_ome_zarr(group, targets[0], spacing, names, unit)

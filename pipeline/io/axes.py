@@ -14,12 +14,21 @@ through it and an eager reader the whole array, with one rule:
 - unnamed axes (plain HDF5 / zarr datasets): a trailing singleton (ilastik's ``(Z, Y, X, 1)``) and
   leading singletons are dropped; the rest are ``(Z, Y, X)`` or ``(Y, X)``, no channel.
 
+Axis names come from the file's own metadata (:func:`metadata_axes` for containers): OME-Zarr ``axes``, ilastik
+``axistags``, zarr ``dimension_names`` / xarray's ``_ARRAY_DIMENSIONS``, N5 ``axes`` and Fiji's N5 (n5-ij)
+``numChannels`` / ``numSlices`` / ``numFrames``; TIFF's from tifffile (ImageJ, OME, samples).
+
+Colour: a channel axis is *colour* (R, G, B(, A)) only when the file says so -- TIFF samples ``S`` (photometric
+RGB), or channels a file marks as red, green and blue. Every other channel axis (ImageJ / OME ``C``, ilastik
+``c``) holds channels, which are never mixed into grey (``rgb_to_grey`` is for colour only).
+
 The planned array is ``(Z, Y, X)`` or ``(Y, X)`` with channels last, the readers' channel-last rule;
 :func:`pipeline.io.channel_first` then moves channels first.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -40,6 +49,7 @@ class AxisPlan:
         channel_last: whether the planned array ends with a channel axis.
         axes: the planned axes' letters, e.g. ``"ZYXC"``; ``T`` for a section axis that is time (``"TYX"``).
         found: the stored axes as named (``"?"`` for unnamed), for messages.
+        colour: the channel axis holds colour samples (R, G, B(, A): module docstring), not channels.
     """
 
     index: tuple
@@ -48,6 +58,7 @@ class AxisPlan:
     channel_last: bool
     axes: str
     found: str
+    colour: bool = False
 
     def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The planned shape of a stored array of ``shape``."""
@@ -66,7 +77,9 @@ class AxisPlan:
         return np.transpose(np.asarray(array[tuple(index)]), self.order)
 
 
-def plan_axes(shape: Sequence[int], axes: Sequence[str] | str | None, spacing: Sequence[float] | None, where: str) -> AxisPlan:
+def plan_axes(
+    shape: Sequence[int], axes: Sequence[str] | str | None, spacing: Sequence[float] | None, where: str, colour: bool | None = None
+) -> AxisPlan:
     """Plan how to read a stored array (module docstring for the rule).
 
     Args:
@@ -74,6 +87,7 @@ def plan_axes(shape: Sequence[int], axes: Sequence[str] | str | None, spacing: S
         axes: one name per stored axis (tifffile letters or NGFF names, any case), or None.
         spacing: one value per stored axis (None: 1 each).
         where: the file (and dataset) for messages.
+        colour: whether the channel axis is colour; None: TIFF samples ``S`` are, ``C`` is not.
 
     Raises:
         ValueError: axes that cannot be read as one image, naming ``where``, the axes and the shape.
@@ -121,7 +135,59 @@ def plan_axes(shape: Sequence[int], axes: Sequence[str] | str | None, spacing: S
     index = tuple(slice(None) if a in big else 0 for a in range(len(shape)))
     section = ("T" if names[sections[0]] == "t" else "Z") if sections else ""  # a time-lapse stays T (written back so)
     letters = section + "YX" + ("C" if channels else "")
-    return AxisPlan(index, order, tuple(spacing[a] for a in wanted if a not in channels), bool(channels), letters, found)
+    colour = bool(channels) and (names[channels[0]] == "s" if colour is None else bool(colour))
+    return AxisPlan(index, order, tuple(spacing[a] for a in wanted if a not in channels), bool(channels), letters, found, colour)
+
+
+#: axis names files spell otherwise (xarray, zarr ``dimension_names``) -> the rule's names
+AXIS_SYNONYMS = {"time": "t", "channel": "c", "channels": "c"}
+
+
+def _known_names(names: Any, ndim: int) -> list[str] | None:
+    """``names`` lower-cased (synonyms mapped) if they are one known axis name per axis, with Y and X; else None."""
+    if not isinstance(names, (list, tuple)) or len(names) != ndim or not all(isinstance(n, str) for n in names):
+        return None
+    out = [AXIS_SYNONYMS.get(n.strip().lower(), n.strip().lower()) for n in names]
+    return out if set(out) <= set("tczyx") and {"y", "x"} <= set(out) and len(set(out)) == ndim else None
+
+
+def metadata_axes(attrs: dict, ndim: int, n5: bool = False, dimension_names: Sequence[str] | None = None) -> list[str] | None:
+    """The axis names a container dataset's own metadata gives, one per axis of the array as read (C order), or None.
+
+    - ilastik / vigra ``axistags`` (HDF5, N5 and zarr datasets): a JSON ``{"axes": [{"key": "y", ...}, ...]}``
+      in the array's order, read as written (an axis the rule cannot place is refused by :func:`plan_axes`).
+    - zarr v3 ``dimension_names`` and xarray's ``_ARRAY_DIMENSIONS`` (zarr v2), in the array's order; used when every
+      name is one of ``t c z y x`` (``time``, ``channel``), so that names such as ``dim_0`` leave the axes unnamed.
+    - N5 (``n5``): an ``axes`` attribute (as n5-ij reads it), and Fiji's ImageJ metadata (n5-ij ``numChannels``,
+      ``numSlices``, ``numFrames``: dimensions ``x, y[, c][, z][, t]``, those of 1 left out); N5 lists them x first,
+      so they are reversed. BigDataViewer / n5-viewer datasets (``s0``, ``downsamplingFactors``) are 3D ``x, y, z``:
+      unnamed, which reads them as ``(Z, Y, X)``.
+    """
+    tags = attrs.get("axistags")
+    if isinstance(tags, bytes):
+        tags = tags.decode("utf-8", "replace")
+    if isinstance(tags, str):
+        try:
+            keys = [str(a["key"]) for a in json.loads(tags)["axes"]]
+        except (ValueError, KeyError, TypeError):
+            keys = None
+        if keys:
+            return [AXIS_SYNONYMS.get(k.lower(), k.lower()) for k in keys]
+    for names in (dimension_names, attrs.get("_ARRAY_DIMENSIONS")):
+        known = _known_names(list(names) if isinstance(names, (list, tuple)) else names, ndim)
+        if known:
+            return known
+    if not n5:
+        return None
+    known = _known_names(attrs.get("axes"), ndim)
+    if known:
+        return known[::-1]
+    counts = [attrs.get(k) for k in ("numChannels", "numSlices", "numFrames")]
+    if all(isinstance(n, int) and n >= 1 for n in counts):
+        names = ["x", "y"] + [a for a, n in zip("czt", counts) if n > 1]
+        if len(names) == ndim:
+            return names[::-1]
+    return None
 
 
 #: length units as files spell them -> NGFF (OME-Zarr) unit names

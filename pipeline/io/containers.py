@@ -9,15 +9,27 @@ only dataset is used; an OME-Zarr image (a group with ``multiscales``) counts as
 full-resolution level. Several datasets and no name is an error listing them.
 
 Axes and spacing. OME-Zarr (NGFF 0.4 / 0.5) names its axes (``t``, ``c``, ``z``, ``y``, ``x``) and
-gives the physical scale of each; they are read by the one axis rule (:mod:`pipeline.io.axes`): singleton
-``t`` and ``c`` dropped, a ``c`` of several channels last. Other datasets are ``(Z, Y, X)`` or ``(Y, X)``
-(leading singleton axes dropped), with spacing from the attributes ``resolution`` (CREMI, in nm) or
-``element_size_um`` (ilastik, Fiji), in array-axis order, else 1.
+gives the physical scale of each; other datasets may name theirs too (ilastik ``axistags``, zarr
+``dimension_names``, N5 ``axes`` and Fiji's ImageJ attributes: :func:`pipeline.io.axes.metadata_axes`). Named
+axes are read by the one axis rule (:mod:`pipeline.io.axes`): singleton ``t`` and ``c`` dropped, a ``c`` of
+several channels last. Unnamed datasets are ``(Z, Y, X)`` or ``(Y, X)`` (leading singleton axes dropped), with
+spacing from the attributes ``resolution`` (CREMI, in nm) or ``element_size_um`` (ilastik, Fiji), in array-axis
+order, else 1.
+
+Missing data, one rule for every path (:func:`check_chunks`): zarr (v2, v3, sharded), N5 and HDF5 read a chunk
+that is not stored as the fill value, so a chunk lost in a copy would be read -- and predicted -- as a blank
+region. A dataset with chunks (shards) missing is refused, naming them, unless ``allow_missing_chunks=True``;
+whole-file reading (:func:`read_container`), the pre-flight check (:func:`check_stored`) and block-by-block
+reading (:class:`pipeline.io.lazy.LazySource`) all use it. A dataset whose fill value is NaN is exempt: its holes
+read as NaN, which the non-finite rule refuses (or, with ``fill_nan``, treats as no-data), as the tissue rule's
+skipped blocks are meant to be read.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +38,7 @@ import h5py
 import numpy as np
 import zarr
 
-from pipeline.io.axes import AxisPlan, plan_axes
+from pipeline.io.axes import AxisPlan, metadata_axes, plan_axes
 from pipeline.io.common import HDF5_SUFFIXES, N5_SUFFIXES, STORE_SUFFIXES, ZARR_SUFFIXES, _base_meta, _suffix
 
 SPACING_ATTRIBUTES = ("resolution", "element_size_um", "spacing")
@@ -59,14 +71,15 @@ def _n5_open(path: Path, key: str) -> tuple[Any, dict]:
     folder = path / key
     attrs = json.loads((folder / "attributes.json").read_text())
     array = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(folder)}}, read=True).result()
-    return N5Array(array.T), attrs
+    return N5Array(array.T, folder, attrs), attrs
 
 
 class N5Array:
-    """A tensorstore array with numpy's ``shape``/``dtype``/``ndim`` and reading ``__getitem__``."""
+    """A tensorstore array with numpy's ``shape``/``dtype``/``ndim`` and reading ``__getitem__``; ``folder`` and
+    ``attrs`` (its ``attributes.json``) locate its blocks (:func:`missing_chunks`)."""
 
-    def __init__(self, store: Any) -> None:
-        self.store = store
+    def __init__(self, store: Any, folder: Path | None = None, attrs: dict | None = None) -> None:
+        self.store, self.folder, self.attrs = store, folder, attrs or {}
         self.shape = tuple(int(n) for n in store.shape)
         self.dtype = np.dtype(store.dtype.numpy_dtype)
         self.ndim = len(self.shape)
@@ -172,9 +185,10 @@ def _level_path(path: str | os.PathLike, key: str) -> str | None:
 
 
 def open_dataset(path: str | os.PathLike, key: str | None = None) -> tuple[Any, dict]:
-    """Open a dataset lazily: ``(array, info)``, ``array`` an ``h5py.Dataset`` (its file stays open) or a
-    ``zarr.Array``; ``info`` holds ``dataset`` (the name), ``axes`` (OME-Zarr axis names, else None)
-    and ``spacing`` (one value per array axis).
+    """Open a dataset lazily: ``(array, info)``, ``array`` an ``h5py.Dataset`` (its file stays open), a
+    ``zarr.Array`` or an :class:`N5Array`; ``info`` holds ``dataset`` (the name), ``axes`` (the axis names of
+    its metadata: OME-Zarr, ilastik, zarr, N5 / Fiji; else None), ``spacing`` (one value per array axis) and
+    ``colour`` (an OME-Zarr image whose channels are marked red, green, blue: :func:`_omero_colour`).
 
     Raises:
         FileNotFoundError, ValueError: as :func:`choose_dataset`.
@@ -185,25 +199,48 @@ def open_dataset(path: str | os.PathLike, key: str | None = None) -> tuple[Any, 
             array, attrs = _n5_open(Path(path), key)
         except Exception as err:
             raise ValueError(f"could not open {path} dataset {key!r} as N5: {type(err).__name__}: {err}") from err
-        return array, {"dataset": key, "axes": None, "spacing": _n5_spacing(attrs, array.ndim)}
+        axes = metadata_axes(attrs, array.ndim, n5=True)
+        return array, {"dataset": key, "axes": axes, "spacing": _n5_spacing(attrs, array.ndim), "colour": None}
+    scales, colour = None, None
     if _suffix(path) in HDF5_SUFFIXES:
         array = h5py.File(path, "r")[key]
-        attrs, axes = dict(array.attrs), None
-        spacing = _attribute_spacing(attrs, tuple(array.shape))
+        attrs = dict(array.attrs)
+        axes, spacing = metadata_axes(attrs, array.ndim), _attribute_spacing(attrs, tuple(array.shape))
     else:
         root = zarr.open(str(path), mode="r")
         array = root if isinstance(root, zarr.Array) else root[key]
-        axes, spacing = None, _attribute_spacing(array.attrs.asdict(), tuple(array.shape))
-        scales = None if isinstance(root, zarr.Array) else _multiscales(root.attrs.asdict())
+        attrs = array.attrs.asdict()
+        names = getattr(array.metadata, "dimension_names", None)
+        axes, spacing = metadata_axes(attrs, array.ndim, dimension_names=names), _attribute_spacing(attrs, tuple(array.shape))
+        group = None if isinstance(root, zarr.Array) else root.attrs.asdict()
+        scales = None if group is None else _multiscales(group)
         if scales:
             axes = [a["name"] if isinstance(a, dict) else a for a in scales[0].get("axes", [])] or None
             level = next(d for d in scales[0]["datasets"] if d["path"] == key)
             scale = next((t["scale"] for t in level.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
             spacing = [float(s) for s in scale] if scale and len(scale) == array.ndim else spacing
+            colour = _omero_colour(group)
     unit = None
     if axes and scales:  # NGFF: the unit of the x axis
         unit = next((a.get("unit") for a in scales[0]["axes"] if isinstance(a, dict) and a.get("name") == "x"), None)
-    return array, {"dataset": key, "axes": axes, "spacing": spacing, "unit": unit}
+    return array, {"dataset": key, "axes": axes, "spacing": spacing, "unit": unit, "colour": colour}
+
+
+#: OME-Zarr ``omero`` channel colours and labels that mark a channel axis as colour (R, G, B in order, alpha optional)
+RGB_COLOURS, RGB_LABELS = ("FF0000", "00FF00", "0000FF"), (("r", "g", "b"), ("red", "green", "blue"))
+
+
+def _omero_colour(group: dict) -> bool | None:
+    """True when an OME-Zarr image's ``omero`` channels are 3 or 4 and the first three are red, green and blue (their
+    ``color`` FF0000, 00FF00, 0000FF, or their ``label`` R, G, B / Red, Green, Blue): the channels of an RGB image
+    (bioformats2raw writes a colour slide so). None otherwise: channels (:mod:`pipeline.io.axes`)."""
+    omero = group.get("omero") or group.get("ome", {}).get("omero") or {}
+    channels = omero.get("channels") if isinstance(omero, dict) else None
+    if not isinstance(channels, list) or len(channels) not in (3, 4) or not all(isinstance(c, dict) for c in channels):
+        return None
+    colours = tuple(str(c.get("color", "")).upper().lstrip("#")[:6] for c in channels[:3])
+    labels = tuple(str(c.get("label", "")).strip().lower() for c in channels[:3])
+    return True if colours == RGB_COLOURS or labels in RGB_LABELS else None
 
 
 def _attribute_spacing(attrs: dict, shape: tuple[int, ...]) -> list[float]:
@@ -222,33 +259,169 @@ def _attribute_spacing(attrs: dict, shape: tuple[int, ...]) -> list[float]:
 
 def dataset_plan(array: Any, info: dict, path: str | os.PathLike) -> AxisPlan:
     """The axis plan (:func:`pipeline.io.axes.plan_axes`) of a dataset opened by :func:`open_dataset`."""
-    where = f"{path}" + (f" dataset {info['dataset']!r}" if info["dataset"] else "")
-    return plan_axes(tuple(int(n) for n in array.shape), info["axes"], info["spacing"], where)
+    return plan_axes(tuple(int(n) for n in array.shape), info["axes"], info["spacing"], _where(path, info["dataset"]), info.get("colour"))
 
 
-def read_container(path: str | os.PathLike, key: str | None = None) -> tuple[np.ndarray, dict]:
-    """Read a container's dataset into ``(array, meta)`` as :func:`pipeline.io.read_image` does for files:
-    ``(Z, Y, X)`` or ``(Y, X)``, channels last, ``meta["spacing"]``, ``meta["dataset"]``.
+def _where(path: str | os.PathLike, dataset: str | None) -> str:
+    return f"{path}" + (f" dataset {dataset!r}" if dataset else "")
+
+
+def fill_value(array: Any) -> Any:
+    """What a chunk that is not stored reads as: the fill value of a zarr array or HDF5 dataset (N5: 0)."""
+    if isinstance(array, h5py.Dataset):
+        return array.fillvalue
+    if isinstance(array, N5Array):
+        return 0
+    return getattr(getattr(array, "metadata", None), "fill_value", getattr(array, "fill_value", None))
+
+
+def missing_chunks(array: Any, limit: int = 5) -> tuple[int, int, str, list[str]]:
+    """``(missing, total, unit, names)``: the storage units (``"chunks"``, or ``"shards"`` of a sharded zarr v3
+    array) of a zarr array (v2 or v3, any key separator), N5 dataset (local) or HDF5 dataset that are not stored,
+    of ``total``; ``names`` (at most ``limit``): their keys and grid indices where the store is a local folder
+    (zarr, N5) or their offsets (HDF5). Other arrays: ``(0, 0, "chunks", [])``."""
+    if isinstance(array, h5py.Dataset):
+        return _hdf5_missing(array, limit)
+    if isinstance(array, N5Array):
+        return _n5_missing(array, limit)
+    if not hasattr(array, "nchunks_initialized"):
+        return 0, 0, "chunks", []
+    unit_shape = tuple(array.shards or array.chunks)
+    per_unit = math.prod(s // c for s, c in zip(unit_shape, array.chunks))
+    grid = [math.ceil(n / c) for n, c in zip(array.shape, unit_shape)]
+    total, stored = math.prod(grid), int(array.nchunks_initialized) // per_unit
+    unit = "shards" if array.shards else "chunks"
+    if stored >= total:
+        return 0, total, unit, []
+    names, root = [], getattr(array.store, "root", None)
+    if root is not None:
+        for coords in itertools.product(*map(range, grid)):
+            key = array.metadata.encode_chunk_key(coords)
+            if not (Path(root) / array.path / key).exists():
+                names.append(f"{key} (array index {coords})")
+                if len(names) == limit:
+                    break
+    return total - stored, total, unit, names
+
+
+def _n5_missing(array: N5Array, limit: int) -> tuple[int, int, str, list[str]]:
+    """N5 blocks are files ``<dataset>/<x>/<y>/<z>`` (grid index, x first) of a local store."""
+    dims, block = array.attrs.get("dimensions"), array.attrs.get("blockSize")
+    if array.folder is None or not dims or not block:
+        return 0, 0, "chunks", []
+    grid = [math.ceil(n / b) for n, b in zip(dims, block)]  # x first
+    total, missing, names = math.prod(grid), 0, []
+    for coords in itertools.product(*map(range, grid)):
+        if not array.folder.joinpath(*map(str, coords)).is_file():
+            missing += 1
+            if len(names) < limit:
+                names.append(f"{'/'.join(map(str, coords))} (array index {tuple(coords[::-1])})")
+    return missing, total, "chunks", names
+
+
+def _hdf5_missing(dataset: h5py.Dataset, limit: int) -> tuple[int, int, str, list[str]]:
+    """HDF5 allocates a chunk when it is first written; one never written reads as the fill value (a contiguous
+    dataset never written: its one block)."""
+    if dataset.size == 0:
+        return 0, 0, "chunks", []
+    if dataset.chunks is None:
+        stored = dataset.id.get_offset() is not None or dataset.id.get_storage_size() > 0
+        return (0 if stored else 1), 1, "chunks", [] if stored else ["the whole dataset (never written)"]
+    grid = [math.ceil(n / c) for n, c in zip(dataset.shape, dataset.chunks)]
+    total, stored = math.prod(grid), int(dataset.id.get_num_chunks())
+    if stored >= total:
+        return 0, total, "chunks", []
+    offsets: set = set()
+    if hasattr(dataset.id, "chunk_iter"):  # HDF5 >= 1.12.3: one pass over the chunk index
+        dataset.id.chunk_iter(lambda info: offsets.add(tuple(int(o) for o in info.chunk_offset)))
+    else:
+        offsets = {tuple(int(o) for o in dataset.id.get_chunk_info(i).chunk_offset) for i in range(stored)}
+    names = []
+    for coords in itertools.product(*map(range, grid)):
+        offset = tuple(i * c for i, c in zip(coords, dataset.chunks))
+        if offset not in offsets:
+            names.append(f"the chunk at {offset} (array index {coords})")
+            if len(names) == limit:
+                break
+    return total - stored, total, "chunks", names
+
+
+def every_chunk(array: Any) -> Any:
+    """The zarr array set to store every chunk it is written, blank ones too (zarr skips chunks equal to the fill
+    value by default), so that what this pipeline writes reads back as complete by :func:`check_chunks`."""
+    return array.with_config({"write_empty_chunks": True})
+
+
+def check_chunks(array: Any, where: str, allow_missing_chunks: bool = False) -> None:
+    """The missing-data rule (module docstring): refuse ``array`` (opened by :func:`open_dataset`, or a zarr array)
+    when chunks are not stored, unless ``allow_missing_chunks`` or its fill value is NaN.
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`open_dataset` and :func:`plan_axes`.
+        ValueError: naming ``where``, how many chunks (shards) are missing and which, the fill value they would be
+            read as, and ``allow_missing_chunks=True``.
+    """
+    fill = fill_value(array)
+    if allow_missing_chunks or (isinstance(fill, (float, np.floating)) and np.isnan(fill)):
+        return
+    missing, total, unit, names = missing_chunks(array)
+    if not missing:
+        return
+    kind, reader = (("HDF5 dataset", "HDF5") if isinstance(array, h5py.Dataset) else ("N5 dataset", "N5")
+                    if isinstance(array, N5Array) else ("zarr array", "zarr"))
+    why = ("it was never written (an interrupted or partial export)" if reader == "HDF5" else
+           f"it was deleted or lost in a copy, but some writers (zarr by default, tensorstore) also skip {unit} that "
+           "equal the fill value (blank regions)")
+    raise ValueError(
+        f"{where}: {missing} of {total} {unit} are missing from the {kind}" + (f", e.g. {', '.join(names)}" if names else "")
+        + f"; {reader} reads a {unit[:-1]} that is not stored as the fill value ({fill}), so those regions would be read "
+        f"as blank. A {unit[:-1]} is missing when {why}. If the dataset is complete, pass allow_missing_chunks=True to "
+        "read them as the fill value; else " + ("export the dataset again" if reader == "HDF5" else "copy the dataset again")
+    )
+
+
+def check_stored(path: str | os.PathLike, key: str | None = None, allow_missing_chunks: bool = False) -> None:
+    """:func:`check_chunks` of a container's dataset ``key`` (nothing for other files): the pre-flight check of a
+    file that is read whole later.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`open_dataset` and :func:`check_chunks`.
+    """
+    if not is_container(path) or allow_missing_chunks:
+        return
+    array, info = open_dataset(path, key)
+    try:
+        check_chunks(array, _where(path, info["dataset"]))
+    finally:
+        if isinstance(array, h5py.Dataset):
+            array.file.close()
+
+
+def read_container(path: str | os.PathLike, key: str | None = None, allow_missing_chunks: bool = False) -> tuple[np.ndarray, dict]:
+    """Read a container's dataset into ``(array, meta)`` as :func:`pipeline.io.read_image` does for files:
+    ``(Z, Y, X)`` or ``(Y, X)``, channels last, ``meta["spacing"]``, ``meta["dataset"]``, ``meta["colour"]``
+    (channels that are colour, :mod:`pipeline.io.axes`); its chunks checked first (:func:`check_chunks`).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`open_dataset`, :func:`check_chunks` and :func:`plan_axes`.
     """
     array, info = open_dataset(path, key)
     try:
         plan = dataset_plan(array, info, path)
+        check_chunks(array, _where(path, info["dataset"]), allow_missing_chunks)
         data = plan.read(array)
     finally:
         if isinstance(array, h5py.Dataset):
             array.file.close()
     meta = _base_meta(data.shape, list(plan.spacing), plan.channel_last)
-    meta.update({"dataset": info["dataset"], "filename_or_obj": str(path)})
+    meta.update({"dataset": info["dataset"], "filename_or_obj": str(path), "colour": plan.colour})
     return data, meta
 
 
 def write_container(array: np.ndarray, path: Path, meta: dict, channel_last: bool) -> None:
     """Write ``array`` as one dataset of a new container at ``path`` (HDF5 file or zarr v3 store), named
     ``meta["dataset"]`` (default ``"data"``), gzip/zstd-compressed, with ``resolution`` (the spacing, array-axis
-    order) as an attribute. Used by :func:`pipeline.io.write_image`, which makes the write atomic."""
+    order) as an attribute, every chunk stored (blank ones too: :func:`check_chunks`). Used by
+    :func:`pipeline.io.write_image`, which makes the write atomic."""
     key = str(meta.get("dataset") or "data")
     spatial = array.ndim - channel_last
     spacing = [float(s) for s in np.ravel(meta.get("spacing", [1.0] * spatial))][-spatial:]
@@ -258,7 +431,8 @@ def write_container(array: np.ndarray, path: Path, meta: dict, channel_last: boo
         shape = list(reversed(array.shape))  # N5 lists dimensions x first
         spec = {"driver": "n5", "kvstore": {"driver": "file", "path": str(path / key)}, "metadata": {
             "dimensions": shape, "blockSize": [min(n, 256) for n in shape], "dataType": np.dtype(array.dtype).name,
-            "compression": {"type": "gzip"}}, "create": True, "delete_existing": True}
+            "compression": {"type": "gzip"}}, "create": True, "delete_existing": True,
+            "store_data_equal_to_fill_value": True}  # every block stored: complete by the missing-data rule
         ts.open(spec).result().write(np.ascontiguousarray(array).T).result()
         (path / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))
         attrs_file = path / key / "attributes.json"
@@ -271,5 +445,5 @@ def write_container(array: np.ndarray, path: Path, meta: dict, channel_last: boo
         return
     group = zarr.open_group(str(path), mode="w")
     dataset = group.create_array(key, shape=array.shape, dtype=array.dtype, chunks=tuple(min(n, 256) for n in array.shape))
-    dataset[...] = array
+    every_chunk(dataset)[...] = array
     dataset.attrs["resolution"] = spacing

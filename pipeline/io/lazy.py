@@ -8,8 +8,6 @@ as for in-memory reading (:mod:`pipeline.io.axes`, :func:`~pipeline.io.readers.c
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +17,7 @@ import tifffile
 import zarr
 
 from pipeline.io.common import HDF5_SUFFIXES, N5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, _suffix
-from pipeline.io.containers import dataset_plan, open_dataset
+from pipeline.io.containers import check_chunks, dataset_plan, open_dataset
 from pipeline.io.axes import ngff_unit
 from pipeline.io.readers import ImageInfo, check_channels, colour_to_grey
 from pipeline.io.tiff import tiff_level, tiff_plan, tiff_unit
@@ -76,10 +74,11 @@ class LazySource:
             self.stored_channels = channels
             self.spatial = planned[:-1] if self.plan.channel_last else planned
             planar = self.plan.found.lstrip("Q").startswith("S")  # tifffile's planar RGB: maybe 3 sections (check_channels)
-            self.grey = in_channels == 1 and channels in (3, 4) and (rgb_to_grey or not planar)  # colour read as grey
+            colour = self.plan.colour and channels in (3, 4)  # colour samples; other channels are never mixed into grey
+            self.grey = in_channels == 1 and colour and (rgb_to_grey or not planar)  # colour read as grey
             if channels != in_channels and not self.grey:
-                info = ImageInfo(planned, channels, np.dtype(self.open().dtype), self.plan.found, stored)
-                check_channels(self.path, info, in_channels)
+                info = ImageInfo(planned, channels, np.dtype(self.open().dtype), self.plan.found, stored, self.plan.colour)
+                check_channels(self.path, info, in_channels, rgb_to_grey=rgb_to_grey)
             if len(self.spatial) not in allowed:
                 raise ValueError(
                     f"{name} holds a {len(self.spatial)}D image (shape {planned}, stored axes {self.plan.found} {stored}), "
@@ -114,7 +113,7 @@ class LazySource:
                     self.array = zarr.open_array(store, mode="r")
                 else:  # HDF5 or zarr: the dataset `key`, or the only one (OME-Zarr: full resolution)
                     self.array, info = open_dataset(self.path, self.key)
-                    self.plan = dataset_plan(self.array, info, self.path)
+                    self.plan, self.dataset = dataset_plan(self.array, info, self.path), info["dataset"]
                     self.unit = ngff_unit(info.get("unit"))
             except (ValueError, FileNotFoundError):
                 raise
@@ -134,39 +133,13 @@ class LazySource:
         self.open()
         return None if self.plan is None else tuple(self.plan.spacing)
 
-    def missing_chunks(self) -> tuple[int, int, list[str]]:
-        """``(missing, total, names)`` of the stored chunks (shards) of a zarr source: zarr reads a
-        chunk that is not stored as the fill value, so a deleted block would be predicted from zeros.
-        ``names`` are the missing chunks' files for a local store (at most 5), else empty."""
-        array = self.open()
-        if self.kind == "tiff" or not hasattr(array, "nchunks_initialized"):  # a zarr store, or a zarr.Array passed in
-            return 0, 0, []
-        total, stored = int(array.nchunks), int(array.nchunks_initialized)
-        if stored >= total:
-            return 0, total, []
-        names, root = [], getattr(array.store, "root", None)
-        if root is not None:
-            grid = [math.ceil(n / c) for n, c in zip(array.shape, array.shards or array.chunks)]
-            for coords in itertools.product(*map(range, grid)):
-                key = array.metadata.encode_chunk_key(coords)
-                if not (Path(root) / array.path / key).exists():
-                    names.append(f"{key} (array index {coords})")
-                    if len(names) == 5:
-                        break
-        return total - stored, total, names
-
     def check_complete(self) -> None:
-        """Raise ``ValueError`` if a zarr source has chunks missing (see :meth:`missing_chunks`)."""
-        missing, total, names = self.missing_chunks()
-        if missing:
-            raise ValueError(
-                f"{self.path or 'the zarr array'}: {missing} of {total} chunks are missing from the zarr array"
-                + (f", e.g. {', '.join(names)}" if names else "")
-                + f"; zarr reads a chunk that is not stored as the fill value ({array_fill(self.open())}). A chunk is "
-                "missing when it was deleted or lost in a copy, but zarr also skips writing chunks that equal the fill "
-                "value (blank regions) unless told otherwise. If the dataset is complete, pass allow_missing_chunks=True "
-                "to predict those regions from the fill value; else copy the dataset again"
-            )
+        """The missing-data rule of every reading path (:func:`pipeline.io.containers.check_chunks`): a container
+        dataset (zarr, N5, HDF5) or a zarr array passed in with chunks not stored raises ``ValueError``
+        naming them. A TIFF is not chunked storage that can lose chunks, nor is an in-memory array."""
+        if self.kind != "tiff":
+            array, dataset = self.open(), getattr(self, "dataset", None)
+            check_chunks(array, (self.path + (f" dataset {dataset!r}" if dataset else "")) if self.path else "the zarr array")
 
     def identity(self) -> dict | None:
         """What the output records of its source, so that a resume never continues another input's
@@ -210,8 +183,3 @@ class LazySource:
                 )
             out = grey
         return out
-
-
-def array_fill(array: Any) -> Any:
-    """The fill value of a zarr array (what zarr returns for a chunk that is not stored)."""
-    return getattr(getattr(array, "metadata", None), "fill_value", getattr(array, "fill_value", None))

@@ -1,10 +1,16 @@
-"""Where outputs may go: no output replaces an input or another input's output (checked before any work)."""
+"""Where outputs may go, checked before any work by every writer of the pipeline (predictions, streaming stores and
+their exports, overlays, reports, TorchScript files, packages): no output replaces an input or another input's output,
+an existing output is replaced only with ``overwrite``, and a container holding datasets the run does not write is
+never replaced (its other datasets would be lost)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Mapping, Sequence
+
+#: entries of a container folder that are its metadata, not datasets (zarr v2, v3, N5)
+_METADATA = frozenset({".zgroup", ".zattrs", ".zmetadata", "zarr.json", "attributes.json"})
 
 
 def _real(path: str | os.PathLike) -> Path:
@@ -19,15 +25,53 @@ def _inode(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def members(path: str | os.PathLike) -> list[str] | None:
+    """The names at the top of an existing container: an HDF5 file's groups and datasets, a zarr or N5 folder's
+    entries (its metadata files and hidden entries left out; a zarr *array* is one member, ``"<name> (a zarr
+    array)"``, and any other folder lists its files). None when ``path`` does not exist or is a file that is not
+    HDF5."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / ".zarray").is_file() or '"array"' in _read(path / "zarr.json"):
+            return [f"{path.name} (a zarr array)"]
+        return sorted(p.name for p in path.iterdir() if p.name not in _METADATA and not p.name.startswith("."))
+    if not path.is_file():
+        return None
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return sorted(f.keys())
+    except OSError:
+        return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def check_outputs(
-    outputs: dict[str, Sequence[str | os.PathLike]], shared: Sequence[str | os.PathLike] = (), key: str = "output_dir"
+    outputs: Mapping[str, Sequence[str | os.PathLike]], shared: Sequence[str | os.PathLike] = (), key: str = "output_dir",
+    *, overwrite: bool | None = None, own: Sequence[str | os.PathLike] = (),
+    datasets: Mapping[str | os.PathLike, Collection[str]] | None = None,
 ) -> None:
-    """Refuse outputs that would replace an input or collide with each other, before any work.
+    """Refuse outputs that would replace an input, collide with each other or replace what they should not,
+    before any work. The one check of every writer's outputs.
 
     Args:
         outputs: ``{input path: [its output paths]}`` for every input of the run.
-        shared: outputs of the run as a whole (a report), checked against the inputs only.
+        shared: outputs of the run as a whole (a report, an export), checked against the inputs only.
         key: the command-line key that chooses the outputs, for the message.
+        overwrite: False: an existing output (file or folder) is refused unless it is in ``own``; True: it may be
+            replaced; None: not checked here (a writer that replaces its own results, an evaluation's report).
+        own: outputs the run may take up as its own without ``overwrite`` (a streaming store it resumes, the
+            exports that store records having written).
+        datasets: ``{container output: names of the datasets this writer puts in such a file}`` (HDF5, zarr, N5):
+            an existing container holding anything else (:func:`members`) is refused whatever ``overwrite``
+            says, since replacing it would lose that.
 
     An output is refused when it is an input (the same path, through a symbolic link, or a hard
     link), lies inside an input (a zarr folder) or holds one (an output folder replaced as a
@@ -36,7 +80,8 @@ def check_outputs(
     other.
 
     Raises:
-        ValueError: naming the input(s) and output, and what to do.
+        ValueError: an output that is (in) an input, or written by two inputs, naming them and what to do.
+        FileExistsError: existing outputs without ``overwrite``, or a container holding other datasets.
     """
     real = {_real(i): Path(i) for i in outputs}  # one lookup per output, not one per (output, input) pair
     inodes = {n: Path(i) for i in outputs if (n := _inode(Path(i))) is not None}  # hard links
@@ -56,7 +101,7 @@ def check_outputs(
                 linked = how == "is" and os.path.abspath(target) != os.path.abspath(given)
                 raise ValueError(
                     f"output {target} {how} the input {given}{' (through a link)' if linked else ''}: "
-                    f"predicting would destroy the input, so nothing was written (overwrite or not). "
+                    f"writing it would destroy the input, so nothing was written (overwrite or not). "
                     f"Choose another --{key}"
                 )
     clashes = {out: srcs for out, srcs in writers.items() if len(set(srcs)) > 1}
@@ -67,3 +112,23 @@ def check_outputs(
             f"{' and '.join(sorted(set(srcs)))}; nothing was written. Rename one of the inputs (outputs are named "
             f"after the input without its suffix), or predict them into separate --{key}s"
         )
+    if overwrite is not None:
+        _check_existing([t for ts in [*outputs.values(), shared] for t in ts], overwrite, own, datasets or {}, key)
+
+
+def _check_existing(targets: Sequence[str | os.PathLike], overwrite: bool, own: Sequence[str | os.PathLike],
+                    datasets: Mapping[str | os.PathLike, Collection[str]], key: str) -> None:
+    for target, ours in datasets.items():
+        found = members(target)
+        foreign = [m for m in found or () if m not in ours]
+        if foreign:
+            raise FileExistsError(
+                f"{target} exists and holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which this run "
+                f"does not write (it writes {', '.join(sorted(ours))}): replacing it would lose them, so nothing was written "
+                f"(overwrite or not). Choose another {key}=<path>, or move the file"
+            )
+    mine = {_real(p) for p in own}
+    taken = [str(t) for t in targets if os.path.lexists(t) and _real(t) not in mine]
+    if taken and not overwrite:
+        raise FileExistsError(f"{len(taken)} output file(s) exist already, e.g. {taken[:3]}; nothing was written. Pass "
+                              f"overwrite=True to replace them, or choose another {key}=<path>")

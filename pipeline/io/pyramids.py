@@ -70,7 +70,9 @@ def write_ome_zarr(store: Any, path: str | os.PathLike, spacing: Sequence[float]
     image = names[0]
     data = da.from_zarr(store[image], chunks=chunks)
     method = Methods.LOCAL_MEAN if image == "probabilities" else Methods.NEAREST
-    with dask.config.set(scheduler="synchronous"):  # one chunk at a time: memory bounded by a chunk, not the threads' queue
+    # one chunk at a time (memory bounded by a chunk, not the threads' queue), every chunk stored (blank ones too:
+    # pipeline.io.containers.every_chunk)
+    with dask.config.set(scheduler="synchronous"), zarr.config.set({"array.write_empty_chunks": True}):
         write_image(data, group, scaler=None, scale_factors=factors, method=method, axes=axes, scale=scale, axes_units=units,
                     storage_options=options, name=image)
         if "mask" in names and image != "mask":
@@ -186,10 +188,12 @@ def thumbnail(source: Any, factor: int) -> tuple[np.ndarray, int]:
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     """The tissue rule for brightfield whole-slide images: a pixel of a thumbnail ``(3 or 4, Y, X)`` is
     tissue where its HSV saturation exceeds Otsu's threshold of the thumbnail's saturation (as CLAM's
-    tissue segmentation, Lu et al. 2021, without its median blur), dilated by one pixel.
+    tissue segmentation, Lu et al. 2021, without its median blur), dilated by one pixel. A uniform thumbnail
+    (one value) holds no tissue; one of a single colour is all tissue.
 
     Raises:
-        ValueError: a thumbnail that is not RGB(A).
+        ValueError: a thumbnail that is not RGB(A), or grey stored as RGB (R, G and B within 2% of the image's
+            value range of each other in 99.5% of its pixels: saturation cannot tell tissue from background).
     """
     from scipy import ndimage
     from skimage.color import rgb2hsv
@@ -197,9 +201,17 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
 
     if rgb.shape[0] not in (3, 4):
         raise ValueError(f"the tissue rule needs an RGB image, got {rgb.shape[0]} channel(s); set skip_background=False")
+    colour = np.asarray(rgb[:3], dtype=np.float32)
+    value_range = float(colour.max() - colour.min())
+    if value_range == 0:
+        return np.zeros(colour.shape[1:], bool)
+    if np.percentile(colour.max(0) - colour.min(0), 99.5) <= 0.02 * value_range:
+        raise ValueError("the tissue rule reads colour saturation, but this RGB image is grey (R, G and B within 2% of its "
+                         "range of each other in 99.5% of its pixels), so it cannot tell tissue from background; set "
+                         "skip_background=False to predict every block")
     saturation = rgb2hsv(np.moveaxis(rgb[:3], 0, -1))[..., 1]
     if np.ptp(saturation) == 0:
-        return np.zeros(saturation.shape, bool) if saturation.flat[0] == 0 else np.ones(saturation.shape, bool)
+        return np.ones(saturation.shape, bool)
     return ndimage.binary_dilation(saturation > threshold_otsu(saturation))
 
 

@@ -171,6 +171,9 @@ class ImageInfo:
         dtype: the pixel type.
         axes: the stored axes as the format names them (TIFF e.g. ``"SYX"``, OME-Zarr ``"CYX"``, ``"?"`` per unnamed axis; ``""`` for other formats).
         stored_shape: the stored array's shape (for messages; ``shape`` for other formats).
+        colour: the channels are colour samples (R, G, B(, A): :mod:`pipeline.io.axes`), which ``rgb_to_grey`` may
+            turn grey; False for channels (ImageJ / OME ``C``, ilastik ``c``). Formats without axis names (PNG, JPEG,
+            vector pixels of SimpleITK formats): True.
     """
 
     shape: tuple[int, ...]
@@ -178,6 +181,7 @@ class ImageInfo:
     dtype: np.dtype
     axes: str = ""
     stored_shape: tuple[int, ...] | None = None
+    colour: bool = True
 
 
 def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: str | None = None) -> ImageInfo:
@@ -203,7 +207,7 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: st
         finally:
             if isinstance(array, h5py.Dataset):
                 array.file.close()
-        return ImageInfo(shape, shape[-1] if plan.channel_last else 1, dtype, plan.found, tuple(int(n) for n in array.shape))
+        return ImageInfo(shape, shape[-1] if plan.channel_last else 1, dtype, plan.found, tuple(int(n) for n in array.shape), plan.colour)
     try:
         if suffix in TIFF_SUFFIXES:
             level = tiff_level(path, key)
@@ -212,7 +216,7 @@ def probe_image(path: str | os.PathLike, tiff_series: int | None = None, key: st
                 stored = (len(tif.series), *tif.series[0].shape) if chosen is None else image.shape
                 shape = plan.shape(stored)
                 dtype = tif.series[0 if chosen is None else chosen].dtype
-                return ImageInfo(shape, shape[-1] if plan.channel_last else 1, np.dtype(dtype), plan.found, tuple(stored))
+                return ImageInfo(shape, shape[-1] if plan.channel_last else 1, np.dtype(dtype), plan.found, tuple(stored), plan.colour)
         if suffix in NIFTI_SUFFIXES:
             header = nib.load(str(path)).header
             shape = tuple(int(n) for n in header.get_data_shape())
@@ -266,16 +270,21 @@ def check_channels(
     A grey image saved as RGB(A) (R = G = B) passes for a 1-channel network when ``pixels`` is given
     (a function returning the file's array, channels last): :func:`channel_first` reads it as grey; not a
     planar RGB TIFF (stored axes ``SYX``), which is how tifffile saves a 3-section stack by default: refused
-    with the fix. Any RGB(A) passes with ``rgb_to_grey``.
+    with the fix. Any RGB(A) colour passes with ``rgb_to_grey``. Channels that are not colour (``info.colour``
+    False: ImageJ / OME ``C``, ilastik ``c``) are never mixed into grey: refused, ``rgb_to_grey`` too, with how to
+    save sections stored as channels as a stack.
 
     Raises:
         ValueError: naming the file, its shape and axes, and what to do.
     """
-    if info.channels == in_channels or (rgb_to_grey and in_channels == 1 and info.channels in (3, 4)):
+    colour = info.colour and info.channels in (3, 4)
+    if info.channels == in_channels or (rgb_to_grey and in_channels == 1 and colour):
         return
     hint = "convert it to the network's channels (e.g. colour to grey, or rgb_to_grey=True for a 1-channel network)"
-    planar = info.axes.lstrip("Q").startswith("S")  # tifffile's planar RGB: maybe a small stack
-    if in_channels == 1 and info.channels in (3, 4) and pixels is not None and not planar:
+    if not info.colour and info.channels > 1:
+        hint = _channels_hint(path, info, in_channels, rgb_to_grey)
+    planar = info.colour and info.axes.lstrip("Q").startswith("S")  # tifffile's planar RGB: maybe a small stack
+    if in_channels == 1 and colour and pixels is not None and not planar:
         if colour_to_grey(np.moveaxis(pixels(), -1, 0), luminance=False) is not None:  # grey saved as colour
             return
         hint = "R, G and B differ: pass rgb_to_grey=True to predict its luminance, convert it to grey, or train a network on colour"
@@ -289,7 +298,31 @@ def check_channels(
     )
 
 
-def read_image(path: str | os.PathLike, tiff_series: int | None = None, key: str | None = None) -> tuple[np.ndarray, dict]:
+def _channels_hint(path: str | os.PathLike, info: ImageInfo, in_channels: int, rgb_to_grey: bool) -> str:
+    """What to do with channels that are not colour (:func:`check_channels`): sections stored as channels are
+    saved again as a stack; channels need a network trained on them."""
+    n, letter = info.channels, "S" if "S" in info.axes.upper() else "C"
+    what = f"its {n} planes are channels by the file's own metadata (axis {letter}), not RGB colour"
+    if in_channels != 1:
+        return f"{what}; use a network trained on {n} channels, or save the {in_channels} channel(s) it takes"
+    if _suffix(path) in TIFF_SUFFIXES:
+        resave = ("in Fiji, Image > Hyperstacks > Re-order Hyperstack... (channels <-> slices) and save; in Python, "
+                  + ("tifffile.imwrite(path, tifffile.imread(path), imagej=True, metadata={'axes': 'ZYX'})"
+                     if info.axes == "CYX" else "tifffile.imwrite(path, array, imagej=True, metadata={'axes': 'ZYX'}) of its (Z, Y, X) array"))
+    else:
+        resave = "write the dataset again with that axis named as sections (z), e.g. ilastik axistags 'zyx', OME-Zarr axes z, y, x"
+    return (
+        ("rgb_to_grey=True applies to RGB colour only, and " if rgb_to_grey else "") + what
+        + (": their luminance would mix them" if rgb_to_grey else ", so rgb_to_grey=True does not apply")
+        + f". If they are {n} sections stored as channels, save the file again as a stack ({resave}); a 2D network then "
+        f"predicts each section, a 3D network the stack. If they are channels, predict with a network trained on {n} "
+        "channels; if they are R, G and B, convert the file to grey"
+    )
+
+
+def read_image(
+    path: str | os.PathLike, tiff_series: int | None = None, key: str | None = None, allow_missing_chunks: bool = False
+) -> tuple[np.ndarray, dict]:
     """Read an image file, or a directory of 2D PNG/TIFF slices, into ``(array, meta)``.
 
     TIFF uses :class:`TiffStackReader`, NIfTI MONAI's ``NibabelReader`` (``meta["spacing"]`` added
@@ -303,15 +336,16 @@ def read_image(path: str | os.PathLike, tiff_series: int | None = None, key: str
         ValueError: a file cannot be decoded, or slices are not 2D images of one shape.
         TiffSeriesError: a TIFF of several series and no (or a wrong) ``tiff_series``.
 
-    Containers (HDF5, zarr, OME-Zarr: :mod:`pipeline.io.containers`) are read from their dataset ``key``
-    (default: the only one; of an OME-Zarr image, a level). For a TIFF, ``key`` is the pyramid level
-    (:func:`~pipeline.io.tiff.tiff_level`; 0 or None: full resolution).
+    Containers (HDF5, zarr, N5, OME-Zarr: :mod:`pipeline.io.containers`) are read from their dataset ``key``
+    (default: the only one; of an OME-Zarr image, a level), refused when chunks are missing unless
+    ``allow_missing_chunks`` (:func:`pipeline.io.containers.check_chunks`). For a TIFF, ``key`` is the pyramid
+    level (:func:`~pipeline.io.tiff.tiff_level`; 0 or None: full resolution).
     """
     path = Path(path)
     if is_container(path):
         if not path.exists():
             raise FileNotFoundError(f"image file not found: {path}")
-        return read_container(path, key)
+        return read_container(path, key, allow_missing_chunks)
     if path.is_dir():
         return _read_folder(path)
     suffix = _suffix(_existing_file(path))
@@ -337,7 +371,9 @@ def channel_first(array: np.ndarray, meta: dict, path: str | os.PathLike, rgb_to
     Channels: colour samples, which the readers put last (``meta["original_channel_dim"] == -1``),
     move first; a grey image gets a channel of 1, and so does a grey image saved as colour (RGB or
     RGBA with R = G = B: the alpha channel is ignored); with ``rgb_to_grey`` (bundle key, for a
-    1-channel network) any RGB(A) image becomes grey by :func:`colour_to_grey`'s rule. Sections: TIFF and SimpleITK arrays are already
+    1-channel network) any RGB(A) image becomes grey by :func:`colour_to_grey`'s rule. Channels that are not
+    colour (``meta["colour"]`` False: ImageJ / OME ``C``, ilastik ``c``; :mod:`pipeline.io.axes`) are kept as they
+    are, never mixed. Sections: TIFF and SimpleITK arrays are already
     ``(Z, Y, X)``; NIfTI arrays are nibabel's ``(x, y, z)``, so their spatial axes are reversed, and the
     returned flag says so (writers reverse the prediction back, :class:`pipeline.transforms.WritePredictiond`).
     Training, evaluation and in-memory inference all read through this (:class:`pipeline.transforms.LoadSectiond`).
@@ -357,7 +393,7 @@ def channel_first(array: np.ndarray, meta: dict, path: str | os.PathLike, rgb_to
             "an image is (Y, X) or (Z, Y, X), with colour samples last"
         )
     out = np.moveaxis(array, -1, 0) if channel_last else array[None]
-    if out.shape[0] in (3, 4):
+    if out.shape[0] in (3, 4) and meta.get("colour", True):
         grey = colour_to_grey(out, rgb_to_grey)
         out = out if grey is None else grey
     reverse = _suffix(path) in NIFTI_SUFFIXES
@@ -386,17 +422,17 @@ def _read_folder(directory: Path) -> tuple[np.ndarray, dict]:
 
 
 @lru_cache(maxsize=8)
-def _read_cached(path: str, mtime: float, key: str | None) -> tuple[np.ndarray, dict]:
-    array, meta = read_image(path, key=key)
+def _read_cached(path: str, mtime: float, key: str | None, allow_missing_chunks: bool) -> tuple[np.ndarray, dict]:
+    array, meta = read_image(path, key=key, allow_missing_chunks=allow_missing_chunks)
     array.setflags(write=False)  # shared between sections: never modified in place
     return array, meta
 
 
-def read_cached(path: str | Path, key: str | None = None) -> tuple[np.ndarray, dict]:
+def read_cached(path: str | Path, key: str | None = None, allow_missing_chunks: bool = False) -> tuple[np.ndarray, dict]:
     """:func:`pipeline.io.read_image` with a small cache, so that the sections of one stack
-    decode the file once (the cache is keyed on the path, its modification time and the dataset ``key``
-    of a container)."""
+    decode the file once (the cache is keyed on the path, its modification time, the dataset ``key``
+    of a container and ``allow_missing_chunks``)."""
     p = Path(path)
     if not p.exists() or (p.is_dir() and not is_container(p)):
         raise FileNotFoundError(f"image file not found: {p}")
-    return _read_cached(str(p), p.stat().st_mtime, key)
+    return _read_cached(str(p), p.stat().st_mtime, key, bool(allow_missing_chunks))

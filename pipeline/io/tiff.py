@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -146,12 +147,34 @@ def tiff_plan(tif: tifffile.TiffFile, path: str | os.PathLike, series: int | Non
     factor = [1.0 if full is None else full.shape[a] / n for a, n in enumerate(shape)]
     spacing = [known.get(a, 1.0) * f for a, f in zip(axes, factor)] if isinstance(known, dict) else None
     try:
-        plan = plan_axes(shape, axes, spacing, f"{path}" + (f" (pyramid level {level})" if level else ""))
+        plan = plan_axes(shape, axes, spacing, f"{path}" + (f" (pyramid level {level})" if level else ""), _colour(tif, image, axes))
     except ValueError as err:
         raise AxesError(str(err)) from None
     if isinstance(known, list) and len(known) == len(plan.spacing):  # our writer's JSON: the spatial axes' spacing
-        plan = AxisPlan(plan.index, plan.order, tuple(known), plan.channel_last, plan.axes, plan.found)
+        plan = dataclasses.replace(plan, spacing=tuple(known))
     return chosen, image, plan
+
+
+#: photometric interpretations whose samples tifffile decodes as R, G, B (YCbCr JPEG tiles included)
+RGB_PHOTOMETRIC = ("RGB", "YCBCR")
+
+
+def _colour(tif: tifffile.TiffFile, image: Any, axes: str) -> bool | None:
+    """Whether a TIFF's channel axis is colour (:mod:`pipeline.io.axes`): samples ``S`` of a photometric RGB
+    (or YCbCr) image are, other samples (minisblack with extra samples, CMYK) are not; an ImageJ ``C`` axis is
+    colour only when its lookup tables are red, green and blue (a composite made from an RGB image); None: the
+    rule's default by the axis name."""
+    if "S" in axes:
+        keyframe = (image if image is not None else tif.series[0]).keyframe
+        return getattr(keyframe.photometric, "name", str(keyframe.photometric)) in RGB_PHOTOMETRIC
+    if "C" in axes and tif.is_imagej:
+        luts = (tif.imagej_metadata or {}).get("LUTs")
+        if isinstance(luts, (list, tuple)) and len(luts) in (3, 4):
+            ramps = [np.asarray(lut) for lut in luts[:3]]
+            if all(r.shape == (3, 256) for r in ramps):
+                ramp = np.arange(256)
+                return all(np.array_equal(r[i], ramp) and not np.delete(r, i, 0).any() for i, r in enumerate(ramps))
+    return None
 
 
 def read_tiff(path: Path, series: int | None = None, level: int = 0) -> tuple[np.ndarray, dict]:
@@ -183,7 +206,7 @@ def read_tiff(path: Path, series: int | None = None, level: int = 0) -> tuple[np
     if catcher.messages:
         raise ValueError(f"could not read {path} as TIFF: truncated or corrupt ({catcher.messages[0]})")
     array = plan.read(stored)
-    meta = {**_base_meta(array.shape, list(plan.spacing), plan.channel_last), "tiff_axes": plan.axes}
+    meta = {**_base_meta(array.shape, list(plan.spacing), plan.channel_last), "tiff_axes": plan.axes, "colour": plan.colour}
     meta.update({"unit": unit} if unit else {})
     meta.update({"level": level} if level else {})
     logger.debug("read TIFF %s: shape %s axes %s (stored %s) spacing %s", path, array.shape, plan.axes, plan.found, plan.spacing)

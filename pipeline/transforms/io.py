@@ -32,6 +32,8 @@ class LoadSectiond(MapTransform):
         tiff_series: the series of TIFF files of several (:func:`pipeline.io.choose_tiff_series`).
         rgb_to_grey: RGB(A) images become grey by luminance (:func:`pipeline.io.readers.colour_to_grey`), for a
             1-channel network; grey images saved as colour (R = G = B) are read as grey either way.
+        allow_missing_chunks: read the chunks a zarr / N5 / HDF5 dataset does not store as its fill value; else such
+            a dataset is refused (:func:`pipeline.io.containers.check_chunks`).
 
     Raises:
         ValueError: a section out of range; an array that is not an image (:func:`pipeline.io.channel_first`);
@@ -40,10 +42,11 @@ class LoadSectiond(MapTransform):
 
     def __init__(
         self, keys: KeysCollection, slice_key: str = "slice", tiff_series: int | None = None, allow_missing_keys: bool = False,
-        rgb_to_grey: bool = False,
+        rgb_to_grey: bool = False, allow_missing_chunks: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.slice_key, self.tiff_series, self.rgb_to_grey = slice_key, tiff_series, bool(rgb_to_grey)
+        self.allow_missing_chunks = bool(allow_missing_chunks)
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, MetaTensor]:
         d = dict(data)
@@ -53,7 +56,8 @@ class LoadSectiond(MapTransform):
             path = str(d[key])
             dataset = d.get(f"{key}_dataset")  # inside an HDF5 / zarr container (pipeline.data datalists)
             cached = z is not None and self.tiff_series is None  # sections: decode the file once
-            array, meta = read_cached(path, dataset) if cached else read_image(path, tiff_series=self.tiff_series, key=dataset)
+            holes = self.allow_missing_chunks
+            array, meta = read_cached(path, dataset, holes) if cached else read_image(path, self.tiff_series, dataset, holes)
             array, reversed_axes = channel_first(array, meta, path, self.rgb_to_grey)
             spacing = [float(v) for v in np.asarray(meta.get("spacing", [1.0] * (array.ndim - 1)), dtype=float).ravel()]
             spacing = (spacing[::-1] if reversed_axes else spacing)[-(array.ndim - 1):]
