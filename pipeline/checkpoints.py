@@ -2,7 +2,9 @@
 
 - :func:`read_checkpoint` / :func:`load_checkpoint` / :func:`check_state_dict`: ``torch.load`` with
   ``weights_only=True``, errors that name the file; the network's recorded architecture
-  (:meth:`pipeline.networks.UNet.get_extra_state`), parameter shapes and finite weights.
+  (:meth:`pipeline.networks.UNet.get_extra_state`), parameter shapes and finite weights;
+  :func:`load_weights_only`, the one rule for every weights file read, also :func:`load_bioimageio`'s (a
+  bioimage.io package of this pipeline as the network it holds, no code of the package run).
 - :class:`CheckpointSaver`: MONAI's saver, made atomic (save before remove), refusing non-finite
   values, and writing the final checkpoint only when a run completes.
 - :func:`latest_checkpoint` / :func:`check_resume`: which checkpoint ``resume: true`` reads, and
@@ -18,7 +20,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
@@ -48,19 +50,41 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             f"checkpoint {str(path)!r} does not exist; train first (python -m monai.bundle run training ...) "
             "or pass the file as checkpoint=<file>"
         )
+    return load_weights_only(path, f"checkpoint {str(path)!r}", holds="it holds",
+                             fix="Re-save only the weights: torch.save(model.state_dict(), path)",
+                             unreadable="it is truncated or not a PyTorch checkpoint",
+                             retry="copy it again or pass another file as checkpoint=<file>")
+
+
+def load_weights_only(source: str | os.PathLike | IO[bytes], what: str, *, holds: str, fix: str, unreadable: str,
+                      retry: str) -> Any:
+    """The one rule for every weights file this project reads (checkpoints; bioimage.io packages,
+    :func:`load_bioimageio`): ``torch.load(source, map_location="cpu", weights_only=True)``, so
+    nothing but tensors and plain containers is ever unpickled, and a file holding anything else is refused, never
+    loaded with ``weights_only=False`` (that would run whatever code the file names).
+
+    Args:
+        source: a path or a binary stream.
+        what: the file as the errors name it (``"checkpoint 'model.pt'"``).
+        holds: the subject of the refusal (``"it holds"``).
+        fix: the sentence that ends the refusal.
+        unreadable: what a truncated or non-PyTorch file is (``"it is truncated or not a PyTorch checkpoint"``).
+        retry: what to do then.
+
+    Raises:
+        ValueError: ``"refusing to load {what}: {holds} Python objects other than tensors and plain containers, and
+            unpickling them could run arbitrary code (...). {fix}"``; ``"{what} cannot be read: {unreadable}
+            (torch's reason); {retry}"``.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(
-            f"refusing to load checkpoint {str(path)!r}: it holds Python objects other than tensors and "
-            "plain containers, and unpickling them could run arbitrary code (torch.load weights_only=True refused it). "
-            "Re-save only the weights: torch.save(model.state_dict(), path)"
+            f"refusing to load {what}: {holds} Python objects other than tensors and plain containers, and unpickling "
+            f"them could run arbitrary code (torch.load weights_only=True refused it). {fix}"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(
-            f"checkpoint {str(path)!r} cannot be read: it is truncated or not a PyTorch checkpoint "
-            f"({str(err).splitlines()[0]}); copy it again or pass another file as checkpoint=<file>"
-        ) from None
+        raise ValueError(f"{what} cannot be read: {unreadable} ({str(err).splitlines()[0]}); {retry}") from None
 
 
 def model_state(state: Any, key: str = "model") -> Any:
@@ -98,7 +122,7 @@ def network_from_checkpoint(path: str | os.PathLike, architecture: dict | None =
     saved without that record; given with a checkpoint that has one, the two must agree.
 
     ``path`` may also be a bioimage.io package exported by this pipeline (a ``.zip``, its ``rdf.yaml`` /
-    ``bioimageio.yaml`` or unpacked folder: :func:`pipeline.export.load_bioimageio`).
+    ``bioimageio.yaml`` or unpacked folder: :func:`load_bioimageio`).
 
     Returns:
         The network in eval mode, weights loaded (as :func:`load_checkpoint` checks them).
@@ -107,8 +131,6 @@ def network_from_checkpoint(path: str | os.PathLike, architecture: dict | None =
         FileNotFoundError, ValueError: as :func:`load_checkpoint`; no architecture recorded or given;
             an ``architecture`` that is not a dict of ``UNet``'s arguments.
     """
-    from pipeline.export import is_bioimageio, load_bioimageio
-
     if Path(path).exists() and is_bioimageio(path):
         network = load_bioimageio(path)
         diff = network.architecture_diff({"architecture": architecture}) if architecture is not None else []
@@ -133,6 +155,85 @@ def network_from_checkpoint(path: str | os.PathLike, architecture: dict | None =
     except TypeError as err:
         raise ValueError(f"architecture {settings} is not a set of pipeline.networks.UNet's arguments: {err}") from None
     check_state_dict(network, state, path)  # a given architecture is checked against the record too
+    network.load_state_dict(state)
+    return network.eval()
+
+
+def is_bioimageio(path: str | os.PathLike) -> bool:
+    """A bioimage.io package: a ``.zip``, a ``rdf.yaml`` / ``bioimageio.yaml`` file, or a folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        return any((path / n).is_file() for n in ("rdf.yaml", "bioimageio.yaml"))
+    return path.suffix == ".zip" or path.name.endswith(("rdf.yaml", "bioimageio.yaml"))
+
+
+def load_bioimageio(source: str | os.PathLike) -> UNet:
+    """Read a bioimage.io package of this architecture (:func:`pipeline.bioimageio.export_bioimageio`) back as the
+    :class:`pipeline.networks.UNet` it holds (logits, eval mode), for the bundle's inference.
+
+    No code from the package runs: the architecture must be ``pipeline.export.ProbabilityUNet`` (:mod:`pipeline.export`'s),
+    the U-Net is built here from its recorded arguments, and its ``pytorch_state_dict`` weights are read with
+    ``torch.load(weights_only=True)`` (:func:`load_weights_only`, the rule of checkpoints) and checked as a checkpoint is
+    (:func:`check_state_dict`: architecture, shapes, finite values).
+
+    Raises:
+        ValueError: naming the package: not a valid bioimage.io model description (``bioimageio.spec``'s message);
+            no ``pytorch_state_dict`` weights (a TorchScript-only package) or weights of another architecture (run
+            those with ``bioimageio.core``); weights that are missing, truncated, not a PyTorch file, altered (their
+            sha256 differs from the recorded one), of Python objects other than tensors (a pickled model or any
+            other object: refused, since unpickling them could run arbitrary code), or that do not fit the
+            recorded architecture.
+    """
+    import hashlib
+    import io
+
+    from bioimageio.spec import InvalidDescr, load_model_description
+    from bioimageio.spec.utils import download
+
+    package = f"bioimage.io package {str(source)!r}"
+    descr = load_model_description(str(source), perform_io_checks=False)
+    if isinstance(descr, InvalidDescr):
+        raise ValueError(f"{str(source)!r} is not a valid bioimage.io model: {descr.validation_summary.format()}")
+    weights = descr.weights.pytorch_state_dict
+    if weights is None:
+        others = [f for f, w in descr.weights if w is not None]
+        raise ValueError(
+            f"{package} holds no pytorch_state_dict weights (only {', '.join(others) or 'none'}): the bundle rebuilds the "
+            "U-Net from pytorch_state_dict weights of pipeline.export.ProbabilityUNet; run this package with "
+            "bioimageio.core (bioimageio predict), or export the checkpoint again (em-unet export)")
+    arch = getattr(weights, "architecture", None)
+    where = (getattr(arch, "import_from", None), str(getattr(arch, "callable", "")))
+    if where != ("pipeline.export", "ProbabilityUNet"):
+        raise ValueError(
+            f"{package} holds no pytorch_state_dict weights of pipeline.export.ProbabilityUNet (found "
+            f"{where[0]}.{where[1]}): only packages exported by this pipeline load into the bundle; run others with "
+            "bioimageio.core (bioimageio predict)")
+    kwargs = dict(arch.kwargs)
+    try:
+        network = UNet(**{**kwargs, "dropout": 0.0})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{package} records architecture arguments {kwargs} that pipeline.networks.UNet does not take: "
+                         f"{err}") from None
+    name = f"its pytorch_state_dict weights ({weights.source})"
+    located = weights.source.absolute() if hasattr(weights.source, "absolute") else weights.source  # in the zip or folder
+    try:
+        if hasattr(located, "exists") and not located.exists():  # bioimageio.spec 0.5.12 fails on a missing zip member
+            raise FileNotFoundError(str(weights.source))
+        data = download(weights.source, sha256=None).read()  # the checksum is compared below, after the safe load
+    except OSError as err:
+        raise ValueError(f"{package} cannot be read: {name} are missing ({type(err).__name__}: {err}); copy the package "
+                         "again or export it again (em-unet export)") from None
+    state = load_weights_only(
+        io.BytesIO(data), package, holds=f"{name} are not a plain state dict (tensors by name): they hold",
+        fix="Export the package again from its checkpoint (em-unet export, pipeline.bioimageio.export_bioimageio); run a "
+            "package from elsewhere with bioimageio.core",
+        unreadable=f"{name} are truncated or not a PyTorch file", retry="copy the package again or export it again")
+    if weights.sha256 is not None and hashlib.sha256(data).hexdigest() != weights.sha256:
+        raise ValueError(f"{package} cannot be read: {name} are not the ones it was written with (their sha256 differs "
+                         "from the one it records): altered or copied incompletely; copy the package again or export it again")
+    if isinstance(state, dict) and state and all(isinstance(k, str) and k.startswith("unet.") for k in state):
+        state = {k[len("unet."):]: v for k, v in state.items()}  # ProbabilityUNet's state_dict is the UNet's under unet.
+    check_state_dict(network, state, source)
     network.load_state_dict(state)
     return network.eval()
 

@@ -723,7 +723,7 @@ def _(tmp):
 
 @row("export-existing-output", FileExistsError, r"1 output file\(s\) exist already, e.g. \[.*pkg.zip'\]; nothing was written. Pass overwrite=True to replace them, or choose another package=<path>")
 def _(tmp):
-    from pipeline.export import export_bioimageio
+    from pipeline.bioimageio import export_bioimageio
 
     (tmp / "pkg.zip").write_bytes(b"an earlier export")
     return lambda: export_bioimageio(net(), tmp / "pkg.zip", test=False)
@@ -734,9 +734,9 @@ def _(tmp):
     return lambda: metrics.class_scores(np.array([[0, 3], [2, 2]]), np.array([[0, 2], [2, 2]]), 3)
 
 
-@row("export-sample-too-small", ValueError, r"sample_input .*small.tif' is 100 px along axis 0; the network needs at least 188 \(valid sizes: 188 \+ 16 \* n\)")
+@row("export-sample-too-small", ValueError, r"sample_input .*small.tif' is 100 px along axis 0; the package needs at least 240 \(twice its halo, 112, plus the pooling step\)")
 def _(tmp):
-    from pipeline.export import export_bioimageio
+    from pipeline.bioimageio import export_bioimageio
 
     tifffile.imwrite(tmp / "small.tif", to_uint8(make_image((100, 120), seed=0)[0]))
     return lambda: export_bioimageio(net(), tmp / "pkg.zip", sample_input=tmp / "small.tif", test=False)
@@ -753,6 +753,35 @@ def console(tmp, *args):
             raise BundleError(proc.stderr)
 
     return action
+
+
+@row("bioimageio-pickled-weights", ValueError, r"^(?!.*weights_only=False)refusing to load bioimage\.io package .*pkg\.zip': its "
+     r"pytorch_state_dict weights \(weights\.pt\) are not a plain state dict \(tensors by name\): they hold Python objects "
+     r".*could run arbitrary code")
+def _(tmp):
+    import hashlib
+    import io
+    import zipfile
+
+    import yaml
+
+    from pipeline.bioimageio import export_bioimageio
+    from pipeline.checkpoints import load_bioimageio
+
+    export_bioimageio(net(), tmp / "exported.zip", test=False)
+    with zipfile.ZipFile(tmp / "exported.zip") as archive:
+        files = {n: archive.read(n) for n in archive.namelist()}
+    buffer = io.BytesIO()
+    torch.save({"model": net().state_dict(), "hook": OverlapTileInferer}, buffer)  # a class: unpickling it imports code
+    files["weights.pt"] = buffer.getvalue()
+    rdf = yaml.safe_load(files["rdf.yaml"])
+    rdf["weights"]["pytorch_state_dict"]["sha256"] = hashlib.sha256(files["weights.pt"]).hexdigest()
+    files["rdf.yaml"] = yaml.safe_dump(rdf).encode()
+    with zipfile.ZipFile(tmp / "pkg.zip", "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    (tmp / "exported.zip").unlink()
+    return lambda: load_bioimageio(tmp / "pkg.zip")
 
 
 @row("console-misspelt-key", BundleError, r"em-unet train: error: unknown argument\(s\): --num_epoch \(did you mean --num_epochs")
