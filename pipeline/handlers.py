@@ -8,7 +8,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import ignite.distributed as idist
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from ignite.engine import Events
 from ignite.metrics import Metric
 from monai.handlers import from_engine
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 from pipeline import metrics
@@ -292,7 +293,8 @@ class EvaluationReport:
                 rgb[classes != label] = (1.0, 0.1, 0.1)
             self.rows.append(row)
             rgb = rgb[rgb.shape[0] // 2] if rgb.ndim == 4 else rgb  # a stack: its middle section
-            replace_atomically(self.overlay_path(name, section), lambda p: _save_png(p, (rgb * 255).astype(np.uint8)))
+            png = Image.fromarray((rgb * 255).astype(np.uint8))
+            replace_atomically(self.overlay_path(name, section), lambda p: png.save(p, format="PNG"))
 
     @staticmethod
     def _grey(image: np.ndarray) -> np.ndarray:
@@ -344,8 +346,8 @@ class EvaluationReport:
 
         csv_path, json_path = self.reports
         replace_atomically(csv_path, write_csv)
-        replace_atomically(json_path, lambda p: p.write_text(json.dumps({"mean": mean, "count": count, "samples": self.rows},
-                                                                        indent=1)))
+        report = _strict_json({"mean": mean, "count": count, "samples": self.rows})  # NaN (undefined, absent): null
+        replace_atomically(json_path, lambda p: p.write_text(json.dumps(report, indent=1, allow_nan=False)))
         shown = ["mean_dice", "mean_iou", *(f"dice_{n}" for n in self.names)] if self.label_mode == "classes" else scores[:8]
 
         def summary(k):
@@ -355,10 +357,13 @@ class EvaluationReport:
         engine.logger.info("evaluation report: %s", ", ".join(summary(k) for k in shown))
 
 
-def _save_png(path, rgb) -> None:
-    from PIL import Image
-
-    Image.fromarray(rgb).save(path, format="PNG")
+def _strict_json(tree: Any) -> Any:
+    """``tree`` with every non-finite float as None, so that it is strict JSON (``null``; Python's ``NaN`` is not)."""
+    if isinstance(tree, (dict, list, tuple)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        found = {k: _strict_json(v) for k, v in items}
+        return found if isinstance(tree, dict) else list(found.values())
+    return None if isinstance(tree, (float, np.floating)) and not np.isfinite(tree) else tree
 
 
 class StopOnNonFiniteLoss:

@@ -324,10 +324,10 @@ def test_evaluate_classes_scores_each_class_by_its_value_and_reports_absent_clas
     assert s0["mean_dice"] == pytest.approx(1 / 3) and s0["mean_iou"] == pytest.approx(1 / 4)
     # section 1: mito predicted, absent from the label: 0 (not NaN); membrane absent from both: NaN in both sections
     assert (s1["dice_bg"], s1["dice_mito"], s1["mean_dice"]) == (0.0, 0.0, 0.0)
-    assert all(np.isnan(s[k]) for s in (s0, s1) for k in ("dice_membrane", "iou_membrane"))
+    assert all(s[k] is None for s in (s0, s1) for k in ("dice_membrane", "iou_membrane"))  # strict JSON: null
     mean, count = report["mean"], report["count"]
     assert (mean["dice_bg"], mean["dice_mito"], mean["iou_mito"], mean["mean_dice"]) == pytest.approx((0.0, 1 / 3, 1 / 4, 1 / 6))
-    assert np.isnan(mean["dice_membrane"]) and (count["dice_bg"], count["dice_membrane"], count["dice_mito"]) == (2, 0, 2)
+    assert mean["dice_membrane"] is None and (count["dice_bg"], count["dice_membrane"], count["dice_mito"]) == (2, 0, 2)
     rows = list(csv.DictReader(open(tmp_path / "ev/report.csv")))
     assert [r["file"] for r in rows] == ["stack.tif", "stack.tif", "mean"] and rows[0]["dice_membrane"] == "nan"
     assert float(rows[2]["dice_mito"]) == pytest.approx(1 / 3) and rows[2]["dice_membrane"] == "nan"
@@ -338,4 +338,4 @@ def test_evaluate_classes_scores_each_class_by_its_value_and_reports_absent_clas
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (whole,) = json.loads((tmp_path / "ev3d/report.json").read_text())["samples"]
     assert (whole["dice_bg"], whole["dice_mito"], whole["iou_mito"], whole["mean_dice"]) == pytest.approx((0.0, 0.4, 0.25, 0.2))
-    assert np.isnan(whole["dice_membrane"])
+    assert whole["dice_membrane"] is None

@@ -816,6 +816,12 @@ def _(tmp):
     return console(tmp, "export", "--model", str(tmp / "model.pt"), "--format", "bioimageio", "--package", "D/model.pt", "--overwrite", "true")
 
 
+@row("console-export-package-and-torchscript-on-one-path", BundleError, r"outputs E/same.zip and E/same.zip of one run are the same file: one would replace the other, so nothing was written")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    return console(tmp, "export", "--model", "model.pt", "--package", "E/same.zip", "--torchscript", "E/same.zip", "--overwrite", "true")
+
+
 @row("console-export-package-onto-itself", BundleError, r"output .*pkg.zip is the input .*pkg.zip: writing it would destroy the input")
 def _(tmp):
     (tmp / "pkg.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # (an empty zip: the check comes before reading it)
@@ -828,8 +834,24 @@ def _(tmp):
 @row("cli-streaming-export-over-users-ome-zarr", BundleError, r"1 output file\(s\) exist already, e.g. \[.*out/stack.ome.zarr'\]; nothing was written. Pass --overwrite true")
 def _(tmp):
     tiny_checkpoint(tmp)
-    zarr.open_group(str(tmp / "out" / "stack.ome.zarr"), mode="w").create_array("0", shape=(2, 8, 8), dtype="uint8")
+    zarr.open_group(str(tmp / "out" / "stack.ome.zarr"), mode="w").create_array("s0", shape=(2, 8, 8), dtype="uint8")
     return infer(tmp, "--input_path", str(sections(tmp)), "--streaming", "true", "--export", "ome-zarr")
+
+
+@row("cli-streaming-export-over-users-ome-zarr-labels", BundleError, r"out/stack.ome.zarr exists and holds labels/curated, which this run does not write \(it writes labels, labels/mask, labels/mask/s<n>, s<n>\).*overwrite or not")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    group = zarr.open_group(str(tmp / "out" / "stack.ome.zarr"), mode="w")
+    group.create_array("s0", shape=(2, 40, 44), dtype="float32")  # an earlier export of ours ...
+    group.create_group("labels").create_array("curated", shape=(2, 40, 44), dtype="uint8")  # ... where the user painted labels
+    return infer(tmp, "--input_path", str(sections(tmp)), "--streaming", "true", "--export", "ome-zarr", "--overwrite", "true")
+
+
+@row("cli-streaming-export-over-another-tools-ome-zarr", BundleError, r"out/stack.ome.zarr exists and holds 0, which this run does not write .*overwrite or not")
+def _(tmp):
+    tiny_checkpoint(tmp)
+    zarr.open_group(str(tmp / "out" / "stack.ome.zarr"), mode="w").create_array("0", shape=(2, 8, 8), dtype="uint8")  # levels 0, 1, ...
+    return infer(tmp, "--input_path", str(sections(tmp)), "--streaming", "true", "--export", "ome-zarr", "--overwrite", "true")
 
 
 @row("cli-streaming-export-over-users-ome-tiff", BundleError, r"exist already, e.g. \[.*out/stack_probabilities.ome.tif'\]")

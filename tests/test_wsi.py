@@ -269,3 +269,25 @@ def test_whole_slide_options_refused_with_the_option_to_change(tmp_path):
     with pytest.raises(ValueError, match=r"grey.tif: skip_background applies to RGB whole-slide images .* it has 1 channel\(s\); set skip_background=False"):
         streaming.predict_files(_net(1), [str(tmp_path / "grey.tif")], tmp_path / "out", skip_background=True)
     assert not (tmp_path / "out").exists()  # refused before any output
+
+
+def test_tissue_rule_says_what_it_skips(tmp_path, caplog):
+    """Grey EM stored as RGB is refused by the tissue rule; with a coloured annotation box it passes the grey test
+    (it is colour) and the blocks outside the box are skipped: a warning says how many, and what to do."""
+    from pipeline.synthetic import make_image, to_uint8
+
+    grey = to_uint8(make_image((384, 384), seed=0)[0])
+    rgb = np.stack([grey] * 3, -1)
+    tifffile.imwrite(tmp_path / "grey.tif", rgb, photometric="rgb")
+    with pytest.raises(ValueError, match=r"grey.tif: the tissue rule reads colour saturation, but this RGB image is grey"):
+        streaming.predict_files(_net(3), [str(tmp_path / "grey.tif")], tmp_path / "out", skip_background=True)
+    rgb[10:60, 10:60] = (230, 20, 20)  # a red annotation box (1.7% of the pixels)
+    tifffile.imwrite(tmp_path / "boxed.tif", rgb, photometric="rgb")
+    with caplog.at_level("WARNING"):
+        [store] = streaming.predict_files(_net(3), [str(tmp_path / "boxed.tif")], tmp_path / "out", skip_background=True,
+                                          block_size=128)
+    done = zarr.open_group(str(store), mode="r")["probabilities"][...]
+    assert np.isfinite(done[:128, :128]).all() and np.isnan(done[128:, 128:]).all()  # the box's block only
+    assert ("boxed.tif: skip_background: 8 of 9 blocks (89%) hold no tissue by the tissue rule (colour saturation) and are "
+            "not predicted (probability NaN, mask 0)") in caplog.text
+    assert not (tmp_path / "out" / "grey.zarr").exists()

@@ -45,8 +45,10 @@ from pipeline.transforms.post import OUTPUTS, check_output_settings, encode_logi
 logger = logging.getLogger(__name__)
 
 MARKERS = "blocks_done"
-#: what a store may hold: its arrays, instances, and an instance rule's work space while it runs
-STORE_MEMBERS = frozenset({"probabilities", "mask", MARKERS, "instances", "_instances_tmp"})
+#: what a store may hold (paths inside it, fnmatch patterns): its arrays, instances, an instance rule's work space
+STORE_MEMBERS = frozenset({"probabilities", "mask", MARKERS, "instances", "instances/*", "_instances_tmp", "_instances_tmp/*"})
+#: what an OME-Zarr export holds: its levels and the mask as label image (pipeline.io.pyramids.write_ome_zarr)
+OME_ZARR_MEMBERS = frozenset({"s[0-9]*", "labels", "labels/mask", "labels/mask/s[0-9]*"})
 THUMBNAIL = 2048  # pixels a side of the overlay PNG and of the tissue rule's thumbnail
 EXPORTS = ("auto", "none", "ome-zarr", "ome-tiff", "hdf5")
 
@@ -198,7 +200,8 @@ class ZarrSink:
         and its exports), ``own`` (the store, resumed, and the exports it records) and ``datasets`` (what each
         container may hold)."""
         exports = export_paths(self.path, resolve_export(self.export, lazy), self.overlay, self.stored)
-        datasets = {self.path: STORE_MEMBERS, **{t: OUTPUTS for t in exports if t.suffix == ".h5"}}
+        datasets = {self.path: STORE_MEMBERS, **{t: OUTPUTS for t in exports if t.suffix == ".h5"},
+                    **{t: OME_ZARR_MEMBERS for t in exports if t.name.endswith(".ome.zarr")}}
         return {"targets": [self.path, *exports], "own": [self.path, *recorded_exports(self.path)], "datasets": datasets}
 
     def __getstate__(self) -> dict:  # what a Dask worker needs to write blocks
@@ -317,7 +320,12 @@ class ZarrSink:
                 keep.append(index)
             else:
                 group[MARKERS][tuple(index)] = 1  # background: nothing to write (probability NaN, mask 0)
-        logger.info("skip_background: %d of %d blocks hold tissue", len(keep), len(pending))
+        skipped = len(pending) - len(keep)
+        if skipped:  # said where a person sees it: these blocks stay NaN
+            logger.warning("%s: skip_background: %d of %d blocks (%.0f%%) hold no tissue by the tissue rule (colour saturation) and "
+                           "are not predicted (probability NaN, mask 0); if this is not a brightfield slide (e.g. grey EM with "
+                           "coloured annotations), predict with skip_background=False", lazy.path or "the source", skipped,
+                           len(pending), 100 * skipped / len(pending))
         return keep
 
     def write(self, box: tuple[list[int], list[int]], logits: torch.Tensor, nodata: np.ndarray | None) -> None:

@@ -5,6 +5,7 @@ never replaced (its other datasets would be lost)."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
@@ -25,25 +26,41 @@ def _inode(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def _is_array(folder: Path) -> bool:
+    """A zarr (v2, v3) or N5 array: a folder whose metadata describes an array (chunks below it are not members)."""
+    return ((folder / ".zarray").is_file() or '"array"' in _read(folder / "zarr.json")
+            or '"dimensions"' in _read(folder / "attributes.json"))
+
+
 def members(path: str | os.PathLike) -> list[str] | None:
-    """The names at the top of an existing container: an HDF5 file's groups and datasets, a zarr or N5 folder's
-    entries (its metadata files and hidden entries left out; a zarr *array* is one member, ``"<name> (a zarr
-    array)"``, and any other folder lists its files). None when ``path`` does not exist or is a file that is not
-    HDF5."""
+    """The groups and datasets of an existing container, by path inside it (``"labels"``, ``"labels/mask"``,
+    ``"labels/mask/s0"``): an HDF5 file's (all levels), a zarr or N5 folder's (folders down to the arrays; metadata
+    files, hidden entries and chunks left out; another folder lists its entries, and a zarr array at ``path`` is
+    one member, ``"(a zarr array)"``). None when ``path`` does not exist or is a file that is not HDF5."""
     path = Path(path)
     if path.is_dir():
-        if (path / ".zarray").is_file() or '"array"' in _read(path / "zarr.json"):
-            return [f"{path.name} (a zarr array)"]
-        return sorted(p.name for p in path.iterdir() if p.name not in _METADATA and not p.name.startswith("."))
+        if _is_array(path):
+            return ["(a zarr array)"]
+        found, todo = [], [path]
+        while todo:
+            for entry in sorted(todo.pop().iterdir()):
+                if entry.name in _METADATA or entry.name.startswith("."):
+                    continue
+                found.append(entry.relative_to(path).as_posix())
+                if entry.is_dir() and not _is_array(entry):
+                    todo.append(entry)
+        return sorted(found)
     if not path.is_file():
         return None
     import h5py
 
+    names: list[str] = []
     try:
         with h5py.File(path, "r") as f:
-            return sorted(f.keys())
+            f.visit(names.append)
     except OSError:
         return None
+    return sorted(names)
 
 
 def _read(path: Path) -> str:
@@ -69,18 +86,18 @@ def check_outputs(
             replaced; None: not checked here (a writer that replaces its own results, an evaluation's report).
         own: outputs the run may take up as its own without ``overwrite`` (a streaming store it resumes, the
             exports that store records having written).
-        datasets: ``{container output: names of the datasets this writer puts in such a file}`` (HDF5, zarr, N5):
-            an existing container holding anything else (:func:`members`) is refused whatever ``overwrite``
-            says, since replacing it would lose that.
+        datasets: ``{container output: what this writer puts in such a file}`` (HDF5, zarr, N5), as paths inside
+            it or ``fnmatch`` patterns (``"instances/*"``): an existing container holding anything else
+            (:func:`members`) is refused whatever ``overwrite`` says, since replacing it would lose that.
 
     An output is refused when it is an input (the same path, through a symbolic link, or a hard
     link), lies inside an input (a zarr folder) or holds one (an output folder replaced as a
     whole), whatever ``overwrite`` says. Two inputs whose outputs have the same path (``a.png`` and
     ``a.tif`` both give ``probabilities/a.tif``) are refused too: one would silently replace the
-    other.
+    other; so are two outputs of one input, or of the run, on one path (a package and a TorchScript file).
 
     Raises:
-        ValueError: an output that is (in) an input, or written by two inputs, naming them and what to do.
+        ValueError: an output that is (in) an input, written by two inputs or twice, naming them and what to do.
         FileExistsError: existing outputs without ``overwrite``, or a container holding other datasets.
     """
     real = {_real(i): Path(i) for i in outputs}  # one lookup per output, not one per (output, input) pair
@@ -88,8 +105,13 @@ def check_outputs(
     holders = {parent: given for r, given in real.items() for parent in r.parents}
     writers: dict[Path, list[str]] = {}
     for source, targets in [*outputs.items(), ("", shared)]:
+        seen: dict[Path, Path] = {}
         for target in map(Path, targets):
             real_out = _real(target)
+            if real_out in seen:
+                raise ValueError(f"outputs {seen[real_out]} and {target} of one run are the same file: one would replace "
+                                 f"the other, so nothing was written. Give them different paths")
+            seen[real_out] = target
             if source:
                 writers.setdefault(real_out, []).append(str(source))
             given, how = real.get(real_out) or inodes.get(_inode(target) or (-1, -1)), "is"
@@ -119,12 +141,13 @@ def check_outputs(
 def _check_existing(targets: Sequence[str | os.PathLike], overwrite: bool, own: Sequence[str | os.PathLike],
                     datasets: Mapping[str | os.PathLike, Collection[str]], key: str) -> None:
     for target, ours in datasets.items():
-        found = members(target)
-        foreign = [m for m in found or () if m not in ours]
+        foreign = [m for m in members(target) or () if not any(fnmatch.fnmatchcase(m, p) for p in ours)]
+        foreign = [m for m in foreign if not any(m.startswith(f + "/") for f in foreign)]  # a group, not all it holds
         if foreign:
+            shown = ", ".join(sorted(p.replace("[0-9]*", "<n>") for p in ours if not p.startswith("_") and not p.endswith("/*")))
             raise FileExistsError(
                 f"{target} exists and holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which this run "
-                f"does not write (it writes {', '.join(sorted(ours))}): replacing it would lose them, so nothing was written "
+                f"does not write (it writes {shown}): replacing it would lose them, so nothing was written "
                 f"(overwrite or not). Choose another {key}=<path>, or move the file"
             )
     mine = {_real(p) for p in own}

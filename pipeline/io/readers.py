@@ -289,9 +289,10 @@ def check_channels(
             return
         hint = "R, G and B differ: pass rgb_to_grey=True to predict its luminance, convert it to grey, or train a network on colour"
     if planar and in_channels == 1:
-        hint = ("tifffile stores a (3 or 4, Y, X) array written without photometric='minisblack' as one planar RGB(A) "
-                "page; if these are sections, save it again with tifffile.imwrite(path, array, photometric='minisblack'), "
-                "else convert it to grey (or rgb_to_grey=True)")
+        hint = (f"tifffile stores a ({info.channels}, Y, X) array written without photometric='minisblack' as one planar "
+                f"RGB(A) page, so these may well be {info.channels} sections: then save it again with "
+                "tifffile.imwrite(path, array, photometric='minisblack') (rgb_to_grey=True would mix them into one image). "
+                "Only if it truly is one colour image of R, G and B planes, pass rgb_to_grey=True to predict its luminance")
     raise ValueError(
         f"{path} has {info.channels} channel(s) (shape {info.stored_shape or info.shape}{', stored axes ' + info.axes if info.axes else ''}), "
         f"but the network takes {in_channels}; {hint}"
@@ -316,7 +317,7 @@ def _channels_hint(path: str | os.PathLike, info: ImageInfo, in_channels: int, r
         + (": their luminance would mix them" if rgb_to_grey else ", so rgb_to_grey=True does not apply")
         + f". If they are {n} sections stored as channels, save the file again as a stack ({resave}); a 2D network then "
         f"predicts each section, a 3D network the stack. If they are channels, predict with a network trained on {n} "
-        "channels; if they are R, G and B, convert the file to grey"
+        "channels" + ("; if they are R, G and B, convert the file to grey" if n in (3, 4) else "")
     )
 
 
